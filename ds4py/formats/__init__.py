@@ -1,0 +1,71 @@
+"""Packed weight formats. Every weight the model uses is a `Weight`: a logical shape plus a way to
+dequantize it and to multiply by it. Quantized formats keep their packed bytes in memory.
+
+Implementations:
+- `Dense`                      a plain tensor (F32, F16, BF16, I32)
+- `ds4py.formats.fp8.FP8Block` official FP8 e4m3 with UE8M0 128x128 block scales
+- `ds4py.formats.fp4.FP4Block` official FP4 e2m1 (two per byte, low nibble first), UE8M0 per-32 scales
+- `ds4py.formats.ggml.GGMLWeight` a GGUF tensor in a ggml quant type (Q8_0, MXFP4, Q4_K, Q2_K, IQ2_XXS, ...)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class Weight:
+    """A weight of logical shape `shape` ([out, in] for a matrix, [experts, out, in] for a stack)."""
+
+    shape: tuple[int, ...]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] for a 2-D weight."""
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def expert(self, e: int) -> Weight:
+        """The 2-D weight of expert `e` of a 3-D stack, sharing the packed storage."""
+        raise NotImplementedError
+
+    def to(self, device: torch.device | str) -> Weight:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def kind(self) -> str:
+        """The format's name as users know it: 'f32', 'bf16', 'fp8', 'q8_0', 'mxfp4', ..."""
+        raise NotImplementedError
+
+
+class Dense(Weight):
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.shape = tuple(tensor.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.tensor.to(dtype)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.tensor if self.tensor.dtype == x.dtype else self.tensor.to(x.dtype)
+        return F.linear(x, w)
+
+    def expert(self, e: int) -> Dense:
+        return Dense(self.tensor[e])
+
+    def to(self, device: torch.device | str) -> Dense:
+        return Dense(self.tensor.to(device))
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+    @property
+    def kind(self) -> str:
+        return str(self.tensor.dtype).removeprefix("torch.").replace("float32", "f32").replace(
+            "bfloat16", "bf16").replace("float16", "f16")

@@ -1,0 +1,30 @@
+"""Readers of the files users have. Each gives a `WeightSource`: the model config plus lazily read
+weights under ds4py's canonical names (the official checkpoint's names, see `names.py`), with the
+routed experts of a layer stacked as `layers.{i}.ffn.experts.w1|w2|w3` of shape [experts, out, in].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ds4py.config import ModelConfig
+from ds4py.formats import Weight
+
+
+@dataclass
+class WeightSource:
+    path: Path
+    config: ModelConfig
+    # canonical name -> a function that reads the weight (packed where the format allows)
+    loaders: dict[str, Callable[[], Weight]]
+    # format-specific facts: GGUF metadata (tokenizer, chat template), the file kind, ...
+    metadata: dict = field(default_factory=dict)
+    kind: str = ""  # "official", "transformers" or "gguf"
+
+    def names(self) -> list[str]:
+        return list(self.loaders)
+
+    def get(self, name: str) -> Weight:
+        return self.loaders[name]()
