@@ -239,7 +239,7 @@ def tiny_config(**overrides) -> ModelConfig:
         rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
                       "beta_fast": 32, "beta_slow": 1},
         max_position_embeddings=4096,
-        index_n_heads=4,
+        index_n_heads=16,
         index_head_dim=16,
         index_topk=3,
         n_routed_experts=8,

@@ -5,9 +5,9 @@ routed experts of a layer stacked as `layers.{i}.ffn.experts.w1|w2|w3` of shape 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ds4py.config import ModelConfig
 from ds4py.formats import Weight

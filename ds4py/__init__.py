@@ -1,0 +1,41 @@
+"""ds4py: an inference engine for DeepSeek V4 Flash."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+DTYPES = {"float32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "f16": "float16"}
+
+
+def load(path, device: str = "cpu", dtype: str = "float32", ctx: int | None = None, progress: bool = False):
+    """Load a model: an official checkpoint directory, a transformers-layout directory or a
+    deepseek4 GGUF file (or an already opened WeightSource). Returns a `ds4py.engine.Model`."""
+    import torch
+
+    from ds4py.engine import Model
+    from ds4py.errors import Ds4pyError
+    from ds4py.loaders import WeightSource
+    from ds4py.model.transformer import build_transformer
+
+    if dtype not in DTYPES:
+        raise Ds4pyError(f"unknown dtype {dtype!r}: use one of float32, bfloat16, float16")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise Ds4pyError(f"device {device!r} asked for but CUDA is not available here: use device='cpu'")
+    if isinstance(path, WeightSource):
+        source = path
+    else:
+        from ds4py.loaders.open import open_weights
+
+        source = open_weights(path)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(source.names()), desc=f"loading {source.path.name}", unit="tensor", leave=False)
+    transformer = build_transformer(
+        source, device=device, dtype=getattr(torch, DTYPES[dtype]), progress=(lambda _n: bar.update(1)) if bar else None
+    )
+    if bar:
+        bar.close()
+    return Model(transformer, ctx=ctx, source=source)

@@ -1,0 +1,110 @@
+"""The prefill/decode loop of one sequence over a Transformer and its Cache.
+
+`Model` is the Python API: `logits(ids)`, `generate(ids, ...)`, `stream(ids, ...)`. Prefill runs in
+chunks of `prefill_chunk` tokens through the same cached path decoding uses, so what `logits` returns
+is what generation sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ds4py.cache import Cache
+from ds4py.config import ModelConfig
+from ds4py.errors import ContextOverflowError, Ds4pyError
+from ds4py.model.transformer import Transformer
+
+
+@dataclass
+class Step:
+    """One generated token and the distribution it came from."""
+
+    token: int
+    logits: torch.Tensor  # [vocab] float32, the raw logits before sampling
+
+
+class Model:
+    def __init__(self, transformer: Transformer, ctx: int | None = None, prefill_chunk: int = 256,
+                 source=None):
+        self.transformer = transformer
+        self.config: ModelConfig = transformer.config
+        self.ctx = ctx or self.config.max_position_embeddings
+        self.prefill_chunk = prefill_chunk
+        self.source = source  # the WeightSource it was loaded from (path, metadata)
+
+    # --- the cached path ---------------------------------------------------------------------
+    def new_cache(self) -> Cache:
+        return self.transformer.new_cache()
+
+    @torch.inference_mode()
+    def prefill(self, token_ids: list[int], cache: Cache, all_logits: bool = False) -> torch.Tensor:
+        """Feed `token_ids` after what `cache` holds; return the last position's logits [vocab]
+        (or every position's [T, vocab] with all_logits)."""
+        self.check_fits(cache.length + len(token_ids))
+        if not token_ids:
+            raise Ds4pyError("nothing to prefill: the prompt is empty")
+        ids = torch.tensor(token_ids, dtype=torch.long)
+        outs = []
+        for start in range(0, len(token_ids), self.prefill_chunk):
+            hidden = self.transformer.forward(ids[start:start + self.prefill_chunk], cache)
+            outs.append(self.transformer.logits(hidden if all_logits else hidden[-1:]))
+        return torch.cat(outs) if all_logits else outs[-1][-1]
+
+    def check_fits(self, n_tokens: int) -> None:
+        if n_tokens > self.ctx:
+            raise ContextOverflowError(
+                f"{n_tokens} tokens do not fit in the context of {self.ctx}: shorten the prompt or "
+                f"ask for fewer new tokens, or raise --ctx (the model allows up to "
+                f"{self.config.max_position_embeddings})"
+            )
+
+    # --- the public API --------------------------------------------------------------------------
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """float32 [len(token_ids), vocab]: the logits at every position."""
+        return self.prefill(list(token_ids), self.new_cache(), all_logits=True)
+
+    def stream(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        choose: Callable[[torch.Tensor, list[int]], int],
+        stop_token_ids: set[int] | None = None,
+        cache: Cache | None = None,
+    ) -> Iterator[Step]:
+        """Yield generated tokens one at a time. `choose(logits, ids_so_far)` picks each token.
+        `cache` may already hold a prefix of `prompt_ids` (it is extended in place)."""
+        cache = cache if cache is not None else self.new_cache()
+        if cache.tokens != list(prompt_ids[: cache.length]):
+            raise ValueError("the cache does not hold a prefix of this prompt")
+        self.check_fits(len(prompt_ids) + max_new_tokens)
+        ids = list(prompt_ids)
+        rest = ids[cache.length:]
+        if not rest:
+            raise ValueError("the cache already holds the whole prompt; keep at least one token to feed")
+        logits = self.prefill(rest, cache)
+        stop = stop_token_ids if stop_token_ids is not None else set(self.config.eos_token_ids)
+        for i in range(max_new_tokens):
+            token = choose(logits, ids)
+            ids.append(token)
+            yield Step(token, logits)
+            if token in stop or i == max_new_tokens - 1:
+                return
+            logits = self.prefill([token], cache)
+
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int = 32, temperature: float = 0.0, seed: int | None = None,
+        stop_token_ids: set[int] | None = None,
+    ) -> list[int]:
+        """The new token ids (greedy at temperature 0), stopping after an end-of-sequence token."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+
+        def choose(logits: torch.Tensor, _ids: list[int]) -> int:
+            if temperature <= 0:
+                return int(logits.argmax())
+            probs = torch.softmax(logits / temperature, dim=-1)
+            return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+        return [s.token for s in self.stream(prompt_ids, max_new_tokens, choose, stop_token_ids)]

@@ -1,0 +1,91 @@
+"""Attention of a V4 block: shared-KV multi-query attention (one KV head read as both key and value)
+over the 128-token sliding window plus, on compressed layers, the compressor's entries (all visible
+ones at ratio 128; the indexer's top-k at ratio 4), with a learned per-head sink logit, partial
+interleaved RoPE undone on the output, and the grouped low-rank output projection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ds4py.cache import LayerCache
+from ds4py.formats import Weight
+from ds4py.model.compressor import Compressor
+from ds4py.model.indexer import Indexer
+from ds4py.model.norms import rms_norm, unweighted_rms_norm
+from ds4py.model.rope import Rotary, apply_rope
+
+
+@dataclass
+class Attention:
+    wq_a: Weight            # [q_lora_rank, D]
+    q_norm: torch.Tensor    # [q_lora_rank]
+    wq_b: Weight            # [heads * head_dim, q_lora_rank]
+    wkv: Weight             # [head_dim, D]
+    kv_norm: torch.Tensor   # [head_dim]
+    wo_a: Weight            # [o_groups * o_lora_rank, heads * head_dim / o_groups]
+    wo_b: Weight            # [D, o_groups * o_lora_rank]
+    sinks: torch.Tensor     # [heads]
+    n_heads: int
+    head_dim: int
+    o_groups: int
+    window: int
+    eps: float
+    rotary: Rotary
+    compressor: Compressor | None = None
+    indexer: Indexer | None = None
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """x [T, D] at absolute `positions` [T] (consecutive) -> [T, D]; updates `cache`."""
+        T, H, hd = x.shape[0], self.n_heads, self.head_dim
+        cos, sin = self.rotary.cos_sin(positions)
+        q_residual = rms_norm(self.wq_a.linear(x), self.q_norm, self.eps)
+        q = unweighted_rms_norm(self.wq_b.linear(q_residual).view(T, H, hd), self.eps)
+        q = apply_rope(q, cos, sin)
+        kv = apply_rope(rms_norm(self.wkv.linear(x), self.kv_norm, self.eps), cos, sin)  # [T, hd]
+
+        # sliding window: cached keys are the positions just before this chunk
+        keys = kv if cache.window is None else torch.cat([cache.window, kv])  # [S, hd]
+        cache.window = keys[-(self.window - 1):] if self.window > 1 else keys[:0]
+        key_pos = torch.arange(keys.shape[0], device=x.device) + (positions[0] - (keys.shape[0] - T))
+        dist = positions[:, None] - key_pos[None, :]
+        hidden = (dist < 0) | (dist >= self.window)  # [T, S]
+        scale = hd**-0.5
+        logits = [torch.einsum("thd,sd->ths", q, keys).float().mul_(scale).masked_fill_(hidden[:, None], float("-inf"))]
+        values = [keys]
+
+        if self.compressor is not None:
+            entries = self.compressor(x, cache.compressor)  # [n, hd]
+            if self.indexer is not None:
+                top = self.indexer(x, q_residual, positions, cache.indexer)  # [T, k]
+                chosen = entries[top.clamp(min=0)]  # [T, k, hd]
+                c_logits = torch.einsum("thd,tkd->thk", q, chosen).float() * scale
+                logits.append(c_logits.masked_fill_((top < 0)[:, None, :], float("-inf")))
+            else:
+                visible = (positions + 1) // self.compressor.ratio
+                closed = torch.arange(entries.shape[0], device=x.device)[None, :] < visible[:, None]
+                c_logits = torch.einsum("thd,nd->thn", q, entries).float() * scale
+                logits.append(c_logits.masked_fill_(~closed[:, None, :], float("-inf")))
+                chosen = entries
+            values.append(chosen)
+
+        logits.append(self.sinks.float().view(1, H, 1).expand(T, H, 1))
+        probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1).to(x.dtype)  # [T, H, S + C + 1]
+        S = keys.shape[0]
+        out = torch.einsum("ths,sd->thd", probs[..., :S], keys)
+        if self.compressor is not None:
+            p_c = probs[..., S:-1]
+            if self.indexer is not None:
+                out = out + torch.einsum("thk,tkd->thd", p_c, values[1])
+            else:
+                out = out + torch.einsum("thn,nd->thd", p_c, values[1])
+        out = apply_rope(out, cos, -sin)  # undo the rotation V picked up (K = V)
+        return self.wo_b.linear(self.grouped_wo_a(out))
+
+    def grouped_wo_a(self, out: torch.Tensor) -> torch.Tensor:
+        """[T, H, hd] -> [T, o_groups * o_lora_rank]: each group of heads has its own projection."""
+        T, g = out.shape[0], self.o_groups
+        w = self.wo_a.dequantize(out.dtype)  # [g * o_lora, in_g]
+        w = w.view(g, -1, w.shape[-1])
+        return torch.einsum("tgi,goi->tgo", out.reshape(T, g, -1), w).reshape(T, -1)

@@ -1,0 +1,35 @@
+"""A V4 transformer block: hyper-connection collapse -> norm -> attention -> expand, then the same
+around the mixture of experts. The residual is `hc_mult` streams [T, hc, D] throughout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ds4py.cache import LayerCache
+from ds4py.model.attention import Attention
+from ds4py.model.hyper_connection import HyperConnection
+from ds4py.model.moe import MoE
+from ds4py.model.norms import rms_norm
+
+
+@dataclass
+class Block:
+    attn_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    hc_attn: HyperConnection
+    hc_ffn: HyperConnection
+    attn: Attention
+    ffn: MoE
+    eps: float
+
+    def __call__(
+        self, streams: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor, cache: LayerCache
+    ) -> torch.Tensor:
+        x, post, comb = self.hc_attn.collapse(streams)
+        out = self.attn(rms_norm(x, self.attn_norm, self.eps), positions, cache)
+        streams = HyperConnection.expand(out, streams, post, comb)
+        x, post, comb = self.hc_ffn.collapse(streams)
+        out = self.ffn(rms_norm(x, self.ffn_norm, self.eps), token_ids)
+        return HyperConnection.expand(out, streams, post, comb)

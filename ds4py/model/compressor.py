@@ -1,0 +1,70 @@
+"""The KV compressor: every `ratio` tokens become one compressed KV entry, a softmax-gated sum of the
+tokens' projections (plus a learned position bias `ape`), RMS-normed, rotated at the window's first
+position.
+
+Ratio 4 (CSA) overlaps windows: each token projects to two series, Ca and Cb; entry w pools window
+w's Cb with window w-1's Ca over 2 * ratio slots. Ratio 128 (HCA) pools its own window only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ds4py.cache import CompressorState
+from ds4py.formats import Weight
+from ds4py.model.norms import rms_norm
+from ds4py.model.rope import Rotary, apply_rope
+
+
+@dataclass
+class Compressor:
+    wkv: Weight          # [overlap * dim, D]
+    wgate: Weight        # [overlap * dim, D]
+    ape: torch.Tensor    # [ratio, overlap * dim] float32
+    norm: torch.Tensor   # [dim]
+    ratio: int
+    dim: int
+    eps: float
+    rotary: Rotary
+
+    @property
+    def overlap(self) -> bool:
+        return self.ratio == 4
+
+    def __call__(self, x: torch.Tensor, state: CompressorState) -> torch.Tensor:
+        """Feed x [T, D] (the attention input); emit the entries of the windows it closes, append them
+        to `state.entries` and return all entries [n_entries, dim]."""
+        kv = self.wkv.linear(x)
+        gate = self.wgate.linear(x)
+        if state.buffer_kv is not None:
+            kv = torch.cat([state.buffer_kv, kv])
+            gate = torch.cat([state.buffer_gate, gate])
+        first_position = state.n_entries * self.ratio
+        usable = kv.shape[0] // self.ratio * self.ratio
+        state.buffer_kv, state.buffer_gate = kv[usable:], gate[usable:]
+        if usable == 0:
+            return state.entries if state.entries is not None else kv.new_zeros(0, self.dim)
+
+        m, d = self.ratio, self.dim
+        n = usable // m
+        kv = kv[:usable].view(n, m, -1)
+        gate = gate[:usable].view(n, m, -1) + self.ape.to(gate.dtype)
+        if self.overlap:
+            # slots [0, m): previous window's Ca; slots [m, 2m): this window's Cb
+            prev_kv = kv.new_zeros(n, m, d)
+            prev_gate = gate.new_full((n, m, d), float("-inf"))
+            prev_kv[1:], prev_gate[1:] = kv[:-1, :, :d], gate[:-1, :, :d]
+            if state.overlap_kv is not None:
+                prev_kv[0], prev_gate[0] = state.overlap_kv, state.overlap_gate
+            state.overlap_kv, state.overlap_gate = kv[-1, :, :d], gate[-1, :, :d]
+            kv = torch.cat([prev_kv, kv[..., d:]], dim=1)
+            gate = torch.cat([prev_gate, gate[..., d:]], dim=1)
+        weights = gate.softmax(dim=1, dtype=torch.float32).to(kv.dtype)
+        pooled = rms_norm((kv * weights).sum(dim=1), self.norm, self.eps)  # [n, d]
+        positions = torch.arange(n, device=x.device) * m + first_position
+        cos, sin = self.rotary.cos_sin(positions)
+        entries = apply_rope(pooled, cos, sin)
+        state.entries = entries if state.entries is None else torch.cat([state.entries, entries])
+        return state.entries

@@ -1,0 +1,69 @@
+"""Manifold-constrained hyper-connections (mHC): the residual is `hc_mult` parallel streams
+[T, hc, D]. Before each sub-block the streams are collapsed with weights `pre`; after it the output is
+expanded with `post` and the streams are mixed by `comb`, projected onto the doubly-stochastic
+matrices by Sinkhorn-Knopp."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ds4py.model.norms import unweighted_rms_norm
+
+
+@dataclass
+class HyperConnection:
+    fn: torch.Tensor     # [(2 + hc) * hc, hc * D] float32
+    base: torch.Tensor   # [(2 + hc) * hc]
+    scale: torch.Tensor  # [3]: pre, post, comb
+    hc: int
+    sinkhorn_iters: int
+    hc_eps: float
+    norm_eps: float
+
+    def weights(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """streams [T, hc, D] -> pre [T, hc], post [T, hc], comb [T, hc, hc] (float32)."""
+        hc = self.hc
+        flat = unweighted_rms_norm(streams.flatten(1).float(), self.norm_eps)
+        mix = flat @ self.fn.T  # [T, (2 + hc) * hc]
+        pre_w, post_w, comb_w = mix.split([hc, hc, hc * hc], dim=-1)
+        pre_b, post_b, comb_b = self.base.split([hc, hc, hc * hc])
+        pre = torch.sigmoid(pre_w * self.scale[0] + pre_b) + self.hc_eps
+        post = 2 * torch.sigmoid(post_w * self.scale[1] + post_b)
+        comb = comb_w.view(-1, hc, hc) * self.scale[2] + comb_b.view(hc, hc)
+        comb = torch.softmax(comb, dim=-1) + self.hc_eps
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + self.hc_eps)
+        for _ in range(self.sinkhorn_iters - 1):
+            comb = comb / (comb.sum(dim=-1, keepdim=True) + self.hc_eps)
+            comb = comb / (comb.sum(dim=-2, keepdim=True) + self.hc_eps)
+        return pre, post, comb
+
+    def collapse(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> block input [T, D], post, comb."""
+        pre, post, comb = self.weights(streams)
+        collapsed = (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
+        return collapsed, post, comb
+
+    @staticmethod
+    def expand(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        """out [T, D], streams [T, hc, D] -> new streams: post_k * out + sum_j comb[j, k] * streams_j."""
+        dtype = streams.dtype
+        mixed = torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
+        return post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + mixed
+
+
+@dataclass
+class HyperHead:
+    """The final collapse of the streams into one hidden state, before the output norm."""
+
+    fn: torch.Tensor     # [hc, hc * D]
+    base: torch.Tensor   # [hc]
+    scale: torch.Tensor  # [1]
+    hc_eps: float
+    norm_eps: float
+
+    def __call__(self, streams: torch.Tensor) -> torch.Tensor:
+        flat = unweighted_rms_norm(streams.flatten(1).float(), self.norm_eps)
+        pre = torch.sigmoid((flat @ self.fn.T) * self.scale + self.base) + self.hc_eps
+        return (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)

@@ -1,0 +1,48 @@
+"""The lightning indexer of ratio-4 (CSA) layers: scores every compressed entry for every query with
+`sum_h w[t, h] * relu(q[t, h] . k[s])` over its own small compressed keys, and keeps the top
+`index_topk` entries that the query may see (entries whose window closed at or before it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ds4py.cache import CompressorState
+from ds4py.formats import Weight
+from ds4py.model.compressor import Compressor
+from ds4py.model.rope import Rotary, apply_rope
+
+
+@dataclass
+class Indexer:
+    wq_b: Weight          # [n_heads * head_dim, q_lora_rank]
+    weights_proj: Weight  # [n_heads, D]
+    compressor: Compressor
+    n_heads: int
+    head_dim: int
+    topk: int
+    rotary: Rotary
+
+    def __call__(
+        self, x: torch.Tensor, q_residual: torch.Tensor, positions: torch.Tensor, state: CompressorState
+    ) -> torch.Tensor:
+        """-> [T, k] indices into the attention compressor's entries, -1 where a query has fewer
+        than k visible entries."""
+        keys = self.compressor(x, state)  # [n, head_dim]
+        T, n = x.shape[0], keys.shape[0]
+        k = min(self.topk, n)
+        if k == 0:
+            return torch.empty(T, 0, dtype=torch.long, device=x.device)
+        q = self.wq_b.linear(q_residual).view(T, self.n_heads, self.head_dim)
+        q = apply_rope(q, *self.rotary.cos_sin(positions))
+        scores = torch.relu(q.reshape(T * self.n_heads, -1).float() @ keys.float().T)  # [T * heads, n]
+        scores = scores.view(T, self.n_heads, n) * self.head_dim**-0.5
+        w = self.weights_proj.linear(x).float() * self.n_heads**-0.5  # [T, heads]
+        total = torch.bmm(w.unsqueeze(1), scores).squeeze(1)  # [T, n]
+        visible = (positions + 1) // self.compressor.ratio  # entries [0, visible) are closed
+        future = torch.arange(n, device=x.device)[None, :] >= visible[:, None]
+        # a stable sort breaks ties (entries whose every head scores <= 0 tie at exactly 0) towards
+        # the earlier entry, so chunked prefill, decode and one full pass choose the same entries
+        top = total.masked_fill(future, float("-inf")).sort(dim=-1, descending=True, stable=True).indices[:, :k]
+        return torch.where(top >= visible[:, None], -1, top)

@@ -1,0 +1,80 @@
+"""The mixture of experts: a router (sqrt-softplus scores; top-k with a selection-only bias, or a
+fixed token-id -> experts table `tid2eid` in the first `num_hash_layers` layers), routed experts and
+shared experts, all clamped SwiGLU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ds4py.formats import Weight
+
+SCORE_FUNCS = {
+    "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
+    "sigmoid": torch.sigmoid,
+    "softmax": lambda x: x.softmax(dim=-1),
+}
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    if limit > 0:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+    return F.silu(gate) * up
+
+
+@dataclass
+class Router:
+    weight: torch.Tensor           # [experts, D] float32
+    bias: torch.Tensor | None      # [experts]: shifts the selection, not the weights
+    tid2eid: torch.Tensor | None   # [vocab, top_k]: hash routing
+    top_k: int
+    score_func: str
+    scaling: float
+
+    def __call__(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (weights [T, k] float32, expert ids [T, k])."""
+        scores = SCORE_FUNCS[self.score_func](x.float() @ self.weight.T)
+        if self.tid2eid is not None:
+            ids = self.tid2eid[token_ids].long()
+        else:
+            biased = scores if self.bias is None else scores + self.bias
+            ids = biased.topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, ids)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, ids
+
+
+@dataclass
+class MoE:
+    router: Router
+    w1: Weight  # [experts, inter, D] gate
+    w2: Weight  # [experts, D, inter] down
+    w3: Weight  # [experts, inter, D] up
+    shared: tuple[Weight, Weight, Weight] | None
+    swiglu_limit: float
+
+    def __call__(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.router(x, token_ids)
+        out = torch.zeros_like(x)
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)
+        experts, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
+        token_of = order // ids.shape[1]
+        start = 0
+        # one pass per expert that at least one token chose (k per token in decode)
+        for e, c in zip(experts.tolist(), counts.tolist()):
+            slots = order[start:start + c]
+            rows = token_of[start:start + c]
+            start += c
+            h = x[rows]
+            y = self.w2.expert(e).linear(
+                swiglu(self.w1.expert(e).linear(h), self.w3.expert(e).linear(h), self.swiglu_limit)
+            )
+            out.index_add_(0, rows, y * weights.flatten()[slots, None].to(y.dtype))
+        if self.shared is not None:
+            w1, w2, w3 = self.shared
+            out = out + w2.linear(swiglu(w1.linear(x), w3.linear(x), self.swiglu_limit))
+        return out

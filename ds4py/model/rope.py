@@ -1,0 +1,61 @@
+"""Partial interleaved RoPE: the rotary slice is the LAST `qk_rope_head_dim` channels of each head,
+and channels (2i, 2i+1) form a pair. Sliding-window layers use plain RoPE (`rope_theta`); layers
+with a compressor use `compress_rope_theta` with YaRN (no attention-scale factor, as in V4)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def inv_freq(dim: int, base: float, yarn: dict | None = None) -> torch.Tensor:
+    """[dim // 2] inverse frequencies, YaRN-corrected when `yarn` is given (truncated correction range)."""
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extrapolated = 1.0 / pos_freqs
+    if not yarn:
+        return extrapolated
+    factor = float(yarn["factor"])
+    orig = yarn["original_max_position_embeddings"]
+    beta_fast = yarn.get("beta_fast") or 32
+    beta_slow = yarn.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # share of the unscaled (extrapolated) frequency
+    interpolated = 1.0 / (factor * pos_freqs)
+    return interpolated * (1 - keep) + extrapolated * keep
+
+
+@dataclass
+class Rotary:
+    inv_freq: torch.Tensor  # [rope_dim // 2]
+
+    @classmethod
+    def make(cls, rope_dim: int, base: float, yarn: dict | None, device: torch.device | str = "cpu") -> Rotary:
+        return cls(inv_freq(rope_dim, base, yarn).to(device))
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, rope_dim // 2] in float32."""
+        freqs = positions.to(self.inv_freq.device, torch.float32)[:, None] * self.inv_freq
+        return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the trailing rope slice of x [T, ..., head_dim] by cos/sin [T, rope_dim // 2].
+    Pass -sin for the inverse rotation."""
+    half = cos.shape[-1]
+    rope_dim = 2 * half
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (half,)
+    cos, sin = cos.reshape(shape), sin.reshape(shape)
+    nope, rope = x[..., :-rope_dim], x[..., -rope_dim:].float()
+    even, odd = rope[..., 0::2], rope[..., 1::2]
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    return torch.cat([nope, rotated.to(x.dtype)], dim=-1)
