@@ -1,0 +1,99 @@
+"""`ds4py bench`: prefill (pp) and decode (tg) tokens/s at several context depths, median of repeats,
+and peak RSS, printed as a llama-bench style table or JSON."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def random_ids(n: int, vocab: int, seed: int) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def measure(model, prompt_tokens: int, gen_tokens: int, depth: int, repeats: int) -> dict:
+    """Median prefill and decode speed after `depth` tokens already in the cache."""
+    vocab = model.config.vocab_size
+    base = model.new_cache()
+    if depth:
+        model.prefill(random_ids(depth, vocab, seed=1), base)
+    pp, tg = [], []
+    for r in range(repeats):
+        if prompt_tokens:
+            cache = base.clone()
+            ids = random_ids(prompt_tokens, vocab, seed=10 + r)
+            t0 = time.perf_counter()
+            model.prefill(ids, cache)
+            pp.append(prompt_tokens / (time.perf_counter() - t0))
+        if gen_tokens:
+            cache = base.clone()
+            token = random_ids(1, vocab, seed=20 + r)[0]
+            model.prefill([token], cache)  # the first decode step is not timed (warm-up, as llama-bench)
+            t0 = time.perf_counter()
+            for _ in range(gen_tokens):
+                logits = model.prefill([token], cache)
+                token = int(logits.argmax())
+            tg.append(gen_tokens / (time.perf_counter() - t0))
+    out = {"depth": depth}
+    if pp:
+        out.update(pp_tokens=prompt_tokens, pp_tps=statistics.median(pp), pp_all=pp)
+    if tg:
+        out.update(tg_tokens=gen_tokens, tg_tps=statistics.median(tg), tg_all=tg)
+    return out
+
+
+def model_facts(model) -> dict:
+    t = model.transformer
+    weights = [b for b in t.blocks]
+    kinds, nbytes = {}, 0
+    for block in weights:
+        for w in (block.attn.wq_a, block.attn.wq_b, block.attn.wkv, block.attn.wo_a, block.attn.wo_b,
+                  block.ffn.w1, block.ffn.w2, block.ffn.w3):
+            kinds[w.kind] = kinds.get(w.kind, 0) + 1
+            nbytes += w.nbytes
+    return {"layers": model.config.num_hidden_layers, "weight_kinds": kinds, "block_weight_bytes": nbytes}
+
+
+def bench_main(args) -> int:
+    import ds4py
+    from ds4py.cli import resolve_model_path
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = resolve_model_path(args.model)
+    t0 = time.perf_counter()
+    model = ds4py.load(path, device=args.device, dtype=args.dtype, ctx=args.ctx)
+    load_s = time.perf_counter() - t0
+    depths = [int(d) for d in str(args.depths).split(",") if d != ""]
+    rows = [measure(model, args.prompt_tokens, args.gen_tokens, d, args.repeats) for d in depths]
+    facts = {
+        "model": str(path), "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "load_seconds": load_s, "peak_rss_bytes": peak_rss_bytes(), **model_facts(model),
+        "memory_mode": getattr(model, "memory_mode", "resident"),
+    }
+    if args.json:
+        print(json.dumps({"facts": facts, "results": rows}, indent=2))
+        return 0
+    print("| model | backend | threads | test | t/s |", file=sys.stdout)
+    print("| --- | --- | ---: | ---: | ---: |")
+    name = str(path).rstrip("/").split("/")[-1]
+    for r in rows:
+        at = f" @ d{r['depth']}" if r["depth"] else ""
+        if "pp_tps" in r:
+            print(f"| {name} | ds4py-{args.device}-{args.dtype} | {facts['threads']} | pp{r['pp_tokens']}{at} | "
+                  f"{r['pp_tps']:.2f} |")
+        if "tg_tps" in r:
+            print(f"| {name} | ds4py-{args.device}-{args.dtype} | {facts['threads']} | tg{r['tg_tokens']}{at} | "
+                  f"{r['tg_tps']:.2f} |")
+    print(f"\npeak RSS {facts['peak_rss_bytes'] / 2**30:.2f} GiB, load {load_s:.1f} s, "
+          f"memory mode {facts['memory_mode']}, weights {facts['weight_kinds']}")
+    return 0
