@@ -8,9 +8,13 @@ DTYPES = {"float32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16"
           "float16": "float16", "f16": "float16"}
 
 
-def load(path, device: str = "cpu", dtype: str = "float32", ctx: int | None = None, progress: bool = False):
+def load(path, device: str = "cpu", dtype: str = "float32", ctx: int | None = None, progress: bool = False,
+         memory_budget: int | str | None = None):
     """Load a model: an official checkpoint directory, a transformers-layout directory or a
-    deepseek4 GGUF file (or an already opened WeightSource). Returns a `ds4py.engine.Model`."""
+    deepseek4 GGUF file (or an already opened WeightSource). Returns a `ds4py.engine.Model`.
+
+    `memory_budget` (bytes or '8G'): when the weights do not fit, the routed experts are streamed
+    from the file through an LRU cache that fills what the budget leaves."""
     import torch
 
     from ds4py.engine import Model
@@ -28,14 +32,22 @@ def load(path, device: str = "cpu", dtype: str = "float32", ctx: int | None = No
         from ds4py.loaders.open import open_weights
 
         source = open_weights(path)
+    from ds4py.memory.expert_cache import ExpertCache
+    from ds4py.memory.plan import parse_size, plan_memory
+
+    plan = plan_memory(source, parse_size(memory_budget))
+    expert_cache = ExpertCache(plan.cache_bytes) if plan.mode == "stream-experts" else None
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(source.names()), desc=f"loading {source.path.name}", unit="tensor", leave=False)
     transformer = build_transformer(
-        source, device=device, dtype=getattr(torch, DTYPES[dtype]), progress=(lambda _n: bar.update(1)) if bar else None
+        source, device=device, dtype=getattr(torch, DTYPES[dtype]),
+        progress=(lambda _n: bar.update(1)) if bar else None, expert_cache=expert_cache,
     )
     if bar:
         bar.close()
-    return Model(transformer, ctx=ctx, source=source)
+    model = Model(transformer, ctx=ctx, source=source)
+    model.memory_plan, model.expert_cache = plan, expert_cache
+    return model

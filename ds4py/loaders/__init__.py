@@ -22,6 +22,9 @@ class WeightSource:
     # format-specific facts: GGUF metadata (tokenizer, chat template), the file kind, ...
     metadata: dict = field(default_factory=dict)
     kind: str = ""  # "official", "transformers" or "gguf"
+    # stacked expert name -> read_expert(e) -> 2-D Weight, reading only that expert's bytes from disk
+    # (without touching a memory map), for streaming experts under a memory budget
+    expert_readers: dict[str, Callable[[int], Weight]] = field(default_factory=dict)
 
     def names(self) -> list[str]:
         return list(self.loaders)

@@ -11,6 +11,8 @@ from ds4py.cache import Cache
 from ds4py.config import ModelConfig
 from ds4py.formats import Dense, Weight
 from ds4py.loaders import WeightSource
+from ds4py.loaders.names import expected_shapes
+from ds4py.memory.expert_cache import ExpertCache, StreamedExperts
 from ds4py.model.attention import Attention
 from ds4py.model.block import Block
 from ds4py.model.compressor import Compressor
@@ -54,15 +56,20 @@ class Transformer:
 
 def build_transformer(
     source: WeightSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-    progress=None,
+    progress=None, expert_cache: ExpertCache | None = None,
 ) -> Transformer:
-    """Read every weight of `source` and assemble the network. `progress(name)` is called per tensor."""
+    """Read every weight of `source` and assemble the network. `progress(name)` is called per tensor.
+    With `expert_cache`, routed experts are not read now but streamed through the cache."""
     c = source.config
     device = torch.device(device)
+    shapes = expected_shapes(c)
 
     def weight(name: str) -> Weight:
         if progress:
             progress(name)
+        if expert_cache is not None and name in source.expert_readers:
+            return StreamedExperts(name, shapes[name], source.expert_readers[name], expert_cache,
+                                   0, "streamed", device)
         w = source.get(name)
         if isinstance(w, Dense) and w.tensor.is_floating_point():
             return Dense(w.tensor.to(device=device, dtype=dtype))

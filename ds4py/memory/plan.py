@@ -1,0 +1,75 @@
+"""Choose how to hold the weights: everything resident when it fits the budget, else the non-expert
+weights resident and the routed experts streamed through an LRU cache sized to what is left."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ds4py.errors import Ds4pyError
+from ds4py.loaders import WeightSource
+
+EXPERT_STACK = re.compile(r"^layers\.\d+\.ffn\.experts\.w[123]$")
+UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'8G', '512M', '1.5G' or a byte count -> bytes."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise Ds4pyError(f"cannot read the size {text!r}: write it like 8G, 512M or 1.5G")
+    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
+
+
+@dataclass
+class MemoryPlan:
+    mode: str                # "resident" or "stream-experts"
+    budget: int | None
+    resident_bytes: int      # weights kept in memory
+    expert_bytes: int        # all routed experts
+    cache_bytes: int = 0     # the expert cache's capacity in stream-experts mode
+
+    def describe(self) -> str:
+        gib = 2**30
+        if self.mode == "resident":
+            return f"memory mode resident: {(self.resident_bytes + self.expert_bytes) / gib:.2f} GiB of weights"
+        return (f"memory mode stream-experts: {self.resident_bytes / gib:.2f} GiB resident, routed experts "
+                f"({self.expert_bytes / gib:.2f} GiB) streamed through a {self.cache_bytes / gib:.2f} GiB cache")
+
+
+def weight_bytes(source: WeightSource) -> tuple[int, int]:
+    """(non-expert bytes, routed-expert bytes) as the source stores them, without reading the data."""
+    sizes = source.metadata.get("tensor_nbytes") or {}
+    resident = experts = 0
+    for name in source.names():
+        n = sizes.get(name)
+        if n is None:
+            n = source.get(name).nbytes
+        if EXPERT_STACK.match(name):
+            experts += n
+        else:
+            resident += n
+    return resident, experts
+
+
+def plan_memory(source: WeightSource, budget: int | None, overhead: int = 256 * 2**20) -> MemoryPlan:
+    if budget is None:
+        return MemoryPlan("resident", None, 0, 0)
+    resident, experts = weight_bytes(source)
+    if resident + experts + overhead <= budget:
+        return MemoryPlan("resident", budget, resident, experts)
+    if not source.expert_readers:
+        raise Ds4pyError(
+            f"the weights need {(resident + experts) / 2**30:.2f} GiB, over the memory budget of "
+            f"{budget / 2**30:.2f} GiB, and {source.path} cannot stream its experts: use a GGUF file, or raise "
+            "--memory-budget"
+        )
+    cache = budget - resident - overhead
+    if cache <= 0:
+        raise Ds4pyError(
+            f"a memory budget of {budget / 2**30:.2f} GiB does not hold the {resident / 2**30:.2f} GiB of "
+            f"non-expert weights plus {overhead / 2**20:.0f} MiB of working memory: raise --memory-budget"
+        )
+    return MemoryPlan("stream-experts", budget, resident, experts, cache_bytes=cache)
