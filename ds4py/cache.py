@@ -20,11 +20,34 @@ class CompressorState:
     buffer_gate: torch.Tensor | None = None  # [pending, overlap * dim] gate logits (+ position bias)
     overlap_kv: torch.Tensor | None = None   # [ratio, dim] series Ca of the last closed window (ratio 4)
     overlap_gate: torch.Tensor | None = None
-    entries: torch.Tensor | None = None      # [n_entries, dim] compressed, normed, rotated
+    storage: torch.Tensor | None = None      # [capacity, dim]; rows [0, n_entries) hold the entries
+    n_entries: int = 0
 
     @property
-    def n_entries(self) -> int:
-        return 0 if self.entries is None else self.entries.shape[0]
+    def entries(self) -> torch.Tensor | None:
+        """[n_entries, dim] compressed, normed, rotated KV entries."""
+        return None if self.storage is None else self.storage[: self.n_entries]
+
+    def append(self, new: torch.Tensor) -> torch.Tensor:
+        """Append entries in place, doubling the storage when full (amortised O(1) per entry)."""
+        need = self.n_entries + new.shape[0]
+        if self.storage is None or need > self.storage.shape[0]:
+            capacity = max(need, 2 * (0 if self.storage is None else self.storage.shape[0]), 64)
+            grown = new.new_empty(capacity, new.shape[1])
+            if self.n_entries:
+                grown[: self.n_entries] = self.storage[: self.n_entries]
+            self.storage = grown
+        self.storage[self.n_entries:need] = new
+        self.n_entries = need
+        return self.storage[:need]
+
+    def copy(self) -> CompressorState:
+        """Pending and overlap tensors are replaced, never written in place, so they can be shared;
+        the entry storage is appended to in place, so it is copied."""
+        out = copy.copy(self)
+        if self.storage is not None:
+            out.storage = self.storage[: self.n_entries].clone()
+        return out
 
 
 @dataclass
@@ -54,18 +77,16 @@ class Cache:
         return cls(layers)
 
     def clone(self) -> Cache:
-        """An independent copy (tensors are replaced, never modified in place, so sharing them is safe)."""
-        return Cache([copy.copy(layer) for layer in self._layers_deep()], list(self.tokens))
-
-    def _layers_deep(self) -> list[LayerCache]:
-        return [
+        """An independent copy: later calls on either cache do not affect the other."""
+        layers = [
             LayerCache(
-                window=layer.window,
-                compressor=copy.copy(layer.compressor),
-                indexer=copy.copy(layer.indexer),
+                window=layer.window,  # replaced on every call, never written in place
+                compressor=layer.compressor.copy() if layer.compressor else None,
+                indexer=layer.indexer.copy() if layer.indexer else None,
             )
             for layer in self.layers
         ]
+        return Cache(layers, list(self.tokens))
 
     @property
     def nbytes(self) -> int:
@@ -74,6 +95,6 @@ class Cache:
             tensors = [layer.window]
             for st in (layer.compressor, layer.indexer):
                 if st is not None:
-                    tensors += [st.buffer_kv, st.buffer_gate, st.overlap_kv, st.overlap_gate, st.entries]
+                    tensors += [st.buffer_kv, st.buffer_gate, st.overlap_kv, st.overlap_gate, st.storage]
             total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
         return total

@@ -66,5 +66,4 @@ class Compressor:
         positions = torch.arange(n, device=x.device) * m + first_position
         cos, sin = self.rotary.cos_sin(positions)
         entries = apply_rope(pooled, cos, sin)
-        state.entries = entries if state.entries is None else torch.cat([state.entries, entries])
-        return state.entries
+        return state.append(entries)
