@@ -1,0 +1,179 @@
+"""ds4py against llama.cpp and transformers on the same model, in one run; prints tokens/s and ratios.
+
+    python bench/compare.py [--slice-layers 3] [--threads 2] [-p 512] [-n 128] [--workdir /tmp/ds4py-bench]
+
+Models: the `tiny` preset and a `flash-slice` (real V4 Flash shapes, few layers), both made with
+`ds4py make-model` as GGUF (Q8_0 + MXFP4 experts, like the published GGUFs) unless already present.
+llama.cpp: `llama-bench` from $LLAMA_BENCH, or PATH, or a local build of the vendored llama.cpp at
+/tmp/llbuild/bin (built outside this repository); skipped with a message when absent.
+transformers: DeepseekV4ForCausalLM with the same weights dequantized to bf16; skipped when those
+would not fit in half of this machine's memory.
+Each engine runs in its own process so peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def find_llama_bench() -> str | None:
+    for candidate in (os.environ.get("LLAMA_BENCH"), shutil.which("llama-bench"), "/tmp/llbuild/bin/llama-bench"):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
+def run_ds4py(model: Path, p: int, n: int, threads: int, repeats: int) -> dict:
+    cmd = [sys.executable, "-m", "ds4py.cli", "bench", str(model), "-p", str(p), "-n", str(n),
+           "--threads", str(threads), "--repeats", str(repeats), "--json", "--dtype", "bfloat16"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    res = json.loads(out)
+    row = res["results"][0]
+    return {"pp": row.get("pp_tps"), "tg": row.get("tg_tps"), "rss": res["facts"]["peak_rss_bytes"]}
+
+
+def run_llama(bench: str, model: Path, p: int, n: int, threads: int, repeats: int) -> dict:
+    cmd = [bench, "-m", str(model), "-p", str(p), "-n", str(n), "-t", str(threads), "-r", str(repeats), "-o", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+    rows = json.loads(proc.stdout)
+    out = {}
+    for r in rows:
+        key = "pp" if r.get("n_prompt", 0) else "tg"
+        out[key] = r["avg_ts"]
+    return out
+
+
+TRANSFORMERS_SNIPPET = r"""
+import json, resource, sys, time, torch
+from ds4py.loaders.open import open_weights
+from ds4py.loaders.hf_names import to_transformers_state_dict
+from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+from transformers.utils import logging
+logging.set_verbosity_error()
+path, p, n, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+src = open_weights(path)
+weights = {k: src.get(k).dequantize(torch.float32 if k.endswith("tid2eid") else torch.bfloat16)
+           for k in src.names() if not k.startswith("mtp.")}
+state = to_transformers_state_dict(weights)
+del weights
+cfg = DeepseekV4Config(**src.config.to_transformers_dict())
+with torch.device("meta"):
+    model = DeepseekV4ForCausalLM(cfg)
+model = model.to_empty(device="cpu").to(torch.bfloat16)
+model.load_state_dict(state, strict=False, assign=True)
+model.eval()
+ids = torch.randint(0, cfg.vocab_size, (1, p))
+with torch.no_grad():
+    t = time.perf_counter(); out = model(ids, use_cache=True); pp = p / (time.perf_counter() - t)
+    pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    t = time.perf_counter()
+    for _ in range(n):
+        o = model(tok, past_key_values=pkv, use_cache=True); pkv = o.past_key_values; tok = o.logits[:, -1:].argmax(-1)
+    tg = n / (time.perf_counter() - t)
+print(json.dumps({"pp": pp, "tg": tg, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def run_transformers(model: Path, p: int, n: int, threads: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", TRANSFORMERS_SNIPPET, str(model), str(p), str(n), str(threads)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or "").strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bf16_bytes(model: Path) -> int:
+    from ds4py.loaders.open import open_weights
+
+    from ds4py.loaders.names import expected_shapes
+
+    cfg = open_weights(model).config
+    total = 0
+    for shape in expected_shapes(cfg, mtp=False).values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += 2 * n
+    return total
+
+
+def ensure_model(path: Path, preset: str, layers: int | None) -> Path:
+    if not path.exists():
+        print(f"making {path} ({preset}) ...", file=sys.stderr)
+        t0 = time.time()
+        cmd = [sys.executable, "-m", "ds4py.cli", "make-model", str(path), "--preset", preset]
+        if layers:
+            cmd += ["--layers", str(layers)]
+        subprocess.run(cmd, check=True)
+        print(f"  made in {time.time() - t0:.0f} s", file=sys.stderr)
+    return path
+
+
+def fmt(x) -> str:
+    return f"{x:.2f}" if isinstance(x, (int, float)) else "-"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="/tmp/ds4py-bench")
+    ap.add_argument("--slice-layers", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("-p", type=int, default=512)
+    ap.add_argument("-n", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", choices=["tiny", "flash-slice"], default=None)
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    models = []
+    if args.only in (None, "tiny"):
+        models.append(("tiny", ensure_model(work / "tiny.gguf", "tiny", None)))
+    if args.only in (None, "flash-slice"):
+        models.append((f"flash-slice-{args.slice_layers}L",
+                       ensure_model(work / f"flash-slice-{args.slice_layers}.gguf", "flash-slice", args.slice_layers)))
+    llama = find_llama_bench()
+    if not llama:
+        print("llama-bench not found (set LLAMA_BENCH or build llama.cpp outside the repo): skipping llama.cpp",
+              file=sys.stderr)
+    try:
+        import psutil  # noqa: F401
+
+        mem = psutil.virtual_memory().total
+    except ImportError:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    print(f"threads {args.threads}, pp{args.p}, tg{args.n}, median of {args.repeats}")
+    print("| model | test | ds4py t/s | llama.cpp t/s | ds4py/llama.cpp | transformers t/s | ds4py/transformers |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for label, path in models:
+        ours = run_ds4py(path, args.p, args.n, args.threads, args.repeats)
+        theirs = run_llama(llama, path, args.p, args.n, args.threads, args.repeats) if llama else {}
+        if bf16_bytes(path) < mem / 2:
+            hf = run_transformers(path, min(args.p, 512), min(args.n, 32), args.threads)
+        else:
+            hf = {"error": ["bf16 weights exceed half the machine's memory"]}
+        for test, n in (("pp", args.p), ("tg", args.n)):
+            a, b, c = ours.get(test), theirs.get(test), hf.get(test)
+            r1 = a / b if a and b else None
+            r2 = a / c if a and c else None
+            print(f"| {label} | {test}{n} | {fmt(a)} | {fmt(b)} | {fmt(r1)}x | {fmt(c)} | {fmt(r2)}x |")
+        for name, res in (("llama.cpp", theirs), ("transformers", hf)):
+            if "error" in res:
+                print(f"  {label}: {name} skipped: {' '.join(res['error'])}", file=sys.stderr)
+        print(f"  {label}: ds4py peak RSS {ours['rss'] / 2**30:.2f} GiB", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
