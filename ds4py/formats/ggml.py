@@ -1,0 +1,106 @@
+"""GGUF tensors in ggml block formats. Q8_0 and MXFP4 (what llama.cpp writes for V4) and the float
+types are dequantized here in torch; other ggml types (Q4_K, Q2_K, IQ2_XXS, ...) through the `gguf`
+library's reference dequantizers."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gguf_quants
+
+from ds4py.formats import Weight
+from ds4py.formats.fp4 import unpack_codes
+
+Q = GGMLQuantizationType
+MXFP4_KVALUES = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=torch.float32)
+FLOAT_VIEWS = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16, Q.I32: torch.int32}
+
+
+def row_bytes(qtype: Q, n: int) -> int:
+    block, size = GGML_QUANT_SIZES[qtype]
+    if n % block:
+        raise ValueError(f"a row of {n} values is not a multiple of {qtype.name}'s block of {block}")
+    return n // block * size
+
+
+def e8m0_half(e: torch.Tensor) -> torch.Tensor:
+    """ggml's E8M0 -> float32 scale, halved (ggml doubles the e2m1 values instead)."""
+    return torch.exp2(e.float() - 128.0)
+
+
+def dequantize_q8_0(raw: torch.Tensor, n: int) -> torch.Tensor:
+    blocks = raw.reshape(*raw.shape[:-1], n // 32, 34)
+    d = blocks[..., :2].contiguous().view(torch.float16).float()  # [..., nb, 1]
+    q = blocks[..., 2:].contiguous().view(torch.int8).float()
+    return (q * d).reshape(*raw.shape[:-1], n)
+
+
+def dequantize_mxfp4(raw: torch.Tensor, n: int) -> torch.Tensor:
+    blocks = raw.reshape(*raw.shape[:-1], n // 32, 17)
+    scale = e8m0_half(blocks[..., :1])
+    qs = blocks[..., 1:]
+    codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1).long()  # byte j: element j low, element j+16 high
+    return (MXFP4_KVALUES.to(raw.device)[codes] * scale).reshape(*raw.shape[:-1], n)
+
+
+def ggml_dequantize(qtype: int | Q, raw: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """raw uint8 [..., rows, bytes_per_row] -> float32 `shape`."""
+    qtype = Q(qtype)
+    n = shape[-1]
+    if qtype in FLOAT_VIEWS:
+        return raw.contiguous().view(FLOAT_VIEWS[qtype]).reshape(shape).float()
+    if qtype == Q.Q8_0:
+        return dequantize_q8_0(raw, n).reshape(shape)
+    if qtype == Q.MXFP4:
+        return dequantize_mxfp4(raw, n).reshape(shape)
+    data = gguf_quants.dequantize(raw.cpu().numpy().reshape(-1, raw.shape[-1]), qtype)
+    return torch.from_numpy(np.ascontiguousarray(data)).reshape(shape).to(raw.device)
+
+
+class GGMLWeight(Weight):
+    def __init__(self, qtype: int | Q, raw: torch.Tensor, shape: tuple[int, ...]):
+        self.qtype = Q(qtype)
+        self.shape = tuple(shape)
+        self.raw = raw.view(torch.uint8).reshape(*self.shape[:-1], row_bytes(self.qtype, self.shape[-1]))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.qtype == Q.I32:
+            return self.raw.contiguous().view(torch.int32).reshape(self.shape).to(dtype)
+        return ggml_dequantize(self.qtype, self.raw, self.shape).to(dtype)
+
+    def expert(self, e: int) -> GGMLWeight:
+        return GGMLWeight(self.qtype, self.raw[e], self.shape[1:])
+
+    def to(self, device: torch.device | str) -> GGMLWeight:
+        return GGMLWeight(self.qtype, self.raw.to(device), self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+    @property
+    def kind(self) -> str:
+        return self.qtype.name.lower()
+
+
+def quantize_q8_0(t: torch.Tensor) -> torch.Tensor:
+    """float [..., n] -> raw Q8_0 [..., n/32*34], bit-identical to ggml's reference quantize_row_q8_0."""
+    x = t.float().reshape(*t.shape[:-1], -1, 32)
+    d = x.abs().amax(dim=-1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    v = x * inv
+    a = v.abs()
+    q = torch.sign(v) * (torch.floor(a) + torch.floor(2 * (a - torch.floor(a))))  # round half away from 0
+    raw = torch.cat([d.to(torch.float16).view(torch.uint8), q.to(torch.int8).view(torch.uint8)], dim=-1)
+    return raw.reshape(*t.shape[:-1], -1)
+
+
+def fp4_to_mxfp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Official FP4 ([..., out, in/2] codes, [..., out, in/32] UE8M0) -> raw MXFP4 [..., out, in/32*17].
+    Lossless: per group one scale byte then 16 bytes, byte j = element j | element j+16 << 4."""
+    codes = unpack_codes(packed)  # [..., out, in]
+    groups = codes.reshape(*codes.shape[:-1], -1, 32)
+    qs = groups[..., :16] | (groups[..., 16:] << 4)
+    raw = torch.cat([scale.view(torch.uint8).unsqueeze(-1), qs], dim=-1)
+    return raw.reshape(*packed.shape[:-1], -1)
