@@ -5,7 +5,6 @@ dequantizing. Tensors are read only when the model asks for them."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -23,9 +22,6 @@ from ds4py.loaders.safetensors_files import SafetensorsDir
 EXPERT_STACK = re.compile(r"^(.*\.ffn\.experts)\.(w[123])$")
 FLOAT8 = ("F8_E4M3",)
 PACKED_FP4 = ("I8", "U8", "F4")
-TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I32": torch.int32,
-                "I64": torch.int64, "I8": torch.int8, "U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn,
-                "F8_E8M0": torch.uint8}
 
 
 def is_official_dir(path: Path) -> bool:
@@ -40,28 +36,14 @@ def open_official(path: str | Path) -> WeightSource:
     loaders, readers, nbytes = {}, {}, {}
     problems = []
 
-    def read_raw(name: str) -> torch.Tensor:
-        """Read one tensor with a plain file read (no memory map stays behind to count in RSS)."""
-        f = files.where[name]
-        header = files.headers[f][name]
-        start, end = header["data_offsets"]
-        base = 8 + int.from_bytes((root / f).open("rb").read(8), "little")
-        fd = os.open(root / f, os.O_RDONLY)
-        try:
-            data = os.pread(fd, end - start, base + start)
-        finally:
-            os.close(fd)
-        t = torch.frombuffer(bytearray(data), dtype=TORCH_DTYPES.get(header["dtype"], torch.uint8))
-        return t.reshape(header["shape"])
-
-    def weight_of(name: str, get=files.get) -> Weight:
+    def weight_of(name: str) -> Weight:
         stem = name.removesuffix(".weight")
         dtype = files.dtype(name)
         if dtype in FLOAT8 and stem + ".scale" in files.where:
-            return FP8Block(get(name), get(stem + ".scale"))
+            return FP8Block(files.get(name), files.get(stem + ".scale"))
         if dtype in PACKED_FP4 and stem + ".scale" in files.where:
-            return FP4Block(get(name), get(stem + ".scale"))
-        return Dense(get(name))
+            return FP4Block(files.get(name), files.get(stem + ".scale"))
+        return Dense(files.get(name))
 
     def logical_shape(name: str) -> tuple[int, ...]:
         shape = files.shape(name)
@@ -83,7 +65,7 @@ def open_official(path: str | Path) -> WeightSource:
                 problems.append(f"{per_expert[0]} has shape {list(got)}, expected {list(shape[1:])}")
                 continue
             loaders[name] = lambda per_expert=per_expert: stack_experts([weight_of(n) for n in per_expert])
-            readers[name] = lambda e, per_expert=per_expert: weight_of(per_expert[e], get=read_raw)
+            readers[name] = lambda e, per_expert=per_expert: weight_of(per_expert[e])
             nbytes[name] = sum(files.nbytes(n) + files.nbytes(n.removesuffix(".weight") + ".scale")
                                if n.removesuffix(".weight") + ".scale" in files.where else files.nbytes(n)
                                for n in per_expert)

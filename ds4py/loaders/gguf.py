@@ -1,0 +1,142 @@
+"""Read a `deepseek4` GGUF (llama.cpp's converter or antirez/ds4's writers): metadata -> ModelConfig,
+tensors -> GGMLWeight over the memory map (nothing is copied until used)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+
+from ds4py.errors import ModelFormatError
+from ds4py.formats import Dense, Weight
+from ds4py.formats.ggml import FLOAT_VIEWS, GGMLWeight
+from ds4py.loaders import WeightSource
+from ds4py.loaders.gguf_names import ARCH, from_gguf_names, metadata_to_config
+from ds4py.loaders.names import expected_shapes
+
+Q = GGMLQuantizationType
+
+
+def read_metadata(reader: GGUFReader) -> dict:
+    md = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            md[key] = field.contents()
+        except Exception:  # an exotic value type: keep going, it is not one we need
+            continue
+    return md
+
+
+def open_reader(path: Path) -> GGUFReader:
+    try:
+        reader = GGUFReader(str(path), "c")  # copy-on-write: tensors are writable views, the file is not
+    except (ValueError, OSError, IndexError, KeyError) as e:
+        size = path.stat().st_size
+        raise ModelFormatError(
+            f"{path}: not a readable GGUF ({size} bytes; {e}); it may be truncated: download it again"
+        ) from None
+    size = path.stat().st_size
+    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    if end > size:
+        raise ModelFormatError(f"{path}: truncated: its tensors need {end} bytes but the file has {size}")
+    return reader
+
+
+def open_gguf(path: str | Path) -> WeightSource:
+    path = Path(path)
+    reader = open_reader(path)
+    md = read_metadata(reader)
+    arch = md.get("general.architecture")
+    if arch != ARCH:
+        raise ModelFormatError(
+            f"{path}: a GGUF for architecture {arch!r}, not {ARCH!r}: ds4py runs DeepSeek V4 files only"
+        )
+    tensors = {t.name: t for t in reader.tensors}
+    vocab = len(md["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in md else None
+    if vocab is None:
+        embd = tensors.get("token_embd.weight")
+        if embd is None:
+            raise ModelFormatError(f"{path}: no token_embd.weight tensor; the file is incomplete")
+        vocab = int(embd.shape[-1])
+    config = metadata_to_config(md, vocab, str(path))
+    names = from_gguf_names(list(tensors), config)
+    has_mtp = any(n.startswith("mtp.") for n in names)
+    shapes = expected_shapes(config, mtp=has_mtp)
+    loaders, readers, nbytes, problems = {}, {}, {}, []
+
+    def weight(t, shape: tuple[int, ...]) -> Weight:
+        data = torch.from_numpy(np.asarray(t.data).view(np.uint8).reshape(-1))
+        qtype = Q(t.tensor_type)
+        if qtype in FLOAT_VIEWS:  # F32, F16, BF16, I32: a view of the map, no copy
+            return Dense(data.view(FLOAT_VIEWS[qtype]).reshape(shape))
+        return GGMLWeight(qtype, data, shape)
+
+    for name, g in names.items():
+        t = tensors[g]
+        got = tuple(int(d) for d in reversed(t.shape))
+        if name.endswith("eh_proj.weight"):  # llama.cpp's MTP export: [e_proj | h_proj] on the input axis
+            stem = name.removesuffix("eh_proj.weight")
+            half = got[1] // 2
+            for part, sl in (("e_proj.weight", slice(0, half)), ("h_proj.weight", slice(half, None))):
+                loaders[stem + part] = lambda t=t, got=got, sl=sl: split_columns(weight(t, got), sl)
+            continue
+        if name not in shapes:
+            continue  # a tensor ds4py does not use (e.g. the vision routing bias exp_probs_b_vl)
+        if got != shapes[name]:
+            problems.append(f"{g} has shape {list(got)}, expected {list(shapes[name])}")
+            continue
+        loaders[name] = lambda t=t, shape=shapes[name]: weight(t, shape)
+        nbytes[name] = int(t.n_bytes)
+        if ".ffn.experts." in name and name.startswith("layers."):
+            readers[name] = expert_reader(path, t, shapes[name])
+    missing = [n for n in shapes if n not in loaders and not n.startswith("mtp.")]
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s), first {missing[0]} ({names_hint(missing[0])})")
+    if problems:
+        raise ModelFormatError(f"{path}: not a complete deepseek4 GGUF: {'; '.join(problems[:3])}")
+    return WeightSource(path=path, config=config, loaders=loaders, metadata={**md, "tensor_nbytes": nbytes},
+                        kind="gguf", expert_readers=readers)
+
+
+def names_hint(name: str) -> str:
+    from ds4py.loaders.gguf_names import to_gguf_name
+
+    try:
+        return f"GGUF name {to_gguf_name(name)}"
+    except ModelFormatError:
+        return "no GGUF name"
+
+
+def split_columns(w: Weight, cols: slice) -> Weight:
+    if isinstance(w, GGMLWeight):
+        n = w.shape[-1]
+        bpr = w.raw.shape[-1]
+        start = 0 if cols.start is None else cols.start
+        stop = n if cols.stop is None else cols.stop
+        raw = w.raw[..., start * bpr // n: stop * bpr // n]
+        return GGMLWeight(w.qtype, raw.contiguous(), (*w.shape[:-1], stop - start))
+    return Dense(w.dequantize()[..., cols].contiguous())
+
+
+def expert_reader(path: Path, t, shape: tuple[int, ...]):
+    """read(e) -> expert e's 2-D weight, read with pread (the memory map is not touched)."""
+    per_expert = int(t.n_bytes) // shape[0]
+    qtype = Q(t.tensor_type)
+
+    def read(e: int) -> Weight:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, per_expert, int(t.data_offset) + e * per_expert)
+        finally:
+            os.close(fd)
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if qtype in FLOAT_VIEWS:
+            return Dense(raw.view(FLOAT_VIEWS[qtype]).reshape(shape[1:]))
+        return GGMLWeight(qtype, raw, shape[1:])
+
+    return read
