@@ -13,6 +13,15 @@ import torch
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak RSS. Linux's VmHWM, since ru_maxrss survives exec and so can report the
+    parent's peak for a freshly started child."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -24,7 +24,6 @@ from gguf import GGUFWriter
 
 from ds4py.errors import Ds4pyError
 from ds4py.formats import Dense, Weight
-from ds4py.formats.fp4 import FP4Block
 from ds4py.formats.ggml import fp4_to_mxfp4, quantize_q8_0, row_bytes
 from ds4py.loaders import WeightSource
 from ds4py.loaders.gguf_names import ARCH, config_to_metadata, to_gguf_name
@@ -56,19 +55,19 @@ def parse_size(text: str | None) -> int:
     return parse(text)
 
 
-def choose_type(name: str, w: Weight, shape: tuple[int, ...], type_: str, experts: str) -> Q:
+def choose_type(name: str, kind: str, shape: tuple[int, ...], type_: str, experts: str) -> Q:
     if name.endswith("tid2eid"):
         return Q.I32
     if EXPERT.match(name):
-        if experts == "mxfp4" and not isinstance(w, FP4Block):
-            raise Ds4pyError(f"{name} is {w.kind}, not FP4: MXFP4 is a lossless repack of FP4 experts only; "
+        if experts == "mxfp4" and kind != "fp4":
+            raise Ds4pyError(f"{name} is {kind}, not FP4: MXFP4 is a lossless repack of FP4 experts only; "
                              "use --experts q8_0 or bf16")
         return TYPES[experts]
     if len(shape) < 2:
         return Q.F32
-    if w.kind == "fp8":
+    if kind == "fp8":
         return Q.Q8_0 if type_ == "auto" else TYPES[type_]
-    if w.kind == "bf16":
+    if kind == "bf16":
         return Q.BF16 if type_ in ("auto", "q8_0") else TYPES[type_]
     return Q.F32 if type_ in ("auto", "q8_0") else TYPES[type_]
 
@@ -81,11 +80,43 @@ def plan(source: WeightSource, type_: str, experts: str) -> list[Planned]:
     hashed = [n for n in names if n.endswith("tid2eid")]
     experts_ = sorted((n for n in names if EXPERT.match(n)), key=lambda n: tuple(map(int, EXPERT.match(n).groups())))
     rest = sorted(n for n in names if n not in hashed and n not in experts_)
+    kinds = source.metadata.get("tensor_kinds", {})
     out = []
     for name in hashed + experts_ + rest:
-        w = source.get(name)
-        out.append(Planned(name, to_gguf_name(name), choose_type(name, w, shapes[name], type_, experts), shapes[name]))
+        kind = kinds[name] if name in kinds else source.get(name).kind
+        qtype = choose_type(name, kind, shapes[name], type_, experts)
+        out.append(Planned(name, to_gguf_name(name), qtype, shapes[name]))
     return out
+
+
+class ChunkedTensor:
+    """What GGUFWriter.write_tensor_data needs of an array (nbytes, tofile), produced chunk by chunk so
+    a layer's expert stack never sits in memory whole."""
+
+    def __init__(self, nbytes: int, chunks):
+        self.nbytes = nbytes
+        self.chunks = chunks
+
+    def tofile(self, f) -> None:
+        for chunk in self.chunks():
+            chunk.tofile(f)
+
+
+def encode_experts(source: WeightSource, p: Planned) -> ChunkedTensor:
+    """A stacked expert tensor written one expert at a time, read with the source's expert reader."""
+    read = source.expert_readers[p.name]
+
+    def chunks():
+        for e in range(p.shape[0]):
+            w = read(e)
+            if p.qtype == Q.MXFP4:
+                yield fp4_to_mxfp4(w.packed, w.scale).numpy()
+            elif p.qtype == Q.Q8_0:
+                yield quantize_q8_0(w.dequantize()).numpy()
+            else:
+                yield w.dequantize(torch.bfloat16).contiguous().view(torch.uint8).numpy()
+
+    return ChunkedTensor(p.nbytes, chunks)
 
 
 def encode(w: Weight, p: Planned) -> np.ndarray:
@@ -206,7 +237,10 @@ def convert(src: str | Path, out: str | Path, type: str = "auto", experts: str =
 
             bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"writing {out.name}")
         for p in tensors:
-            data = encode(source.get(p.name), p)
+            if EXPERT.match(p.name) and p.name in source.expert_readers:
+                data = encode_experts(source, p)
+            else:
+                data = encode(source.get(p.name), p)
             if data.nbytes != p.nbytes:
                 raise Ds4pyError(f"{p.name}: produced {data.nbytes} bytes, expected {p.nbytes}")
             writer.write_tensor_data(data)

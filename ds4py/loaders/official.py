@@ -33,7 +33,7 @@ def open_official(path: str | Path) -> WeightSource:
     config = ModelConfig.from_file(root / "config.json")
     files = SafetensorsDir(root)
     shapes = expected_shapes(config, mtp=any(n.startswith("mtp.") for n in files.names()))
-    loaders, readers, nbytes = {}, {}, {}
+    loaders, readers, nbytes, kinds = {}, {}, {}, {}
     problems = []
 
     def weight_of(name: str) -> Weight:
@@ -44,6 +44,15 @@ def open_official(path: str | Path) -> WeightSource:
         if dtype in PACKED_FP4 and stem + ".scale" in files.where:
             return FP4Block(files.get(name), files.get(stem + ".scale"))
         return Dense(files.get(name))
+
+    def kind_of(name: str) -> str:
+        """The Weight.kind `weight_of(name)` will have, from the header alone."""
+        dtype, scaled = files.dtype(name), name.removesuffix(".weight") + ".scale" in files.where
+        if scaled and dtype in FLOAT8:
+            return "fp8"
+        if scaled and dtype in PACKED_FP4:
+            return "fp4"
+        return {"F32": "f32", "BF16": "bf16", "F16": "f16"}.get(dtype, dtype.lower())
 
     def logical_shape(name: str) -> tuple[int, ...]:
         shape = files.shape(name)
@@ -65,6 +74,7 @@ def open_official(path: str | Path) -> WeightSource:
                 problems.append(f"{per_expert[0]} has shape {list(got)}, expected {list(shape[1:])}")
                 continue
             loaders[name] = lambda per_expert=per_expert: stack_experts([weight_of(n) for n in per_expert])
+            kinds[name] = kind_of(per_expert[0])
             readers[name] = lambda e, per_expert=per_expert: weight_of(per_expert[e])
             nbytes[name] = sum(files.nbytes(n) + files.nbytes(n.removesuffix(".weight") + ".scale")
                                if n.removesuffix(".weight") + ".scale" in files.where else files.nbytes(n)
@@ -79,6 +89,7 @@ def open_official(path: str | Path) -> WeightSource:
             continue
         loaders[name] = lambda name=name: weight_of(name)
         nbytes[name] = files.nbytes(name)
+        kinds[name] = kind_of(name)
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise ModelFormatError(
@@ -86,7 +97,7 @@ def open_official(path: str | Path) -> WeightSource:
             "Check that every shard downloaded completely and belongs to this config."
         )
     return WeightSource(path=root, config=config, loaders=loaders, kind="official",
-                        metadata={"tensor_nbytes": nbytes}, expert_readers=readers)
+                        metadata={"tensor_nbytes": nbytes, "tensor_kinds": kinds}, expert_readers=readers)
 
 
 def stack_experts(weights: list[Weight]) -> Weight:
