@@ -41,7 +41,7 @@ class TextGeneration:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
     def __iter__(self) -> Iterator[str]:
-        sampler = Sampler(self.params, self.model.config.vocab_size)
+        sampler = Sampler(self.params, self.model.config.vocab_size, n_prompt=len(self.prompt_ids))
         decoder = StreamDecoder(self.tokenizer)
         stops = StopMatcher(self.params.stop or [])
         eos = set(self.params.stop_token_ids or []) | set(self.tokenizer.eos_ids or self.model.config.eos_token_ids)
