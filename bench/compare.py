@@ -95,9 +95,8 @@ def run_transformers(model: Path, p: int, n: int, threads: int) -> dict:
 
 
 def bf16_bytes(model: Path) -> int:
-    from ds4py.loaders.open import open_weights
-
     from ds4py.loaders.names import expected_shapes
+    from ds4py.loaders.open import open_weights
 
     cfg = open_weights(model).config
     total = 0

@@ -46,12 +46,11 @@ def inspect_path(path: str | Path) -> Report:
     if not p.exists():
         raise Ds4pyError(f"{p}: no such file or directory")
     if p.is_file():
-        from ds4py.loaders.gguf import open_reader, read_metadata
+        from ds4py.loaders.gguf_file import GGUFFile
 
-        reader = open_reader(p)
-        md = read_metadata(reader)
-        rows = [TensorRow(t.name, t.tensor_type.name, tuple(int(d) for d in reversed(t.shape)), int(t.n_bytes))
-                for t in reader.tensors]
+        f = GGUFFile(p)
+        md = f.metadata
+        rows = [TensorRow(t.name, t.qtype.name, t.shape, t.nbytes) for t in f.tensors.values()]
         report = Report(p, "gguf", md, rows)
     else:
         import json

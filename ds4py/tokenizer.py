@@ -70,8 +70,8 @@ class Tokenizer:
                        ignore_merges=reference["model"].get("ignore_merges", False))
         added = [AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False) for i in sorted(special)]
         hf.add_tokens(added)
-        for tok in added:  # add_tokens appends; make the ids agree with the GGUF's
-            if hf.token_to_id(tok.content) != tokens.index(tok.content):
+        for i in sorted(special):  # they must keep the GGUF's ids
+            if hf.token_to_id(tokens[i]) != i:
                 raise Ds4pyError("GGUF tokenizer metadata lists added tokens out of order; cannot rebuild it")
         eos = md.get("tokenizer.ggml.eos_token_id")
         return cls(hf, md.get("tokenizer.ggml.bos_token_id"), [eos] if eos is not None else [])

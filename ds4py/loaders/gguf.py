@@ -6,79 +6,52 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 
 from ds4py.errors import ModelFormatError
 from ds4py.formats import Dense, Weight
 from ds4py.formats.ggml import FLOAT_VIEWS, GGMLWeight
 from ds4py.loaders import WeightSource
+from ds4py.loaders.gguf_file import GGUFFile, TensorInfo
 from ds4py.loaders.gguf_names import ARCH, from_gguf_names, metadata_to_config
 from ds4py.loaders.names import expected_shapes
 
 Q = GGMLQuantizationType
 
 
-def read_metadata(reader: GGUFReader) -> dict:
-    md = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            md[key] = field.contents()
-        except Exception:  # an exotic value type: keep going, it is not one we need
-            continue
-    return md
-
-
-def open_reader(path: Path) -> GGUFReader:
-    try:
-        reader = GGUFReader(str(path), "c")  # copy-on-write: tensors are writable views, the file is not
-    except (ValueError, OSError, IndexError, KeyError) as e:
-        size = path.stat().st_size
-        raise ModelFormatError(
-            f"{path}: not a readable GGUF ({size} bytes; {e}); it may be truncated: download it again"
-        ) from None
-    size = path.stat().st_size
-    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    if end > size:
-        raise ModelFormatError(f"{path}: truncated: its tensors need {end} bytes but the file has {size}")
-    return reader
-
-
 def open_gguf(path: str | Path) -> WeightSource:
     path = Path(path)
-    reader = open_reader(path)
-    md = read_metadata(reader)
+    f = GGUFFile(path)
+    md = f.metadata
     arch = md.get("general.architecture")
     if arch != ARCH:
         raise ModelFormatError(
             f"{path}: a GGUF for architecture {arch!r}, not {ARCH!r}: ds4py runs DeepSeek V4 files only"
         )
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = f.tensors
     vocab = len(md["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in md else None
     if vocab is None:
         embd = tensors.get("token_embd.weight")
         if embd is None:
             raise ModelFormatError(f"{path}: no token_embd.weight tensor; the file is incomplete")
-        vocab = int(embd.shape[-1])
+        vocab = int(embd.shape[0])
     config = metadata_to_config(md, vocab, str(path))
     names = from_gguf_names(list(tensors), config)
     has_mtp = any(n.startswith("mtp.") for n in names)
     shapes = expected_shapes(config, mtp=has_mtp)
     loaders, readers, nbytes, problems = {}, {}, {}, []
 
-    def weight(t, shape: tuple[int, ...]) -> Weight:
-        data = torch.from_numpy(np.asarray(t.data).view(np.uint8).reshape(-1))
-        qtype = Q(t.tensor_type)
+    def weight(t: TensorInfo, shape: tuple[int, ...]) -> Weight:
+        data = torch.from_numpy(f.data(t))
+        qtype = t.qtype
         if qtype in FLOAT_VIEWS:  # F32, F16, BF16, I32: a view of the map, no copy
             return Dense(data.view(FLOAT_VIEWS[qtype]).reshape(shape))
         return GGMLWeight(qtype, data, shape)
 
     for name, g in names.items():
         t = tensors[g]
-        got = tuple(int(d) for d in reversed(t.shape))
+        got = t.shape
         if name.endswith("eh_proj.weight"):  # llama.cpp's MTP export: [e_proj | h_proj] on the input axis
             stem = name.removesuffix("eh_proj.weight")
             half = got[1] // 2
@@ -91,7 +64,7 @@ def open_gguf(path: str | Path) -> WeightSource:
             problems.append(f"{g} has shape {list(got)}, expected {list(shapes[name])}")
             continue
         loaders[name] = lambda t=t, shape=shapes[name]: weight(t, shape)
-        nbytes[name] = int(t.n_bytes)
+        nbytes[name] = t.nbytes
         if ".ffn.experts." in name and name.startswith("layers."):
             readers[name] = expert_reader(path, t, shapes[name])
     missing = [n for n in shapes if n not in loaders and not n.startswith("mtp.")]
@@ -123,15 +96,15 @@ def split_columns(w: Weight, cols: slice) -> Weight:
     return Dense(w.dequantize()[..., cols].contiguous())
 
 
-def expert_reader(path: Path, t, shape: tuple[int, ...]):
+def expert_reader(path: Path, t: TensorInfo, shape: tuple[int, ...]):
     """read(e) -> expert e's 2-D weight, read with pread (the memory map is not touched)."""
-    per_expert = int(t.n_bytes) // shape[0]
-    qtype = Q(t.tensor_type)
+    per_expert = t.nbytes // shape[0]
+    qtype = t.qtype
 
     def read(e: int) -> Weight:
         fd = os.open(path, os.O_RDONLY)
         try:
-            data = os.pread(fd, per_expert, int(t.data_offset) + e * per_expert)
+            data = os.pread(fd, per_expert, t.offset + e * per_expert)
         finally:
             os.close(fd)
         raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
