@@ -22,6 +22,8 @@ from ds4py.errors import Ds4pyError
 from ds4py.loaders.names import expected_shapes, storage
 from ds4py.model.init import random_tensor
 
+V4_VOCAB = 129280
+
 REAL_PATTERN = [0, 0] + [4, 128] * 20 + [4]
 # e2m1 magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6 (codes 0..7, bit 3 the sign); a random byte indexes this
 # table of codes so that values look roughly normal
@@ -112,6 +114,11 @@ def write_official(config: ModelConfig, out_dir: Path, seed: int = 0, shard_byte
                                   "weight_block_size": [128, 128]}
     cfg["expert_dtype"] = "fp4"
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=1))
+    if config.vocab_size == V4_VOCAB:  # the real vocabulary: ship the real tokenizer with it
+        from ds4py.tokenizer import default_tokenizer_dir
+
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(default_tokenizer_dir() / name, out_dir / name)
 
 
 def make_model(out: str, preset: str = "tiny", layers: int | None = None, fmt: str = "gguf", seed: int = 0,
@@ -120,7 +127,9 @@ def make_model(out: str, preset: str = "tiny", layers: int | None = None, fmt: s
     if out_path.exists() and not force:
         raise Ds4pyError(f"{out_path} already exists: choose another path or pass --force")
     if preset == "tiny":
-        config = tiny_config(num_hidden_layers=layers or 4, compress_ratios=([0, 4, 128, 4] * 8)[: (layers or 4)] + [0])
+        # the real vocabulary, so text prompts and the real tokenizer work with it
+        config = tiny_config(num_hidden_layers=layers or 4, vocab_size=V4_VOCAB,
+                             compress_ratios=([0, 4, 128, 4] * 8)[: (layers or 4)] + [0])
     elif preset == "flash-slice":
         config = flash_slice_config(layers or 3)
     else:
