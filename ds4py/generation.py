@@ -5,21 +5,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+import torch
 
 from ds4py.cache import Cache
 from ds4py.engine import Model
-from ds4py.sampling import Sampler, SamplingParams, StopMatcher
+from ds4py.sampling import Sampler, SamplingParams, StopMatcher, TokenInfo
 from ds4py.tokenizer import StreamDecoder, Tokenizer
 
 
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, reused from a cache rather than computed
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
     generation_seconds: float = 0.0
     finish_reason: str = "length"
+    stopped_by: str | None = None  # "eos" or "string" when finish_reason is "stop"
 
     def summary(self) -> str:
         pp = self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
@@ -29,53 +33,118 @@ class GenerationStats:
 
 
 @dataclass
+class Delta:
+    """What one decode step produced: the token, its log-probability info, and the text it released
+    (possibly empty: text is held back while it could be half a UTF-8 character or a stop string)."""
+
+    token: int
+    info: TokenInfo
+    text: str
+
+
+class Decoding:
+    """One sequence's generation as a state machine, so a scheduler can interleave many:
+    `prefill_step()` until it returns True, then `decode_step()` until `finished`."""
+
+    def __init__(self, model: Model, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
+                 cache: Cache | None = None, prefill_chunk: int | None = None):
+        self.model, self.tokenizer, self.params = model, tokenizer, params
+        self.prompt_ids = list(prompt_ids)
+        self.cache = cache if cache is not None else model.new_cache()
+        if self.cache.tokens != self.prompt_ids[: self.cache.length]:
+            raise ValueError("the cache does not hold a prefix of this prompt")
+        model.check_fits(len(self.prompt_ids) + params.max_tokens)
+        self.prefill_chunk = prefill_chunk or model.prefill_chunk
+        self.sampler = Sampler(params, model.config.vocab_size, n_prompt=len(self.prompt_ids))
+        self.decoder = StreamDecoder(tokenizer)
+        self.stops = StopMatcher(params.stop or [])
+        eos = set(params.stop_token_ids or [])
+        if not params.ignore_eos:
+            eos |= set(tokenizer.eos_ids or model.config.eos_token_ids)
+        self.eos = eos
+        self.logits: torch.Tensor | None = None  # [vocab] the next token's logits
+        self.tokens: list[int] = []
+        self.stats = GenerationStats(prompt_tokens=len(self.prompt_ids), cached_tokens=self.cache.length)
+        self.finished = False
+        self.text = ""  # everything released so far
+
+    @property
+    def prefilled(self) -> bool:
+        return self.logits is not None
+
+    def prefill_step(self) -> bool:
+        """Feed the next chunk of the prompt; True once the whole prompt is in."""
+        if self.logits is not None:
+            return True
+        t0 = time.perf_counter()
+        rest = self.prompt_ids[self.cache.length:]
+        if not rest:
+            raise ValueError("the cache already holds the whole prompt; give its logits with set_logits")
+        chunk = rest[: self.prefill_chunk]
+        logits = self.model.prefill(chunk, self.cache)
+        self.stats.prompt_seconds += time.perf_counter() - t0
+        if len(chunk) == len(rest):
+            self.logits = logits
+            self._t_decode = time.perf_counter()
+        return self.logits is not None
+
+    def set_logits(self, logits: torch.Tensor) -> None:
+        """The cache holds the whole prompt already (a reused prefix): start decoding from these logits."""
+        self.logits = logits
+        self._t_decode = time.perf_counter()
+
+    def decode_step(self) -> Delta:
+        token, info = self.sampler.sample(self.logits, self.prompt_ids + self.tokens)
+        self.tokens.append(token)
+        self.stats.generated_tokens += 1
+        text, stopped = "", False
+        if token in self.eos:
+            self.finish("stop")
+            self.stats.stopped_by = "eos"
+        else:
+            text, stopped = self.stops.feed(self.decoder.feed(token))
+            if stopped:
+                self.finish("stop")
+                self.stats.stopped_by = "string"
+            elif len(self.tokens) >= self.params.max_tokens:
+                self.finish("length")
+            else:
+                self.logits = self.model.prefill([token], self.cache)
+        if self.finished and not stopped:
+            tail, _ = self.stops.feed(self.decoder.flush())
+            text += tail + self.stops.flush()
+        self.stats.generation_seconds = time.perf_counter() - self._t_decode
+        self.text += text
+        return Delta(token, info, text)
+
+    def finish(self, reason: str) -> None:
+        self.finished = True
+        self.stats.finish_reason = reason
+
+
 class TextGeneration:
     """Iterate for text deltas; `tokens` and `stats` fill in as it runs."""
 
-    model: Model
-    tokenizer: Tokenizer
-    prompt_ids: list[int]
-    params: SamplingParams
-    cache: Cache | None = None
-    tokens: list[int] = field(default_factory=list)
-    stats: GenerationStats = field(default_factory=GenerationStats)
+    def __init__(self, model: Model, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
+                 cache: Cache | None = None):
+        self.decoding = Decoding(model, tokenizer, prompt_ids, params, cache)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.decoding.tokens
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self.decoding.stats
 
     def __iter__(self) -> Iterator[str]:
-        sampler = Sampler(self.params, self.model.config.vocab_size, n_prompt=len(self.prompt_ids))
-        decoder = StreamDecoder(self.tokenizer)
-        stops = StopMatcher(self.params.stop or [])
-        eos = set(self.params.stop_token_ids or []) | set(self.tokenizer.eos_ids or self.model.config.eos_token_ids)
-        if self.params.ignore_eos:
-            eos = set(self.params.stop_token_ids or [])
-        cache = self.cache if self.cache is not None else self.model.new_cache()
-        self.stats.prompt_tokens = len(self.prompt_ids)
-        t0 = time.perf_counter()
-        self.model.check_fits(len(self.prompt_ids) + self.params.max_tokens)
-        logits = self.model.prefill(self.prompt_ids[cache.length:], cache)
-        t1 = time.perf_counter()
-        self.stats.prompt_seconds = t1 - t0
-        history = list(self.prompt_ids)
-        for i in range(self.params.max_tokens):
-            token, _info = sampler.sample(logits, history)
-            history.append(token)
-            self.tokens.append(token)
-            self.stats.generated_tokens += 1
-            self.stats.generation_seconds = time.perf_counter() - t1
-            if token in eos:
-                self.stats.finish_reason = "stop"
-                break
-            text, stopped = stops.feed(decoder.feed(token))
-            if text:
-                yield text
-            if stopped:
-                self.stats.finish_reason = "stop"
-                return
-            if i + 1 < self.params.max_tokens:
-                logits = self.model.prefill([token], cache)
-        tail, _ = stops.feed(decoder.flush())
-        tail += stops.flush()
-        if tail:
-            yield tail
+        d = self.decoding
+        while not d.prefill_step():
+            pass
+        while not d.finished:
+            delta = d.decode_step()
+            if delta.text:
+                yield delta.text
 
 
 def generate_text(model: Model, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,

@@ -40,7 +40,7 @@ def open_gguf(path: str | Path) -> WeightSource:
     names = from_gguf_names(list(tensors), config)
     has_mtp = any(n.startswith("mtp.") for n in names)
     shapes = expected_shapes(config, mtp=has_mtp)
-    loaders, readers, nbytes, problems = {}, {}, {}, []
+    loaders, readers, nbytes, kinds, problems = {}, {}, {}, {}, []
 
     def weight(t: TensorInfo, shape: tuple[int, ...]) -> Weight:
         data = torch.from_numpy(f.data(t))
@@ -65,6 +65,7 @@ def open_gguf(path: str | Path) -> WeightSource:
             continue
         loaders[name] = lambda t=t, shape=shapes[name]: weight(t, shape)
         nbytes[name] = t.nbytes
+        kinds[name] = t.qtype.name.lower()
         if ".ffn.experts." in name and name.startswith("layers."):
             readers[name] = expert_reader(path, t, shapes[name])
     missing = [n for n in shapes if n not in loaders and not n.startswith("mtp.")]
@@ -72,7 +73,8 @@ def open_gguf(path: str | Path) -> WeightSource:
         problems.append(f"missing {len(missing)} tensor(s), first {missing[0]} ({names_hint(missing[0])})")
     if problems:
         raise ModelFormatError(f"{path}: not a complete deepseek4 GGUF: {'; '.join(problems[:3])}")
-    return WeightSource(path=path, config=config, loaders=loaders, metadata={**md, "tensor_nbytes": nbytes},
+    return WeightSource(path=path, config=config, loaders=loaders,
+                        metadata={**md, "tensor_nbytes": nbytes, "tensor_kinds": kinds},
                         kind="gguf", expert_readers=readers)
 
 

@@ -55,9 +55,9 @@ def weight_bytes(source: WeightSource) -> tuple[int, int]:
 
 
 def plan_memory(source: WeightSource, budget: int | None, overhead: int = 256 * 2**20) -> MemoryPlan:
-    if budget is None:
-        return MemoryPlan("resident", None, 0, 0)
     resident, experts = weight_bytes(source)
+    if budget is None:
+        return MemoryPlan("resident", None, resident, experts)
     if resident + experts + overhead <= budget:
         return MemoryPlan("resident", budget, resident, experts)
     if not source.expert_readers:

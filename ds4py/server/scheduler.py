@@ -1,0 +1,156 @@
+"""The engine thread: one worker runs the model for every request, interleaving them. Each round it
+gives every active request one step (a prefill chunk or one decoded token), so a long prompt or a long
+answer never holds the others up for more than a step. Requests beyond `parallel` wait in a bounded
+queue; beyond that, `submit` refuses (the HTTP layer answers 503). A cancelled request (its client went
+away) leaves at the next round, freeing its slot."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ds4py.engine import Model
+from ds4py.generation import Decoding, Delta, GenerationStats
+from ds4py.sampling import SamplingParams
+from ds4py.server.prefix_cache import PrefixCache
+from ds4py.tokenizer import Tokenizer
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Event:
+    kind: str                       # "delta", "done" or "error"
+    delta: Delta | None = None
+    stats: GenerationStats | None = None
+    error: Exception | None = None
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]   # called on the engine thread; must be thread-safe and quick
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    id: int = field(default_factory=itertools.count().__next__)
+    decoding: Decoding | None = None
+    submitted: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Counters:
+    requests: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    rejected: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generation_seconds: float = 0.0
+
+
+class Scheduler:
+    def __init__(self, model: Model, tokenizer: Tokenizer, parallel: int = 4, max_queue: int = 64,
+                 prefix_cache: PrefixCache | None = None, prefill_chunk: int = 256):
+        self.model, self.tokenizer = model, tokenizer
+        self.parallel, self.max_queue = parallel, max_queue
+        self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache()
+        self.prefill_chunk = prefill_chunk
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.active: list[Job] = []
+        self.counters = Counters()
+        self.cv = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="ds4py-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+        self.thread.join(timeout=10)
+
+    def submit(self, job: Job) -> None:
+        with self.cv:
+            if len(self.waiting) >= self.max_queue:
+                self.counters.rejected += 1
+                raise QueueFull(f"{len(self.active)} requests running and {len(self.waiting)} waiting")
+            self.counters.requests += 1
+            self.waiting.append(job)
+            self.cv.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    # --- the engine thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.stopping and not self.waiting and not self.active:
+                    self.cv.wait()
+                if self.stopping:
+                    break
+                while self.waiting and len(self.active) < self.parallel:
+                    self.active.append(self.waiting.popleft())
+                jobs = list(self.active)
+            for job in jobs:
+                if job.cancelled.is_set():
+                    self._leave(job)
+                    self.counters.cancelled += 1
+                    continue
+                try:
+                    self._step(job)
+                except Exception as e:  # a failed request must not take the server down
+                    traceback.print_exc()
+                    self.counters.failed += 1
+                    self._leave(job)
+                    job.emit(Event("error", error=e))
+        for job in self.active + list(self.waiting):
+            job.emit(Event("error", error=RuntimeError("the server is shutting down")))
+
+    def _leave(self, job: Job) -> None:
+        with self.cv:
+            if job in self.active:
+                self.active.remove(job)
+            elif job in self.waiting:
+                self.waiting.remove(job)
+
+    def _step(self, job: Job) -> None:
+        d = job.decoding
+        if d is None:
+            found = self.prefix_cache.lookup(job.prompt_ids)
+            cache, logits = found if found else (None, None)
+            d = job.decoding = Decoding(self.model, self.tokenizer, job.prompt_ids, job.params, cache,
+                                        prefill_chunk=self.prefill_chunk)
+            if logits is not None:
+                d.set_logits(logits)
+                return
+        if not d.prefilled:
+            if d.prefill_step():
+                self.prefix_cache.store(d.cache, d.logits)  # the prompt's state: the next turn starts with it
+            return
+        delta = d.decode_step()
+        job.emit(Event("delta", delta=delta))
+        if d.finished:
+            self._leave(job)
+            c, s = self.counters, d.stats
+            c.finished += 1
+            c.prompt_tokens += s.prompt_tokens
+            c.cached_tokens += s.cached_tokens
+            c.generated_tokens += s.generated_tokens
+            c.prompt_seconds += s.prompt_seconds
+            c.generation_seconds += s.generation_seconds
+            self.prefix_cache.store(d.cache, copy=False)  # prompt + answer (but its last token)
+            job.emit(Event("done", stats=s))
