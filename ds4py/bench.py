@@ -73,22 +73,26 @@ def model_facts(model) -> dict:
 
 
 def bench_main(args) -> int:
-    import ds4py
-    from ds4py.cli import resolve_model_path
+    from ds4py.cli import load_model, resolve_model_path
 
     if args.threads:
         torch.set_num_threads(args.threads)
     path = resolve_model_path(args.model)
     t0 = time.perf_counter()
-    model = ds4py.load(path, device=args.device, dtype=args.dtype, ctx=args.ctx)
+    model = load_model(args, path)
     load_s = time.perf_counter() - t0
     depths = [int(d) for d in str(args.depths).split(",") if d != ""]
     rows = [measure(model, args.prompt_tokens, args.gen_tokens, d, args.repeats) for d in depths]
     facts = {
         "model": str(path), "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
         "load_seconds": load_s, "peak_rss_bytes": peak_rss_bytes(), **model_facts(model),
-        "memory_mode": getattr(model, "memory_mode", "resident"),
+        "memory_mode": model.memory_plan.describe(),
     }
+    if model.expert_cache is not None:
+        st = model.expert_cache.stats
+        tokens = sum(r.get("pp_tokens", 0) + r.get("tg_tokens", 0) for r in rows) * args.repeats
+        facts["expert_cache"] = {**st.as_dict(), "capacity_bytes": model.expert_cache.capacity_bytes,
+                                 "bytes_read_per_token": st.bytes_read / max(tokens, 1)}
     if args.json:
         print(json.dumps({"facts": facts, "results": rows}, indent=2))
         return 0
@@ -104,5 +108,9 @@ def bench_main(args) -> int:
             print(f"| {name} | ds4py-{args.device}-{args.dtype} | {facts['threads']} | tg{r['tg_tokens']}{at} | "
                   f"{r['tg_tps']:.2f} |")
     print(f"\npeak RSS {facts['peak_rss_bytes'] / 2**30:.2f} GiB, load {load_s:.1f} s, "
-          f"memory mode {facts['memory_mode']}, weights {facts['weight_kinds']}")
+          f"{facts['memory_mode']}, weights {facts['weight_kinds']}")
+    if "expert_cache" in facts:
+        c = facts["expert_cache"]
+        print(f"expert cache: hit rate {c['hit_rate']:.3f}, {c['bytes_read'] / 2**20:.0f} MiB read, "
+              f"{c['bytes_read_per_token'] / 2**20:.2f} MiB per token")
     return 0

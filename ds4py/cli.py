@@ -21,6 +21,9 @@ def add_model_arguments(p: argparse.ArgumentParser, optional_model: bool = True)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="activation and dense-weight dtype (default: float32)")
     p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: the model's)")
+    p.add_argument("--memory-budget", default=None,
+                   help="RAM the weights may use, e.g. 8G; when the model is larger, routed experts are read from "
+                        "the file on demand into a cache of what is left (default: the memory available now)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,13 +48,22 @@ def resolve_model_path(model: str | None) -> str:
 
 
 def load_model_and_tokenizer(args):
-    import ds4py
     from ds4py.tokenizer import load_tokenizer
 
     path = resolve_model_path(args.model)
-    model = ds4py.load(path, device=args.device, dtype=args.dtype, ctx=args.ctx, progress=sys.stderr.isatty())
+    model = load_model(args, path)
     tokenizer = load_tokenizer(path, model.source.metadata, model.config)
     return model, tokenizer
+
+
+def load_model(args, path: str):
+    """ds4py.load with the command's options, saying on stderr which memory mode it chose."""
+    import ds4py
+
+    model = ds4py.load(path, device=args.device, dtype=args.dtype, ctx=args.ctx,
+                       progress=sys.stderr.isatty(), memory_budget=args.memory_budget)
+    print(f"ds4py: {path}: {model.memory_plan.describe()}", file=sys.stderr)
+    return model
 
 
 def sampling_params(args):
@@ -94,7 +106,6 @@ def cmd_chat(args) -> int:
 
 
 def cmd_perplexity(args) -> int:
-    import ds4py
     from ds4py.perplexity import perplexity
     from ds4py.tokenizer import load_tokenizer
 
@@ -103,7 +114,7 @@ def cmd_perplexity(args) -> int:
         text = Path(args.file).read_text(encoding="utf-8")
     except OSError as e:
         raise Ds4pyError(f"cannot read {args.file}: {e.strerror}") from None
-    model = ds4py.load(path, device=args.device, dtype=args.dtype, progress=sys.stderr.isatty())
+    model = load_model(args, path)
     tokenizer = load_tokenizer(path, model.source.metadata, model.config)
     tokens = tokenizer.encode(text, add_bos=True)
     ctx = args.ctx or 512

@@ -30,12 +30,14 @@ class MemoryPlan:
     resident_bytes: int      # weights kept in memory
     expert_bytes: int        # all routed experts
     cache_bytes: int = 0     # the expert cache's capacity in stream-experts mode
+    reason: str = ""         # why this mode, when it was not asked for
 
     def describe(self) -> str:
         gib = 2**30
         if self.mode == "resident":
             return f"memory mode resident: {(self.resident_bytes + self.expert_bytes) / gib:.2f} GiB of weights"
-        return (f"memory mode stream-experts: {self.resident_bytes / gib:.2f} GiB resident, routed experts "
+        why = f" ({self.reason})" if self.reason else ""
+        return (f"memory mode stream-experts{why}: {self.resident_bytes / gib:.2f} GiB resident, routed experts "
                 f"({self.expert_bytes / gib:.2f} GiB) streamed through a {self.cache_bytes / gib:.2f} GiB cache")
 
 
@@ -54,10 +56,37 @@ def weight_bytes(source: WeightSource) -> tuple[int, int]:
     return resident, experts
 
 
+def available_memory() -> int | None:
+    """What this process may still use: the kernel's MemAvailable, capped by a cgroup (v2) limit."""
+    avail = None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read())
+        if limit != "max" and avail is not None:
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
 def plan_memory(source: WeightSource, budget: int | None, overhead: int = 256 * 2**20) -> MemoryPlan:
+    """With a budget, fit it. Without one, load everything if it fits in the memory available now, else
+    stream the routed experts through a cache of most of what is available (instead of dying)."""
     resident, experts = weight_bytes(source)
     if budget is None:
-        return MemoryPlan("resident", None, resident, experts)
+        avail = available_memory()
+        if avail is None or resident + experts + overhead <= avail * 0.9 or not source.expert_readers:
+            return MemoryPlan("resident", None, resident, experts)
+        plan = plan_memory(source, int(avail * 0.8), overhead)
+        plan.reason = (f"the weights ({(resident + experts) / 2**30:.1f} GiB) do not fit in the "
+                       f"{avail / 2**30:.1f} GiB available")
+        return plan
     if resident + experts + overhead <= budget:
         return MemoryPlan("resident", budget, resident, experts)
     if not source.expert_readers:

@@ -30,13 +30,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=4096,
                    help="tokens generated when a request does not say (default: 4096, capped by the context)")
     p.add_argument("--prefix-cache", default="2G", help="memory for reusable prompt states (default: 2G; 0: off)")
-    p.add_argument("--memory-budget", default=None, help="e.g. 8G: stream routed experts when over it")
     p.add_argument("--template", default="v4", choices=["v4", "flash-0731"], help="chat template variant")
 
 
 def build_state(args, model=None, tokenizer=None, log=sys.stderr):
-    import ds4py
-    from ds4py.cli import resolve_model_path
+    from ds4py.cli import load_model, resolve_model_path
     from ds4py.memory.plan import parse_size
     from ds4py.server.app import ServerState
     from ds4py.server.prefix_cache import PrefixCache
@@ -45,8 +43,7 @@ def build_state(args, model=None, tokenizer=None, log=sys.stderr):
 
     path = resolve_model_path(args.model) if model is None else str(args.model or "scripted")
     if model is None:
-        model = ds4py.load(path, device=args.device, dtype=args.dtype, ctx=args.ctx,
-                           progress=sys.stderr.isatty(), memory_budget=getattr(args, "memory_budget", None))
+        model = load_model(args, path)
     if tokenizer is None:
         tokenizer = load_tokenizer(path, model.source.metadata if model.source else {}, model.config)
     budget = parse_size(args.prefix_cache) or 0
