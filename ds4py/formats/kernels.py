@@ -14,6 +14,9 @@ so it follows `torch.set_num_threads`. When it cannot be built (no compiler: one
 fallback), when the tensors are not on the CPU, or when DS4PY_NO_KERNELS=1, the functions use
 `fallback_linear`: dequantize + `F.linear`, exactly what `Weight.linear` did before.
 DS4PY_KERNELS_GENERIC=1 builds the portable loop instead of the AVX512 code (for testing it).
+
+For bf16 activations with >= BF16_GEMM_MIN_T rows (long prompts) `ggml_linear` instead dequantizes W to bf16
+with the compiled `dequantize` and calls the bf16 GEMM: exactly F.linear(x, W.dequantize(torch.bfloat16)).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ Q8_0 = 8  # ggml type ids (GGMLQuantizationType)
 MXFP4 = 39
 BLOCK_BYTES = {Q8_0: 34, MXFP4: 17}
 FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
+# From this many bf16 activation rows on, ggml_linear dequantizes W to bf16 (compiled, ~11 ms for 4096x4096 on
+# 2 Zen4 cores) and uses the bf16 GEMM: measured equal at T=128, 1.8x faster than the int8 kernel at T=512.
+BF16_GEMM_MIN_T = 256
 
 _SOURCE = r"""
 #include <ATen/Parallel.h>
@@ -246,6 +252,55 @@ extern "C" int ds4py_ggml_linear(int qtype, const float* x, int64_t T, int64_t n
   return 0;
 }
 
+namespace {
+template <int QT, typename Out>
+void dequant(const uint8_t* w, int64_t rows, int64_t wstride, int64_t n, Out* out) {
+  constexpr int64_t BB = QT == Q8_0 ? 34 : 17;
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    float v[32];
+    for (int64_t r = r0; r < r1; r++) {
+      for (int64_t b = 0; b < n / 32; b++) {
+        const uint8_t* blk = w + r * wstride + b * BB;
+        if (QT == Q8_0) {
+          float d = half_at(blk);
+          for (int i = 0; i < 32; i++) v[i] = d * (float)(int8_t)blk[2 + i];
+        } else {
+          float d = E8M0_HALF.v[blk[0]];
+          for (int i = 0; i < 16; i++) {
+            v[i] = d * (float)KVALUES[blk[1 + i] & 15];
+            v[i + 16] = d * (float)KVALUES[blk[1 + i] >> 4];
+          }
+        }
+        Out* o = out + r * n + b * 32;
+        if constexpr (sizeof(Out) == 4) {
+          std::memcpy(o, v, sizeof(v));
+        } else {  // bfloat16, round to nearest even like torch (the values are finite or inf, never NaN)
+          for (int i = 0; i < 32; i++) {
+            uint32_t u;
+            std::memcpy(&u, &v[i], 4);
+            o[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+          }
+        }
+      }
+    }
+  });
+}
+}  // namespace
+
+// w rows of ggml blocks -> out [rows, n], float32 (bf16 == 0) or bfloat16 bits (bf16 == 1).
+extern "C" int ds4py_ggml_dequantize(int qtype, const uint8_t* w, int64_t rows, int64_t wstride, int64_t n,
+                                     void* out, int bf16) {
+  if (n % 32 || (qtype != Q8_0 && qtype != MXFP4)) return 1;
+  if (qtype == Q8_0) {
+    if (bf16) dequant<Q8_0>(w, rows, wstride, n, (uint16_t*)out);
+    else dequant<Q8_0>(w, rows, wstride, n, (float*)out);
+  } else {
+    if (bf16) dequant<MXFP4>(w, rows, wstride, n, (uint16_t*)out);
+    else dequant<MXFP4>(w, rows, wstride, n, (float*)out);
+  }
+  return 0;
+}
+
 extern "C" int ds4py_kernels_simd() { return DS4PY_AVX512; }
 """
 
@@ -290,6 +345,10 @@ def _compile(generic: bool) -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                    ctypes.c_int64, ctypes.c_void_p]
     lib.ds4py_kernels_simd.restype = ctypes.c_int
+    fn = lib.ds4py_ggml_dequantize
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                   ctypes.c_int]
     return lib
 
 
@@ -324,6 +383,24 @@ def simd() -> bool:
     return bool(lib is not None and lib.ds4py_kernels_simd())
 
 
+def dequantize(raw: torch.Tensor, qtype: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """raw Q8_0 / MXFP4 rows [out, bytes] -> [out, in] float32 or bfloat16 with the compiled code (the same
+    values as `ggml_dequantize(...).to(dtype)`), or None where the kernels are unavailable."""
+    lib = _lib()
+    if lib is None or raw.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or raw.dim() != 2:
+        return None
+    if raw.stride(1) != 1:
+        raw = raw.contiguous()
+    n = raw.shape[1] // BLOCK_BYTES[qtype] * 32
+    out = torch.empty(raw.shape[0], n, dtype=dtype)
+    if out.numel():
+        rc = lib.ds4py_ggml_dequantize(qtype, raw.data_ptr(), raw.shape[0], raw.stride(0), n, out.data_ptr(),
+                                       int(dtype == torch.bfloat16))
+        if rc:
+            raise RuntimeError(f"ds4py_ggml_dequantize failed ({rc})")
+    return out
+
+
 def fallback_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
     """Dequantize + F.linear: the reference the kernels approximate."""
     from ds4py.formats.ggml import ggml_dequantize
@@ -349,6 +426,9 @@ def ggml_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
     if lib is None:
         return fallback_linear(x, raw, qtype)
     lead = x.shape[:-1]
+    if x.dtype == torch.bfloat16 and x.numel() // n >= BF16_GEMM_MIN_T:
+        # long bf16 prompts: one fast dequantize to bf16, then the bf16 GEMM beats the per-block int8 kernel
+        return F.linear(x, dequantize(raw, qtype, torch.bfloat16))
     x2 = x.reshape(-1, n).to(torch.float32).contiguous()
     if raw.stride(1) != 1:
         raw = raw.contiguous()

@@ -119,3 +119,13 @@ def test_shape_mismatch_is_an_error():
     w = random_weight(Q.Q8_0, 8, 64, torch.Generator().manual_seed(4))
     with pytest.raises(ValueError):
         kernels.q8_0_linear(torch.randn(2, 96), w.raw)
+
+
+def test_compiled_dequantize_and_long_bf16_prompts_are_exact(lib):
+    gen = torch.Generator().manual_seed(5)
+    for qtype in (Q.Q8_0, Q.MXFP4):
+        w = random_weight(qtype, 48, 96, gen)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.equal(kernels.dequantize(w.raw, int(qtype), dtype), w.dequantize(dtype))
+        x = torch.randn(kernels.BF16_GEMM_MIN_T, 96, generator=gen).bfloat16()
+        assert torch.equal(w.linear(x), F.linear(x, w.dequantize(torch.bfloat16)))
