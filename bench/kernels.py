@@ -5,11 +5,14 @@
 For a [4096 x 4096] Q8_0 and a [2048 x 4096] MXFP4 weight at T=1 and T=32 it prints ms per call and the
 GB/s of packed weight bytes read per call, for: the kernel, the fallback (dequantize + F.linear, what
 `Weight.linear` did before) and F.linear on a bf16 weight dequantized once beforehand (x in bf16).
+The plain rows call the same weight repeatedly, so at T=1 a weight that fits the L3 cache is read from it;
+"cold" rotates over enough copies that it comes from DRAM.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -61,6 +64,9 @@ def main() -> None:
     for qtype, out, n in ((Q.Q8_0, 4096, 4096), (Q.MXFP4, 2048, 4096)):
         w = make(qtype, out, n)
         wb = w.dequantize(torch.bfloat16)
+        # "cold": rotate over copies totalling > 128 MB (more than the L3) so the weight comes from DRAM
+        copies = [w] + [GGMLWeight(w.qtype, w.raw.clone(), w.shape) for _ in range(128_000_000 // w.nbytes)]
+        cycle = itertools.cycle(copies)
         gb = w.nbytes / 1e9
         for T in (1, 32):
             x = torch.randn(T, n)
@@ -68,6 +74,7 @@ def main() -> None:
             ref = F.linear(x, w.dequantize())
             rows = [
                 ("kernel (f32 x)", lambda w=w, x=x: w.linear(x)),
+                ("kernel cold (f32 x)", lambda x=x, cycle=cycle: next(cycle).linear(x)),
                 ("kernel (bf16 x)", lambda w=w, xb=xb: w.linear(xb)),
                 ("dequantize+F.linear", lambda w=w, x=x: kernels.fallback_linear(x, w.raw, int(w.qtype))),
                 ("F.linear bf16 weight", lambda wb=wb, xb=xb: F.linear(xb, wb)),
