@@ -44,7 +44,7 @@ def test_gguf_metadata_and_types(gguf_path):
     assert "tokenizer.chat_template" in r.fields
 
 
-def test_gguf_loads_and_agrees_with_the_checkpoint(official, gguf_path):
+def test_gguf_loads_and_agrees_with_the_checkpoint(official, gguf_path, monkeypatch):
     ck, gg = open_weights(official), open_weights(gguf_path)
     assert gg.kind == "gguf" and gg.config == ck.config
     for name in ("layers.1.ffn.experts.w1", "layers.2.ffn.experts.w2"):  # MXFP4 repack: bit-exact
@@ -52,10 +52,16 @@ def test_gguf_loads_and_agrees_with_the_checkpoint(official, gguf_path):
     w_ck = ck.get("layers.1.attn.wq_b.weight").dequantize()
     w_gg = gg.get("layers.1.attn.wq_b.weight").dequantize()
     assert (w_gg - w_ck).abs().max() <= w_ck.abs().max() / 127  # within Q8_0's step
-    # the GGUF model computes exactly what its own dequantized weights give ...
+    # the GGUF model computes exactly what its own dequantized weights give (without the CPU kernels) ...
     deq = {n: gg.get(n).dequantize(torch.int32 if n.endswith("tid2eid") else torch.float32) for n in gg.names()}
+    kernel_logits = ds4py.load(gguf_path).logits(IDS)
+    monkeypatch.setenv("DS4PY_NO_KERNELS", "1")
     ours = ds4py.load(gguf_path).logits(IDS)
     assert (ours - ds4py.load(from_tensors(gg.config, deq)).logits(IDS)).abs().max() < 1e-4
+    # ... the Q8_0/MXFP4 kernels (activations rounded to int8 per 32, ~0.55% per matmul) stay close to it:
+    # measured mean cosine 0.990 on this random 4-layer model, whose routing amplifies small differences
+    cos = torch.nn.functional.cosine_similarity(kernel_logits, ours, dim=-1).mean()
+    assert cos > 0.98, cos
     # ... and stays next to the FP8 checkpoint's logits (Q8_0 of FP8 is near-lossless; measured 0.997)
     cos = torch.nn.functional.cosine_similarity(ours, ds4py.load(official).logits(IDS), dim=-1).mean()
     assert cos > 0.98, cos

@@ -9,7 +9,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from ds4py.formats import Weight
+from ds4py.formats import Weight, kernels
 from ds4py.formats.fp4 import unpack_codes
 
 Q = GGMLQuantizationType
@@ -68,6 +68,13 @@ class GGMLWeight(Weight):
         if self.qtype == Q.I32:
             return self.raw.contiguous().view(torch.int32).reshape(self.shape).to(dtype)
         return ggml_dequantize(self.qtype, self.raw, self.shape).to(dtype)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """Q8_0 and MXFP4 matrices on the CPU: the packed-weight kernels of `ds4py.formats.kernels` (they
+        quantize x to Q8_0 per 32 values, as llama.cpp does); otherwise dequantize + F.linear."""
+        if self.qtype in (Q.Q8_0, Q.MXFP4) and len(self.shape) == 2:
+            return kernels.ggml_linear(x, self.raw, int(self.qtype))
+        return super().linear(x)
 
     def expert(self, e: int) -> GGMLWeight:
         return GGMLWeight(self.qtype, self.raw[e], self.shape[1:])
