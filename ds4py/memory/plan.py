@@ -75,10 +75,20 @@ def available_memory() -> int | None:
     return avail
 
 
-def plan_memory(source: WeightSource, budget: int | None, overhead: int = 256 * 2**20) -> MemoryPlan:
-    """With a budget, fit it. Without one, load everything if it fits in the memory available now, else
+def working_memory(config, prefill_chunk: int = 256) -> int:
+    """Bytes to keep free beside the weights: a prefill chunk's logits (float32, plus a copy) and its
+    activations (hc_mult streams of hidden floats, ~16 live copies), plus 32 MiB of slack."""
+    logits = prefill_chunk * config.vocab_size * 4 * 2
+    activations = prefill_chunk * config.hidden_size * config.hc_mult * 4 * 16
+    return 32 * 2**20 + logits + activations
+
+
+def plan_memory(source: WeightSource, budget: int | None, overhead: int | None = None) -> MemoryPlan:
+    """With a budget, fit it (`overhead`, the working memory, counts against it). Without one, load everything if it fits in the memory available now, else
     stream the routed experts through a cache of most of what is available (instead of dying)."""
     resident, experts = weight_bytes(source)
+    if overhead is None:
+        overhead = working_memory(source.config)
     if budget is None:
         avail = available_memory()
         if avail is None or resident + experts + overhead <= avail * 0.9 or not source.expert_readers:
