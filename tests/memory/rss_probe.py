@@ -3,14 +3,20 @@ generation, and report the RSS growth over the runtime's own baseline (VmHWM - V
 
     python -m tests.memory.rss_probe MODEL BUDGET|none OUT.pt
 """
-import json, sys, torch
+import json
+import sys
+
+import torch
+
+
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 import ds4py
-from ds4py.memory.plan import weight_bytes, working_memory
 from ds4py.loaders.open import open_weights
+from ds4py.memory.plan import weight_bytes, working_memory
+
 path, budget = sys.argv[1], sys.argv[2]
 ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(0)).tolist()
 torch.nn.functional.linear(torch.randn(300, 256), torch.randn(512, 256))  # runtime warm-up
