@@ -84,8 +84,9 @@ def working_memory(config, prefill_chunk: int = 256) -> int:
 
 
 def plan_memory(source: WeightSource, budget: int | None, overhead: int | None = None) -> MemoryPlan:
-    """With a budget, fit it (`overhead`, the working memory, counts against it). Without one, load everything if it fits in the memory available now, else
-    stream the routed experts through a cache of most of what is available (instead of dying)."""
+    """With a budget, fit it (`overhead`, the working memory, counts against it). Without one, load
+    everything if it fits in the memory available now, else stream the routed experts through a cache
+    of most of what is available (instead of dying)."""
     resident, experts = weight_bytes(source)
     if overhead is None:
         overhead = working_memory(source.config)

@@ -3,31 +3,44 @@ generation, and report the RSS growth over the runtime's own baseline (VmHWM - V
 
     python -m tests.memory.rss_probe MODEL BUDGET|none OUT.pt
 """
+
+from __future__ import annotations
+
 import json
 import sys
 
 import torch
 
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
 import ds4py
+from ds4py.formats import kernels
 from ds4py.loaders.open import open_weights
 from ds4py.memory.plan import weight_bytes, working_memory
 
-path, budget = sys.argv[1], sys.argv[2]
-ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(0)).tolist()
-torch.nn.functional.linear(torch.randn(300, 256), torch.randn(512, 256))  # runtime warm-up
-from ds4py.formats import kernels; kernels.available()
-base = status("VmRSS:")
-model = ds4py.load(path, memory_budget=None if budget == "none" else budget)
-logits = model.logits(ids)
-tokens = model.generate(ids[:40], max_new_tokens=8)
-torch.save({"logits": logits, "tokens": tokens}, sys.argv[3])
-peak = status("VmHWM:")
-src = open_weights(path)
-print(json.dumps({"baseline": base, "peak": peak, "mode": model.memory_plan.mode, "weights": sum(weight_bytes(src)),
-                  "working": working_memory(src.config), "cache": model.memory_plan.cache_bytes,
-                  "stats": model.expert_cache.stats.as_dict() if model.expert_cache else None}))
+
+def status(key: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def main() -> None:
+    path, budget, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    torch.nn.functional.linear(torch.randn(300, 256), torch.randn(512, 256))  # runtime warm-up
+    kernels.available()
+    base = status("VmRSS:")
+    model = ds4py.load(path, memory_budget=None if budget == "none" else budget)
+    logits = model.logits(ids)
+    tokens = model.generate(ids[:40], max_new_tokens=8)
+    torch.save({"logits": logits, "tokens": tokens}, out)
+    peak = status("VmHWM:")
+    src = open_weights(path)
+    print(json.dumps({"baseline": base, "peak": peak, "mode": model.memory_plan.mode,
+                      "weights": sum(weight_bytes(src)), "working": working_memory(src.config),
+                      "cache": model.memory_plan.cache_bytes,
+                      "stats": model.expert_cache.stats.as_dict() if model.expert_cache else None}))
+
+
+if __name__ == "__main__":
+    main()
