@@ -79,6 +79,10 @@ class GGMLWeight(Weight):
     def expert(self, e: int) -> GGMLWeight:
         return GGMLWeight(self.qtype, self.raw[e], self.shape[1:])
 
+    def rows(self, start: int, stop: int) -> GGMLWeight:
+        """Rows [start, stop) of a 2-D weight, sharing the packed storage (ggml blocks run along rows)."""
+        return GGMLWeight(self.qtype, self.raw[start:stop], (stop - start, self.shape[1]))
+
     def to(self, device: torch.device | str) -> GGMLWeight:
         return GGMLWeight(self.qtype, self.raw.to(device), self.shape)
 

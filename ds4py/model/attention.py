@@ -86,6 +86,10 @@ class Attention:
     def grouped_wo_a(self, out: torch.Tensor) -> torch.Tensor:
         """[T, H, hd] -> [T, o_groups * o_lora_rank]: each group of heads has its own projection."""
         T, g = out.shape[0], self.o_groups
+        if hasattr(self.wo_a, "rows"):  # packed: each group's rows multiply straight from their blocks
+            r = self.wo_a.shape[0] // g
+            x = out.reshape(T, g, -1)
+            return torch.cat([self.wo_a.rows(i * r, (i + 1) * r).linear(x[:, i]) for i in range(g)], dim=-1)
         w = self.wo_a.dequantize(out.dtype)  # [g * o_lora, in_g]
         w = w.view(g, -1, w.shape[-1])
         return torch.einsum("tgi,goi->tgo", out.reshape(T, g, -1), w).reshape(T, -1)
