@@ -53,6 +53,16 @@ class Model:
             outs.append(self.transformer.logits(hidden if all_logits else hidden[-1:]))
         return torch.cat(outs) if all_logits else outs[-1][-1]
 
+    @torch.inference_mode()
+    def decode_batch(self, token_ids: list[int], caches: list[Cache]) -> torch.Tensor:
+        """Feed one token to each of several sequences at once (each weight is read once for all of
+        them) -> the next logits [B, vocab]. Equal to B separate `prefill([t], cache)` calls up to
+        float rounding of the batched matmuls."""
+        for c in caches:
+            self.check_fits(c.length + 1)
+        hidden = self.transformer.decode_batch(torch.tensor(token_ids, dtype=torch.long), caches)
+        return self.transformer.logits(hidden)
+
     def check_fits(self, n_tokens: int) -> None:
         if n_tokens > self.ctx:
             raise ContextOverflowError(

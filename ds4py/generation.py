@@ -94,6 +94,15 @@ class Decoding:
         self._t_decode = time.perf_counter()
 
     def decode_step(self) -> Delta:
+        """Sample the next token and, unless that finished the sequence, feed it."""
+        delta = self.choose()
+        if not self.finished:
+            self.feed(self.model.prefill([delta.token], self.cache))
+        return delta
+
+    def choose(self) -> Delta:
+        """Sample the next token from the current logits and release its text; the caller feeds the
+        token back (`feed`) unless the sequence finished. Split so a scheduler can feed many at once."""
         token, info = self.sampler.sample(self.logits, self.prompt_ids + self.tokens)
         self.tokens.append(token)
         self.stats.generated_tokens += 1
@@ -108,14 +117,16 @@ class Decoding:
                 self.stats.stopped_by = "string"
             elif len(self.tokens) >= self.params.max_tokens:
                 self.finish("length")
-            else:
-                self.logits = self.model.prefill([token], self.cache)
         if self.finished and not stopped:
             tail, _ = self.stops.feed(self.decoder.flush())
             text += tail + self.stops.flush()
         self.stats.generation_seconds = time.perf_counter() - self._t_decode
         self.text += text
         return Delta(token, info, text)
+
+    def feed(self, logits: torch.Tensor) -> None:
+        """The logits after the last chosen token was fed to the cache."""
+        self.logits = logits
 
     def finish(self, reason: str) -> None:
         self.finished = True

@@ -10,7 +10,7 @@ from ds4py.config import tiny_config
 from ds4py.errors import Ds4pyError
 from ds4py.formats import Dense
 from ds4py.loaders.memory import from_tensors
-from ds4py.memory.plan import parse_size
+from ds4py.memory.plan import parse_size, working_memory
 from ds4py.model.init import random_weights
 
 
@@ -36,7 +36,7 @@ def test_streamed_experts_match_resident_and_count_hits():
     streamed = [n for n in weights if n.startswith("layers.") and ".ffn.experts." in n]
     expert_bytes = sum(weights[n].numel() * 4 for n in streamed)
     other_bytes = sum(t.numel() * t.element_size() for n, t in weights.items() if n not in streamed)
-    overhead = 256 * 2**20
+    overhead = working_memory(config)
     budget = other_bytes + overhead + expert_bytes * 3 // 5  # room for 60% of the experts
     model = ds4py.load(streaming_source(config, weights), memory_budget=budget)
     assert model.memory_plan.mode == "stream-experts"

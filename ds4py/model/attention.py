@@ -38,13 +38,34 @@ class Attention:
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """x [T, D] at absolute `positions` [T] (consecutive) -> [T, D]; updates `cache`."""
+        q_residual, q, kv, cos, sin = self.project(x, positions)
+        return self.output(self.attend(x, q_residual, q, kv, positions, cos, sin, cache))
+
+    def decode_batch(self, x: torch.Tensor, positions: torch.Tensor, caches: list[LayerCache]) -> torch.Tensor:
+        """One new token of each of B sequences: x [B, D] at positions [B] -> [B, D]. The projections
+        read each weight once for all B; the attention itself runs per sequence over its own cache."""
+        q_residual, q, kv, cos, sin = self.project(x, positions)
+        outs = [self.attend(x[i:i + 1], q_residual[i:i + 1], q[i:i + 1], kv[i:i + 1], positions[i:i + 1],
+                            cos[i:i + 1], sin[i:i + 1], cache) for i, cache in enumerate(caches)]
+        return self.output(torch.cat(outs))
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor):
+        """-> q_residual [T, q_lora], q [T, H, hd] and kv [T, hd] (normed and rotated), cos, sin."""
         T, H, hd = x.shape[0], self.n_heads, self.head_dim
         cos, sin = self.rotary.cos_sin(positions)
         q_residual = rms_norm(self.wq_a.linear(x), self.q_norm, self.eps)
         q = unweighted_rms_norm(self.wq_b.linear(q_residual).view(T, H, hd), self.eps)
         q = apply_rope(q, cos, sin)
         kv = apply_rope(rms_norm(self.wkv.linear(x), self.kv_norm, self.eps), cos, sin)  # [T, hd]
+        return q_residual, q, kv, cos, sin
 
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """[T, H, hd] attention output -> [T, D]."""
+        return self.wo_b.linear(self.grouped_wo_a(out))
+
+    def attend(self, x, q_residual, q, kv, positions, cos, sin, cache: LayerCache) -> torch.Tensor:
+        """The attention of T consecutive tokens of one sequence over its cache -> [T, H, hd]."""
+        T, H, hd = x.shape[0], self.n_heads, self.head_dim
         # sliding window: cached keys are the positions just before this chunk
         keys = kv if cache.window is None else torch.cat([cache.window, kv])  # [S, hd]
         cache.window = keys[-(self.window - 1):] if self.window > 1 else keys[:0]
@@ -80,8 +101,7 @@ class Attention:
                 out = out + torch.einsum("thk,tkd->thd", p_c, values[1])
             else:
                 out = out + torch.einsum("thn,nd->thd", p_c, values[1])
-        out = apply_rope(out, cos, -sin)  # undo the rotation V picked up (K = V)
-        return self.wo_b.linear(self.grouped_wo_a(out))
+        return apply_rope(out, cos, -sin)  # undo the rotation V picked up (K = V)
 
     def grouped_wo_a(self, out: torch.Tensor) -> torch.Tensor:
         """[T, H, hd] -> [T, o_groups * o_lora_rank]: each group of heads has its own projection."""

@@ -33,3 +33,13 @@ class Block:
         x, post, comb = self.hc_ffn.collapse(streams)
         out = self.ffn(rms_norm(x, self.ffn_norm, self.eps), token_ids)
         return HyperConnection.expand(out, streams, post, comb)
+
+    def decode_batch(self, streams: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor,
+                     caches: list[LayerCache]) -> torch.Tensor:
+        """One token of each of B sequences: streams [B, hc, D]."""
+        x, post, comb = self.hc_attn.collapse(streams)
+        out = self.attn.decode_batch(rms_norm(x, self.attn_norm, self.eps), positions, caches)
+        streams = HyperConnection.expand(out, streams, post, comb)
+        x, post, comb = self.hc_ffn.collapse(streams)
+        out = self.ffn(rms_norm(x, self.ffn_norm, self.eps), token_ids)
+        return HyperConnection.expand(out, streams, post, comb)

@@ -50,6 +50,18 @@ class Transformer:
         cache.tokens.extend(token_ids.tolist())
         return rms_norm(self.hc_head(streams), self.norm, self.config.rms_norm_eps)
 
+    def decode_batch(self, token_ids: torch.Tensor, caches: list[Cache]) -> torch.Tensor:
+        """One next token for each of B sequences (token_ids [B], one cache each) -> hidden [B, D]."""
+        positions = torch.tensor([c.length for c in caches], device=self.device)
+        token_ids = token_ids.to(self.device)
+        x = self.embed[token_ids].to(self.dtype)
+        streams = x.unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
+        for layer, block in enumerate(self.blocks):
+            streams = block.decode_batch(streams, positions, token_ids, [c.layers[layer] for c in caches])
+        for c, t in zip(caches, token_ids.tolist()):
+            c.tokens.append(t)
+        return rms_norm(self.hc_head(streams), self.norm, self.config.rms_norm_eps)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head.linear(hidden).float()
 

@@ -1,6 +1,7 @@
 """The engine thread: one worker runs the model for every request, interleaving them. Each round it
-gives every active request one step (a prefill chunk or one decoded token), so a long prompt or a long
-answer never holds the others up for more than a step. Requests beyond `parallel` wait in a bounded
+gives every active request one step: a prefill chunk for those still reading their prompt, and one
+token for all the others, decoded together in one batched step (each weight read once for all). A long
+prompt or a long answer never holds the others up for more than a step. Requests beyond `parallel` wait in a bounded
 queue; beyond that, `submit` refuses (the HTTP layer answers 503). A cancelled request (its client went
 away) leaves at the next round, freeing its slot."""
 
@@ -105,18 +106,16 @@ class Scheduler:
                 while self.waiting and len(self.active) < self.parallel:
                     self.active.append(self.waiting.popleft())
                 jobs = list(self.active)
+            decoding = []
             for job in jobs:
                 if job.cancelled.is_set():
                     self._leave(job)
                     self.counters.cancelled += 1
-                    continue
-                try:
-                    self._step(job)
-                except Exception as e:  # a failed request must not take the server down
-                    traceback.print_exc()
-                    self.counters.failed += 1
-                    self._leave(job)
-                    job.emit(Event("error", error=e))
+                elif job.decoding is not None and job.decoding.prefilled:
+                    decoding.append(job)
+                else:
+                    self._guarded(self._prefill_step, job)
+            self._decode_round(decoding)
         for job in self.active + list(self.waiting):
             job.emit(Event("error", error=RuntimeError("the server is shutting down")))
 
@@ -127,7 +126,22 @@ class Scheduler:
             elif job in self.waiting:
                 self.waiting.remove(job)
 
-    def _step(self, job: Job) -> None:
+    def _guarded(self, step, job: Job) -> bool:
+        try:
+            step(job)
+            return True
+        except Exception as e:  # a failed request must not take the server down
+            self._fail(job, e)
+            return False
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        traceback.print_exc()
+        self.counters.failed += 1
+        self._leave(job)
+        job.emit(Event("error", error=e))
+
+    def _prefill_step(self, job: Job) -> None:
+        """Start a job (from the longest cached prefix) or feed it the next chunk of its prompt."""
         d = job.decoding
         if d is None:
             found = self.prefix_cache.lookup(job.prompt_ids)
@@ -137,11 +151,33 @@ class Scheduler:
             if logits is not None:
                 d.set_logits(logits)
                 return
-        if not d.prefilled:
-            if d.prefill_step():
-                self.prefix_cache.store(d.cache, d.logits)  # the prompt's state: the next turn starts with it
+        if d.prefill_step():
+            self.prefix_cache.store(d.cache, d.logits)  # the prompt's state: the next turn starts with it
+
+    def _decode_round(self, jobs: list[Job]) -> None:
+        """Every decoding job samples a token; those that go on are fed together in one batched step
+        (each weight read once for all of them)."""
+        going = []
+        for job in jobs:
+            if self._guarded(self._choose, job) and not job.decoding.finished:
+                going.append(job)
+        if not going:
             return
-        delta = d.decode_step()
+        try:
+            if len(going) == 1:
+                d = going[0].decoding
+                d.feed(self.model.prefill([d.tokens[-1]], d.cache))
+                return
+            logits = self.model.decode_batch([j.decoding.tokens[-1] for j in going], [j.decoding.cache for j in going])
+            for job, row in zip(going, logits):
+                job.decoding.feed(row)
+        except Exception as e:
+            for job in going:
+                self._fail(job, e)
+
+    def _choose(self, job: Job) -> None:
+        d = job.decoding
+        delta = d.choose()
         job.emit(Event("delta", delta=delta))
         if d.finished:
             self._leave(job)

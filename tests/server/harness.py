@@ -70,6 +70,8 @@ class ScriptedModel:
         self.assistant = tokenizer.token_to_id(ASSISTANT)
         self.eos = tokenizer.token_to_id(EOS)
         self.transformer = None
+        self.delay = 0.0  # seconds per call, to make requests overlap in concurrency tests
+        self.batch_sizes: list[int] = []
 
     def new_cache(self) -> Cache:
         return Cache([])
@@ -78,7 +80,12 @@ class ScriptedModel:
         if n > self.ctx:
             raise ContextOverflowError(f"{n} tokens do not fit in the context of {self.ctx}")
 
+    def decode_batch(self, token_ids: list[int], caches: list[Cache]) -> torch.Tensor:
+        self.batch_sizes.append(len(token_ids))
+        return torch.stack([self.prefill([t], c) for t, c in zip(token_ids, caches)])
+
     def prefill(self, ids: list[int], cache: Cache, all_logits: bool = False) -> torch.Tensor:
+        time.sleep(self.delay)
         cache.tokens.extend(ids)
         toks = cache.tokens
         if self.assistant not in toks:  # an early prefill chunk: nothing to answer yet

@@ -7,6 +7,7 @@ exercise tool calls and thinking through every API."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -31,6 +32,9 @@ CALL_TEXT = ('Let me check.\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="g
 
 
 def scripted_answer(prompt: str) -> str:
+    asked = re.search(r"Question number (\d+)", prompt)
+    if asked:  # long enough for concurrent requests to overlap; distinct, so cross-talk would show
+        return f"Answer {asked.group(1)}: " + " ".join(f"w{asked.group(1)}x{k}" for k in range(15))
     if prompt.endswith("<think>"):
         return "I should greet.</think>Hello!"
     if "<tool_result>" in prompt.rsplit("<｜User｜>", 1)[-1]:
@@ -283,19 +287,20 @@ def test_api_key(tiny):
 
 
 # --- concurrency ---------------------------------------------------------------------------------------
-def test_concurrent_clients_and_disconnect(server, tiny):
-    """Four streaming clients at once all make progress before any finishes; one leaves mid-stream and its
-    slot is freed; the others' answers are what each would get alone."""
+def test_concurrent_clients_and_disconnect(scripted):
+    """Three streaming clients at once all make progress before any finishes (their tokens are decoded in
+    one batched step per round), each gets its own answer, and a fourth that leaves mid-stream frees its
+    slot. (The real model's batched decoding is checked against one-at-a-time decoding in
+    tests/model/test_batch.py.)"""
+    server = scripted
     sched = server.state.scheduler
     cancelled_before = sched.counters.cancelled
-    prompts = [f"Question number {i}?" for i in range(3)]
     results, first_token, finished = {}, {}, {}
 
     def ask(i: int):
         text = ""
         for ch in client(server).chat.completions.create(
-                model="tiny", messages=[{"role": "user", "content": prompts[i]}], max_tokens=40, temperature=0,
-                stream=True):
+                model="m", messages=[{"role": "user", "content": f"Question number {i}?"}], stream=True):
             if ch.choices and ch.choices[0].delta.content:
                 first_token.setdefault(i, time.monotonic())
                 text += ch.choices[0].delta.content
@@ -303,20 +308,25 @@ def test_concurrent_clients_and_disconnect(server, tiny):
         results[i] = text
 
     def leave():
-        body = {"messages": [{"role": "user", "content": "I will leave."}], "max_tokens": 400, "stream": True}
+        body = {"messages": [{"role": "user", "content": "Question number 99"}], "stream": True}
         with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as r:
             for n, _ in enumerate(r.iter_lines()):
                 if n >= 6:
                     break  # closes the connection mid-stream
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)] + [threading.Thread(target=leave)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    for i, p in enumerate(prompts):
-        assert results[i] == greedy_text(tiny, [{"role": "user", "content": p}], 40)[1]
+    server.state.model.delay = 0.01  # seconds per model call: requests overlap for sure
+    try:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)] + [threading.Thread(target=leave)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        server.state.model.delay = 0.0
+    for i in range(3):
+        assert results[i] == scripted_answer(f"Question number {i}?")
     assert max(first_token.values()) < min(finished.values())  # interleaved, not one after another
+    assert max(server.state.model.batch_sizes) >= 3  # decoded together
     deadline = time.time() + 10
     while sched.counters.cancelled == cancelled_before and time.time() < deadline:
         time.sleep(0.05)
