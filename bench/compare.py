@@ -33,10 +33,36 @@ def find_llama_bench() -> str | None:
     return None
 
 
+def ds4py_env() -> dict:
+    """The environment for the ds4py children: `python -m`/`-c` put the working directory first on
+    sys.path, so run from a checkout (say a worktree behind the installed one) they would import that
+    checkout's ds4py while this process, run as bench/compare.py, imports the installed one. Drop the
+    working directory (PYTHONSAFEPATH, Python 3.11+) and put the parent's ds4py first so every process
+    measures the same code."""
+    import ds4py
+
+    root = str(Path(ds4py.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONSAFEPATH="1")  # no working directory on the children's sys.path
+    env["PYTHONPATH"] = os.pathsep.join([root] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
+    return env
+
+
+def ds4py_version() -> str:
+    import ds4py
+
+    root = Path(ds4py.__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+    except OSError:
+        head = ""
+    return f"{root}" + (f" @ {head}" if head else "")
+
+
 def run_ds4py(model: Path, p: int, n: int, threads: int, repeats: int) -> dict:
     cmd = [sys.executable, "-m", "ds4py.cli", "bench", str(model), "-p", str(p), "-n", str(n),
            "--threads", str(threads), "--repeats", str(repeats), "--json", "--dtype", "bfloat16"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ds4py_env())
     if proc.returncode != 0:
         return {"error": error_lines(proc)}
     res = json.loads(proc.stdout)
@@ -106,7 +132,7 @@ print(json.dumps({"pp": pp, "tg": tg, "rss": rss}))
 
 def run_transformers(model: Path, p: int, n: int, threads: int) -> dict:
     proc = subprocess.run([sys.executable, "-c", TRANSFORMERS_SNIPPET, str(model), str(p), str(n), str(threads)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=ds4py_env())
     if proc.returncode != 0:
         return {"error": error_lines(proc)}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -133,7 +159,7 @@ def ensure_model(path: Path, preset: str, layers: int | None) -> Path:
         cmd = [sys.executable, "-m", "ds4py.cli", "make-model", str(path), "--preset", preset]
         if layers:
             cmd += ["--layers", str(layers)]
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env=ds4py_env())
         print(f"  made in {time.time() - t0:.0f} s", file=sys.stderr)
     return path
 
@@ -170,6 +196,7 @@ def main() -> int:
         mem = psutil.virtual_memory().total
     except ImportError:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    print(f"ds4py from {ds4py_version()}", file=sys.stderr)
     print(f"threads {args.threads}, pp{args.p}, tg{args.n}, median of {args.repeats} (transformers: one run)")
     print("| model | test | ds4py t/s | llama.cpp t/s | ds4py/llama.cpp | transformers t/s | ds4py/transformers |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
