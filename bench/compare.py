@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -32,30 +33,72 @@ def find_llama_bench() -> str | None:
     return None
 
 
+def ds4py_env() -> dict:
+    """The environment for the ds4py children: `python -m`/`-c` put the working directory first on
+    sys.path, so run from a checkout (say a worktree behind the installed one) they would import that
+    checkout's ds4py while this process, run as bench/compare.py, imports the installed one. Drop the
+    working directory (PYTHONSAFEPATH, Python 3.11+) and put the parent's ds4py first so every process
+    measures the same code."""
+    import ds4py
+
+    root = str(Path(ds4py.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONSAFEPATH="1")  # no working directory on the children's sys.path
+    env["PYTHONPATH"] = os.pathsep.join([root] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
+    return env
+
+
+def ds4py_version() -> str:
+    import ds4py
+
+    root = Path(ds4py.__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+    except OSError:
+        head = ""
+    return f"{root}" + (f" @ {head}" if head else "")
+
+
 def run_ds4py(model: Path, p: int, n: int, threads: int, repeats: int) -> dict:
     cmd = [sys.executable, "-m", "ds4py.cli", "bench", str(model), "-p", str(p), "-n", str(n),
            "--threads", str(threads), "--repeats", str(repeats), "--json", "--dtype", "bfloat16"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    res = json.loads(out)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ds4py_env())
+    if proc.returncode != 0:
+        return {"error": error_lines(proc)}
+    res = json.loads(proc.stdout)
     row = res["results"][0]
-    return {"pp": row.get("pp_tps"), "tg": row.get("tg_tps"), "rss": res["facts"]["peak_rss_bytes"]}
+    return {"pp": row.get("pp_tps"), "tg": row.get("tg_tps"), "rss": res["facts"]["peak_rss_bytes"],
+            "mode": res["facts"].get("memory_mode")}
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """The lines that say why a child failed (an assert, an error, a traceback's last line), not just
+    the last line of stderr, which after a GGML_ASSERT is a backtrace frame or nothing."""
+    lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
+    keys = ("GGML_ASSERT", "error", "Error", "failed", "Killed")
+    picked = [ln for ln in lines if any(k in ln for k in keys)][:3] or lines[-1:]
+    code = proc.returncode
+    return picked + [f"(exit {code}" + (f", signal {-code})" if code < 0 else ")")]
 
 
 def run_llama(bench: str, model: Path, p: int, n: int, threads: int, repeats: int) -> dict:
     cmd = [bench, "-m", str(model), "-p", str(p), "-n", str(n), "-t", str(threads), "-r", str(repeats), "-o", "json"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+        return {"error": error_lines(proc)}
     rows = json.loads(proc.stdout)
     out = {}
     for r in rows:
         key = "pp" if r.get("n_prompt", 0) else "tg"
-        out[key] = r["avg_ts"]
+        # median of the samples, as ds4py bench reports (avg_ts is their mean)
+        samples = r.get("samples_ts") or [r["avg_ts"]]
+        out[key] = statistics.median(samples)
+        out["commit"] = r.get("build_commit")
     return out
 
 
 TRANSFORMERS_SNIPPET = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 from ds4py.loaders.open import open_weights
 from ds4py.loaders.hf_names import to_transformers_state_dict
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
@@ -82,15 +125,16 @@ with torch.no_grad():
     for _ in range(n):
         o = model(tok, past_key_values=pkv, use_cache=True); pkv = o.past_key_values; tok = o.logits[:, -1:].argmax(-1)
     tg = n / (time.perf_counter() - t)
-print(json.dumps({"pp": pp, "tg": tg, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+rss = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"pp": pp, "tg": tg, "rss": rss}))
 """
 
 
 def run_transformers(model: Path, p: int, n: int, threads: int) -> dict:
     proc = subprocess.run([sys.executable, "-c", TRANSFORMERS_SNIPPET, str(model), str(p), str(n), str(threads)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=ds4py_env())
     if proc.returncode != 0:
-        return {"error": (proc.stderr or "").strip().splitlines()[-1:]}
+        return {"error": error_lines(proc)}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -115,13 +159,13 @@ def ensure_model(path: Path, preset: str, layers: int | None) -> Path:
         cmd = [sys.executable, "-m", "ds4py.cli", "make-model", str(path), "--preset", preset]
         if layers:
             cmd += ["--layers", str(layers)]
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env=ds4py_env())
         print(f"  made in {time.time() - t0:.0f} s", file=sys.stderr)
     return path
 
 
-def fmt(x) -> str:
-    return f"{x:.2f}" if isinstance(x, (int, float)) else "-"
+def fmt(x, suffix: str = "") -> str:
+    return f"{x:.2f}{suffix}" if isinstance(x, (int, float)) else "-"
 
 
 def main() -> int:
@@ -152,25 +196,35 @@ def main() -> int:
         mem = psutil.virtual_memory().total
     except ImportError:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    print(f"threads {args.threads}, pp{args.p}, tg{args.n}, median of {args.repeats}")
+    print(f"ds4py from {ds4py_version()}", file=sys.stderr)
+    print(f"threads {args.threads}, pp{args.p}, tg{args.n}, median of {args.repeats} (transformers: one run)")
     print("| model | test | ds4py t/s | llama.cpp t/s | ds4py/llama.cpp | transformers t/s | ds4py/transformers |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for label, path in models:
         ours = run_ds4py(path, args.p, args.n, args.threads, args.repeats)
         theirs = run_llama(llama, path, args.p, args.n, args.threads, args.repeats) if llama else {}
+        hf_p, hf_n = min(args.p, 512), min(args.n, 32)
         if bf16_bytes(path) < mem / 2:
-            hf = run_transformers(path, min(args.p, 512), min(args.n, 32), args.threads)
+            hf = run_transformers(path, hf_p, hf_n, args.threads)
         else:
             hf = {"error": ["bf16 weights exceed half the machine's memory"]}
-        for test, n in (("pp", args.p), ("tg", args.n)):
+        for test, n, hf_size in (("pp", args.p, hf_p), ("tg", args.n, hf_n)):
             a, b, c = ours.get(test), theirs.get(test), hf.get(test)
             r1 = a / b if a and b else None
-            r2 = a / c if a and c else None
-            print(f"| {label} | {test}{n} | {fmt(a)} | {fmt(b)} | {fmt(r1)}x | {fmt(c)} | {fmt(r2)}x |")
-        for name, res in (("llama.cpp", theirs), ("transformers", hf)):
+            # transformers runs at most pp512/tg32: mark its number, and give no ratio, when sizes differ
+            same = hf_size == n
+            r2 = a / c if a and c and same else None
+            c_txt = fmt(c) if same else fmt(c, f" ({test}{hf_size})")
+            print(f"| {label} | {test}{n} | {fmt(a)} | {fmt(b)} | {fmt(r1, 'x')} | {c_txt} | {fmt(r2, 'x')} |")
+        for name, res in (("ds4py", ours), ("llama.cpp", theirs), ("transformers", hf)):
             if "error" in res:
-                print(f"  {label}: {name} skipped: {' '.join(res['error'])}", file=sys.stderr)
-        print(f"  {label}: ds4py peak RSS {ours['rss'] / 2**30:.2f} GiB", file=sys.stderr)
+                print(f"  {label}: {name} failed/skipped: {' | '.join(res['error'])}", file=sys.stderr)
+        if "rss" in ours:
+            print(f"  {label}: ds4py peak RSS {ours['rss'] / 2**30:.2f} GiB, {ours.get('mode')}", file=sys.stderr)
+        if "rss" in hf:
+            print(f"  {label}: transformers peak RSS {hf['rss'] / 2**30:.2f} GiB", file=sys.stderr)
+        if theirs.get("commit"):
+            print(f"  {label}: llama.cpp build {theirs['commit']}", file=sys.stderr)
     return 0
 
 
