@@ -35,7 +35,8 @@ def load(path, device: str = "cpu", dtype: str = "float32", ctx: int | None = No
     from ds4py.memory.expert_cache import ExpertCache
     from ds4py.memory.plan import parse_size, plan_memory
 
-    plan = plan_memory(source, parse_size(memory_budget))
+    compute_size = torch.tensor([], dtype=getattr(torch, DTYPES[dtype])).element_size()
+    plan = plan_memory(source, parse_size(memory_budget), compute_size=compute_size)
     expert_cache = ExpertCache(plan.cache_bytes) if plan.mode == "stream-experts" else None
     bar = None
     if progress:

@@ -41,14 +41,23 @@ class MemoryPlan:
                 f"({self.expert_bytes / gib:.2f} GiB) streamed through a {self.cache_bytes / gib:.2f} GiB cache")
 
 
-def weight_bytes(source: WeightSource) -> tuple[int, int]:
-    """(non-expert bytes, routed-expert bytes) as the source stores them, without reading the data."""
+FLOAT_SIZES = {"f32": 4, "bf16": 2, "f16": 2}
+
+
+def weight_bytes(source: WeightSource, compute_size: int | None = None) -> tuple[int, int]:
+    """(non-expert bytes, routed-expert bytes) in memory, without reading the data: packed formats as
+    stored; float tensors (F32/BF16/F16) at `compute_size` bytes per value when given, since they are
+    converted once to the compute dtype."""
     sizes = source.metadata.get("tensor_nbytes") or {}
+    kinds = source.metadata.get("tensor_kinds") or {}
     resident = experts = 0
     for name in source.names():
         n = sizes.get(name)
         if n is None:
             n = source.get(name).nbytes
+        stored = FLOAT_SIZES.get(kinds.get(name, ""))
+        if compute_size and stored and not name.endswith("tid2eid"):
+            n = n // stored * compute_size
         if EXPERT_STACK.match(name):
             experts += n
         else:
@@ -83,18 +92,19 @@ def working_memory(config, prefill_chunk: int = 256) -> int:
     return 32 * 2**20 + logits + activations
 
 
-def plan_memory(source: WeightSource, budget: int | None, overhead: int | None = None) -> MemoryPlan:
+def plan_memory(source: WeightSource, budget: int | None, overhead: int | None = None,
+                compute_size: int = 4) -> MemoryPlan:
     """With a budget, fit it (`overhead`, the working memory, counts against it). Without one, load
     everything if it fits in the memory available now, else stream the routed experts through a cache
     of most of what is available (instead of dying)."""
-    resident, experts = weight_bytes(source)
+    resident, experts = weight_bytes(source, compute_size)
     if overhead is None:
         overhead = working_memory(source.config)
     if budget is None:
         avail = available_memory()
         if avail is None or resident + experts + overhead <= avail * 0.9 or not source.expert_readers:
             return MemoryPlan("resident", None, resident, experts)
-        plan = plan_memory(source, int(avail * 0.8), overhead)
+        plan = plan_memory(source, int(avail * 0.8), overhead, compute_size)
         plan.reason = (f"the weights ({(resident + experts) / 2**30:.1f} GiB) do not fit in the "
                        f"{avail / 2**30:.1f} GiB available")
         return plan
@@ -111,5 +121,6 @@ def plan_memory(source: WeightSource, budget: int | None, overhead: int | None =
         raise Ds4pyError(
             f"a memory budget of {budget / 2**30:.2f} GiB does not hold the {resident / 2**30:.2f} GiB of "
             f"non-expert weights plus {overhead / 2**20:.0f} MiB of working memory: raise --memory-budget"
+            + (" or use --dtype bfloat16 (float tensors then take half the memory)" if compute_size == 4 else "")
         )
     return MemoryPlan("stream-experts", budget, resident, experts, cache_bytes=cache)
