@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ds4py.model.hc_kernel import hc_weights
 from ds4py.model.norms import unweighted_rms_norm
 
 
@@ -27,6 +28,14 @@ class HyperConnection:
         hc = self.hc
         flat = unweighted_rms_norm(streams.flatten(1).float(), self.norm_eps)
         mix = flat @ self.fn.T  # [T, (2 + hc) * hc]
+        compiled = hc_weights(mix, self.base, self.scale, hc, self.sinkhorn_iters, self.hc_eps)
+        if compiled is not None:
+            return compiled
+        return self.weights_torch(mix)
+
+    def weights_torch(self, mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same from the projection `mix`, in torch ops (the reference for the compiled loop)."""
+        hc = self.hc
         pre_w, post_w, comb_w = mix.split([hc, hc, hc * hc], dim=-1)
         pre_b, post_b, comb_b = self.base.split([hc, hc, hc * hc])
         pre = torch.sigmoid(pre_w * self.scale[0] + pre_b) + self.hc_eps
