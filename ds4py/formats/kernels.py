@@ -338,6 +338,8 @@ void bf16_dot(const uint16_t* w, int64_t wstride, int64_t k, const float* x, int
         std::memcpy(tail, wp, (k - kf) * 2);
         wp = tail;
       }
+      // 1 KB ahead in each row: measured 30.7 -> 28.8 ms (T=1), 38.3 -> 29.3 ms (T=4) on the 129280 x 4096 head
+      _mm_prefetch((const char*)(w + r * wstride + i + 512), _MM_HINT_T0);
       __m512i v = _mm512_loadu_si512((const void*)wp);
       __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
       __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
