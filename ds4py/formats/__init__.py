@@ -3,6 +3,7 @@ dequantize it and to multiply by it. Quantized formats keep their packed bytes i
 
 Implementations:
 - `Dense`                      a plain tensor (F32, F16, BF16, I32)
+- `BF16Matrix`                 a large BF16 matrix kept in bf16 whatever the compute dtype (output head, ...)
 - `ds4py.formats.fp8.FP8Block` official FP8 e4m3 with UE8M0 128x128 block scales
 - `ds4py.formats.fp4.FP4Block` official FP4 e2m1 (two per byte, low nibble first), UE8M0 per-32 scales
 - `ds4py.formats.ggml.GGMLWeight` a GGUF tensor in a ggml quant type (Q8_0, MXFP4, Q4_K, Q2_K, IQ2_XXS, ...)
@@ -69,3 +70,51 @@ class Dense(Weight):
     def kind(self) -> str:
         return str(self.tensor.dtype).removeprefix("torch.").replace("float32", "f32").replace(
             "bfloat16", "bf16").replace("float16", "f16")
+
+
+# BF16 matrices with at least this many values stay bf16 in memory (`BF16Matrix`) instead of being converted to
+# the compute dtype: the 129280 x 4096 head would take 4.2 GB in float32 and be read in full every token.
+BF16_MATRIX_MIN = 1 << 20
+
+
+def keeps_bf16(shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+    """Whether a float weight of this shape and stored dtype is held as a `BF16Matrix`."""
+    return dtype == torch.bfloat16 and len(shape) == 2 and shape[0] * shape[1] >= BF16_MATRIX_MIN
+
+
+class BF16Matrix(Weight):
+    """A bfloat16 [out, in] matrix kept in bf16 for any compute dtype. `linear` uses the compiled bf16 kernel
+    for up to `kernels.BF16_KERNEL_MAX_T` rows of float32/bfloat16 activations on the CPU (weights widened
+    exactly, float32 sums, each row's result independent of the others); otherwise F.linear, converting
+    the weight to x's dtype a tile of rows at a time (never a full float32 copy)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        if tensor.dtype != torch.bfloat16 or tensor.dim() != 2:
+            raise ValueError(f"BF16Matrix needs a bfloat16 [out, in] tensor, got {tensor.dtype} {tuple(tensor.shape)}")
+        self.tensor = tensor
+        self.shape = tuple(tensor.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.tensor.to(dtype)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        from ds4py.formats import kernels
+
+        if x.shape[-1] and x.numel() // x.shape[-1] <= kernels.BF16_KERNEL_MAX_T:
+            return kernels.bf16_linear(x, self.tensor)
+        return kernels.tiled_linear(x, self.tensor)
+
+    def rows(self, start: int, stop: int) -> BF16Matrix:
+        """Rows [start, stop), sharing the storage."""
+        return BF16Matrix(self.tensor[start:stop])
+
+    def to(self, device: torch.device | str) -> BF16Matrix:
+        return BF16Matrix(self.tensor.to(device))
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * 2
+
+    @property
+    def kind(self) -> str:
+        return "bf16"

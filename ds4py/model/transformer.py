@@ -9,7 +9,7 @@ import torch
 
 from ds4py.cache import Cache
 from ds4py.config import ModelConfig
-from ds4py.formats import Dense, Weight
+from ds4py.formats import BF16Matrix, Dense, Weight, keeps_bf16
 from ds4py.loaders import WeightSource
 from ds4py.loaders.names import expected_shapes
 from ds4py.memory.expert_cache import ExpertCache, StreamedExperts
@@ -26,7 +26,7 @@ from ds4py.model.rope import Rotary
 @dataclass
 class Transformer:
     config: ModelConfig
-    embed: torch.Tensor  # [vocab, D]
+    embed: torch.Tensor  # [vocab, D]; BF16 as stored (rows are converted once gathered), else the compute dtype
     blocks: list[Block]
     hc_head: HyperHead
     norm: torch.Tensor
@@ -84,6 +84,8 @@ def build_transformer(
                                    0, "streamed", device)
         w = source.get(name)
         if isinstance(w, Dense) and w.tensor.is_floating_point():
+            if keeps_bf16(w.shape, w.tensor.dtype):  # large BF16 matrices (head, ...) stay bf16: kernel / tiles
+                return BF16Matrix(w.tensor.to(device))
             return Dense(w.tensor.to(device=device, dtype=dtype))
         return w.to(device)
 
@@ -147,11 +149,18 @@ def build_transformer(
             hc_attn=hyper(p + "hc_attn"), hc_ffn=hyper(p + "hc_ffn"), attn=attn, ffn=ffn, eps=c.rms_norm_eps,
         )
 
+    def embedding() -> torch.Tensor:
+        # a BF16 table stays bf16 (forward gathers rows, then converts them: the same values, half the memory)
+        e = source.get("embed.weight")
+        if isinstance(e, Dense) and e.tensor.dtype == torch.bfloat16:
+            return e.tensor.to(device)
+        return e.dequantize(dtype).to(device)
+
     blocks = [block(f"layers.{i}.", i) for i in range(c.num_hidden_layers)]
     mtp = {name: weight(name) for name in source.names() if name.startswith("mtp.")}
     return Transformer(
         config=c,
-        embed=source.get("embed.weight").dequantize(dtype).to(device),
+        embed=embedding(),
         blocks=blocks,
         hc_head=HyperHead(
             fn=f32("hc_head_fn"), base=f32("hc_head_base"), scale=f32("hc_head_scale"),
