@@ -57,6 +57,8 @@ def test_greedy_seeded_and_distribution():
     freq = torch.bincount(draws, minlength=50).float() / 3000
     assert (freq - torch.softmax(LOGITS, -1)).abs().max() < 0.03
     assert len(Sampler(p).sample(LOGITS, [])[1].top) == 3
+    k3 = Sampler(SamplingParams(temperature=2.0, top_k=3, seed=5))
+    assert {k3.sample(LOGITS, [])[0] for _ in range(500)} <= set(LOGITS.topk(3).indices.tolist())
 
 
 def test_stop_strings_hold_back_and_trim():
