@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -70,6 +71,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=3, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--parallel", type=int, default=4, help="the server's --parallel")
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                    help="the server's --threads (default: all cores but one, which the clients use)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
@@ -80,7 +83,8 @@ def main() -> int:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         server = subprocess.Popen([sys.executable, "-m", "ds4py.cli", "serve", model, "--port", str(port),
-                                   "--parallel", str(args.parallel), "--prefix-cache", "0"],
+                                   "--parallel", str(args.parallel), "--prefix-cache", "0",
+                                   "--threads", str(args.threads)],
                                   stderr=subprocess.DEVNULL)
         try:
             deadline = time.time() + 120
@@ -94,7 +98,8 @@ def main() -> int:
                     print("the server did not start", file=sys.stderr)
                     return 1
                 time.sleep(0.2)
-            print(f"model {model}, server --parallel {args.parallel}, {args.requests} requests per client, "
+            print(f"model {model}, server --parallel {args.parallel} --threads {args.threads}, {args.requests} "
+                  f"requests per client, "
                   f"{args.max_tokens} tokens each")
             print("| clients | requests | req/s | gen tok/s | median TTFT s | median latency s |")
             print("|--------:|---------:|------:|----------:|--------------:|-----------------:|")

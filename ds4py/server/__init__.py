@@ -30,6 +30,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=4096,
                    help="tokens generated when a request does not say (default: 4096, capped by the context)")
     p.add_argument("--prefix-cache", default="2G", help="memory for reusable prompt states (default: 2G; 0: off)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the model (default: all cores; leave one for clients on this machine)")
     p.add_argument("--template", default="v4", choices=["v4", "flash-0731"], help="chat template variant")
 
 
@@ -59,6 +61,10 @@ def serve_main(args) -> int:
 
     from ds4py.server.app import create_app
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     state = build_state(args)
     plan = getattr(state.model, "memory_plan", None)
     print(f"ds4py serve: {state.model_path} | ctx {state.model.ctx} | {plan.describe() if plan else 'resident'} | "
