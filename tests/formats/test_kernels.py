@@ -8,7 +8,9 @@ extension (~2 s per variant, cached under ~/.cache/ds4py/kernels afterwards).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +31,16 @@ def random_weight(qtype: Q, out: int, n: int, gen: torch.Generator) -> GGMLWeigh
         blocks[..., 0] = torch.randint(118, 131, (out, n // 32), dtype=torch.uint8, generator=gen)
         raw = blocks.reshape(out, -1)
     return GGMLWeight(qtype, raw, (out, n))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -129,3 +141,22 @@ def test_compiled_dequantize_and_long_bf16_prompts_are_exact(lib):
             assert torch.equal(kernels.dequantize(w.raw, int(qtype), dtype), w.dequantize(dtype))
         x = torch.randn(kernels.BF16_GEMM_MIN_T, 96, generator=gen).bfloat16()
         assert torch.equal(w.linear(x), F.linear(x, w.dequantize(torch.bfloat16)))
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["simd", "portable"])
+def test_outputs_are_bit_identical_to_the_saved_reference(lib, monkeypatch, generic):
+    """Speed work on the kernels (prefetching, work splits) must not change a single bit: data/ggml_linear_ref.pt
+    holds the outputs of the kernels as of d521e5f for Q8_0 and MXFP4 weights of a few shapes (odd block
+    counts, rows not a multiple of the 32-row chunks) at T = 1, 3, 8, 9, for both builds."""
+    if generic:
+        monkeypatch.setenv("DS4PY_KERNELS_GENERIC", "1")
+    assert kernels.available() and kernels.simd() == (not generic)
+    cases = torch.load(Path(__file__).parent / "data" / "ggml_linear_ref.pt")
+    for threads in (1, torch.get_num_threads()):
+        with torch_threads(threads):
+            for c in cases:
+                for T, ref in zip((1, 3, 8, 9), c["portable" if generic else "simd"]):
+                    y = kernels.ggml_linear(c["x"][:T].float(), c["raw"], c["qtype"])
+                    assert torch.equal(y, ref), (c["qtype"], tuple(c["raw"].shape), T, threads)
+                    yb = kernels.ggml_linear(c["x"][:T], c["raw"], c["qtype"])
+                    assert torch.equal(yb, ref.bfloat16())
