@@ -108,7 +108,28 @@ def tools_of(tools: list[dict] | None, tool_choice) -> list[dict] | None:
     return tools
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def check_messages(messages: list[dict]) -> None:
+    """400 naming the first message the chat encoding cannot take."""
+    for i, m in enumerate(messages):
+        role = m.get("role")
+        if role not in ROLES:
+            raise APIError(400, f"messages[{i}].role is {role!r}: use one of {', '.join(ROLES)}",
+                           param=f"messages[{i}].role")
+        for j, call in enumerate(m.get("tool_calls") or []):
+            args = (call.get("function") or {}).get("arguments") if isinstance(call, dict) else None
+            if isinstance(args, str):
+                try:
+                    json.loads(args or "{}")
+                except json.JSONDecodeError as e:
+                    raise APIError(400, f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON ({e})",
+                                   param=f"messages[{i}].tool_calls") from None
+
+
 def render_chat(state, req: ChatRequest) -> str:
+    check_messages(req.messages)
     try:
         return encode_chat(req.messages, tools_of(req.tools, req.tool_choice), thinking=thinking_of(req),
                            reasoning_effort=effort_of(req), response_format=req.response_format,

@@ -270,6 +270,11 @@ def test_errors(server):
     r = httpx.post(u + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
                                                      "max_tokens": 5000})
     assert r.status_code == 400 and "5000" in r.json()["error"]["message"]
+    r = httpx.post(u + "/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
+    bad_call = {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}
+    r = httpx.post(u + "/v1/chat/completions", json={"messages": [bad_call]})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = httpx.get(u + "/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     with pytest.raises(openai.BadRequestError):
