@@ -65,10 +65,11 @@ class Attention:
 
     def attend(self, x, q_residual, q, kv, positions, cos, sin, cache: LayerCache) -> torch.Tensor:
         """The attention of T consecutive tokens of one sequence over its cache -> [T, H, hd]."""
+        if x.shape[0] == 1:
+            return self.attend_one(x, q_residual, q, kv, positions, cos, sin, cache)
         T, H, hd = x.shape[0], self.n_heads, self.head_dim
         # sliding window: cached keys are the positions just before this chunk
-        keys = kv if cache.window is None else torch.cat([cache.window, kv])  # [S, hd]
-        cache.window = keys[-(self.window - 1):] if self.window > 1 else keys[:0]
+        keys = self.update_window(kv, cache)  # [S, hd]
         key_pos = torch.arange(keys.shape[0], device=x.device) + (positions[0] - (keys.shape[0] - T))
         dist = positions[:, None] - key_pos[None, :]
         hidden = (dist < 0) | (dist >= self.window)  # [T, S]
@@ -102,6 +103,30 @@ class Attention:
             else:
                 out = out + torch.einsum("thn,nd->thd", p_c, values[1])
         return apply_rope(out, cos, -sin)  # undo the rotation V picked up (K = V)
+
+    def attend_one(self, x, q_residual, q, kv, positions, cos, sin, cache: LayerCache) -> torch.Tensor:
+        """`attend` for one token (T = 1): every cached window key and every compressed entry
+        (all closed, as the indexer's top-k are) is visible, so no masks; the keys and the entries
+        are one [S + C, hd] matrix read by two plain matmuls."""
+        H, hd = self.n_heads, self.head_dim
+        keys = self.update_window(kv, cache)  # [S, hd]
+        if self.compressor is not None:
+            entries = self.compressor(x, cache.compressor)  # [n, hd]
+            if self.indexer is not None:
+                top = self.indexer(x, q_residual, positions, cache.indexer)  # [1, k], none -1 at T = 1
+                entries = entries[top[0]]  # [k, hd]
+            keys = torch.cat([keys, entries])  # [S + C, hd]
+        logits = torch.mm(q.view(H, hd), keys.T).float().mul_(hd**-0.5)  # [H, S + C]
+        probs = torch.softmax(torch.cat([logits, self.sinks.view(H, 1)], dim=-1), dim=-1).to(x.dtype)
+        out = torch.mm(probs[:, :-1], keys).view(1, H, hd)
+        return apply_rope(out, cos, -sin)  # undo the rotation V picked up (K = V)
+
+    def update_window(self, kv: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """kv [T, hd] -> the keys [S, hd] these T tokens attend over (cached window, then kv); keeps
+        the last `window - 1` in `cache.window`."""
+        keys = kv if cache.window is None else torch.cat([cache.window, kv])  # [S, hd]
+        cache.window = keys[-(self.window - 1):] if self.window > 1 else keys[:0]
+        return keys
 
     def grouped_wo_a(self, out: torch.Tensor) -> torch.Tensor:
         """[T, H, hd] -> [T, o_groups * o_lora_rank]: each group of heads has its own projection."""
