@@ -55,9 +55,9 @@ class Attention:
         rot = self.rotary.rotation(positions)  # [T, rope_dim // 2] complex
         q_residual = rms_norm(self.wq_a.linear(x), self.q_norm, self.eps)
         q = unweighted_rms_norm(self.wq_b.linear(q_residual).view(T, H, hd), self.eps)
-        q = rotate(q, rot)
-        kv = rotate(rms_norm(self.wkv.linear(x), self.kv_norm, self.eps), rot)  # [T, hd]
-        return q_residual, q, kv, rot
+        kv = rms_norm(self.wkv.linear(x), self.kv_norm, self.eps)  # [T, hd]
+        qkv = rotate(torch.cat([q, kv.unsqueeze(1)], dim=1), rot)  # [T, H + 1, hd]: one rotation for both
+        return q_residual, qkv[:, :H], qkv[:, H].contiguous(), rot
 
     def output(self, out: torch.Tensor) -> torch.Tensor:
         """[T, H, hd] attention output -> [T, D]."""
