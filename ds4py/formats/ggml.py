@@ -63,6 +63,7 @@ class GGMLWeight(Weight):
         self.qtype = Q(qtype)
         self.shape = tuple(shape)
         self.raw = raw.view(torch.uint8).reshape(*self.shape[:-1], row_bytes(self.qtype, self.shape[-1]))
+        self.parts: dict[tuple, GGMLWeight] = {}  # expert(e) / rows(start, stop), made once per decode path
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.qtype == Q.I32:
@@ -77,11 +78,20 @@ class GGMLWeight(Weight):
         return super().linear(x)
 
     def expert(self, e: int) -> GGMLWeight:
-        return GGMLWeight(self.qtype, self.raw[e], self.shape[1:])
+        """Expert e of a 3-D weight, sharing the packed storage (the view is kept: it is asked for per token)."""
+        part = self.parts.get(("expert", e))
+        if part is None:
+            part = self.parts[("expert", e)] = GGMLWeight(self.qtype, self.raw[e], self.shape[1:])
+        return part
 
     def rows(self, start: int, stop: int) -> GGMLWeight:
         """Rows [start, stop) of a 2-D weight, sharing the packed storage (ggml blocks run along rows)."""
-        return GGMLWeight(self.qtype, self.raw[start:stop], (stop - start, self.shape[1]))
+        part = self.parts.get(("rows", start, stop))
+        if part is None:
+            part = self.parts[("rows", start, stop)] = GGMLWeight(
+                self.qtype, self.raw[start:stop], (stop - start, self.shape[1])
+            )
+        return part
 
     def to(self, device: torch.device | str) -> GGMLWeight:
         return GGMLWeight(self.qtype, self.raw.to(device), self.shape)

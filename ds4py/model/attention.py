@@ -14,7 +14,7 @@ from ds4py.formats import Weight
 from ds4py.model.compressor import Compressor
 from ds4py.model.indexer import Indexer
 from ds4py.model.norms import rms_norm, unweighted_rms_norm
-from ds4py.model.rope import Rotary, apply_rope
+from ds4py.model.rope import Rotary, rotate
 
 
 @dataclass
@@ -38,37 +38,38 @@ class Attention:
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """x [T, D] at absolute `positions` [T] (consecutive) -> [T, D]; updates `cache`."""
-        q_residual, q, kv, cos, sin = self.project(x, positions)
-        return self.output(self.attend(x, q_residual, q, kv, positions, cos, sin, cache))
+        q_residual, q, kv, rot = self.project(x, positions)
+        return self.output(self.attend(x, q_residual, q, kv, positions, rot, cache))
 
     def decode_batch(self, x: torch.Tensor, positions: torch.Tensor, caches: list[LayerCache]) -> torch.Tensor:
         """One new token of each of B sequences: x [B, D] at positions [B] -> [B, D]. The projections
         read each weight once for all B; the attention itself runs per sequence over its own cache."""
-        q_residual, q, kv, cos, sin = self.project(x, positions)
+        q_residual, q, kv, rot = self.project(x, positions)
         outs = [self.attend(x[i:i + 1], q_residual[i:i + 1], q[i:i + 1], kv[i:i + 1], positions[i:i + 1],
-                            cos[i:i + 1], sin[i:i + 1], cache) for i, cache in enumerate(caches)]
+                            rot[i:i + 1], cache) for i, cache in enumerate(caches)]
         return self.output(torch.cat(outs))
 
     def project(self, x: torch.Tensor, positions: torch.Tensor):
-        """-> q_residual [T, q_lora], q [T, H, hd] and kv [T, hd] (normed and rotated), cos, sin."""
+        """-> q_residual [T, q_lora], q [T, H, hd] and kv [T, hd] (normed and rotated), the rotation."""
         T, H, hd = x.shape[0], self.n_heads, self.head_dim
-        cos, sin = self.rotary.cos_sin(positions)
+        rot = self.rotary.rotation(positions)  # [T, rope_dim // 2] complex
         q_residual = rms_norm(self.wq_a.linear(x), self.q_norm, self.eps)
         q = unweighted_rms_norm(self.wq_b.linear(q_residual).view(T, H, hd), self.eps)
-        q = apply_rope(q, cos, sin)
-        kv = apply_rope(rms_norm(self.wkv.linear(x), self.kv_norm, self.eps), cos, sin)  # [T, hd]
-        return q_residual, q, kv, cos, sin
+        kv = rms_norm(self.wkv.linear(x), self.kv_norm, self.eps)  # [T, hd]
+        qkv = rotate(torch.cat([q, kv.unsqueeze(1)], dim=1), rot)  # [T, H + 1, hd]: one rotation for both
+        return q_residual, qkv[:, :H], qkv[:, H].contiguous(), rot
 
     def output(self, out: torch.Tensor) -> torch.Tensor:
         """[T, H, hd] attention output -> [T, D]."""
         return self.wo_b.linear(self.grouped_wo_a(out))
 
-    def attend(self, x, q_residual, q, kv, positions, cos, sin, cache: LayerCache) -> torch.Tensor:
+    def attend(self, x, q_residual, q, kv, positions, rot, cache: LayerCache) -> torch.Tensor:
         """The attention of T consecutive tokens of one sequence over its cache -> [T, H, hd]."""
+        if x.shape[0] == 1:
+            return self.attend_one(x, q_residual, q, kv, positions, rot, cache)
         T, H, hd = x.shape[0], self.n_heads, self.head_dim
         # sliding window: cached keys are the positions just before this chunk
-        keys = kv if cache.window is None else torch.cat([cache.window, kv])  # [S, hd]
-        cache.window = keys[-(self.window - 1):] if self.window > 1 else keys[:0]
+        keys = self.update_window(kv, cache)  # [S, hd]
         key_pos = torch.arange(keys.shape[0], device=x.device) + (positions[0] - (keys.shape[0] - T))
         dist = positions[:, None] - key_pos[None, :]
         hidden = (dist < 0) | (dist >= self.window)  # [T, S]
@@ -101,7 +102,31 @@ class Attention:
                 out = out + torch.einsum("thk,tkd->thd", p_c, values[1])
             else:
                 out = out + torch.einsum("thn,nd->thd", p_c, values[1])
-        return apply_rope(out, cos, -sin)  # undo the rotation V picked up (K = V)
+        return rotate(out, rot.conj())  # undo the rotation V picked up (K = V)
+
+    def attend_one(self, x, q_residual, q, kv, positions, rot, cache: LayerCache) -> torch.Tensor:
+        """`attend` for one token (T = 1): every cached window key and every compressed entry
+        (all closed, as the indexer's top-k are) is visible, so no masks; the keys and the entries
+        are one [S + C, hd] matrix read by two plain matmuls."""
+        H, hd = self.n_heads, self.head_dim
+        keys = self.update_window(kv, cache)  # [S, hd]
+        if self.compressor is not None:
+            entries = self.compressor(x, cache.compressor)  # [n, hd]
+            if self.indexer is not None:
+                top = self.indexer(x, q_residual, positions, cache.indexer)  # [1, k], none -1 at T = 1
+                entries = entries[top[0]]  # [k, hd]
+            keys = torch.cat([keys, entries])  # [S + C, hd]
+        logits = torch.mm(q.view(H, hd), keys.T).float().mul_(hd**-0.5)  # [H, S + C]
+        probs = torch.softmax(torch.cat([logits, self.sinks.view(H, 1)], dim=-1), dim=-1).to(x.dtype)
+        out = torch.mm(probs[:, :-1], keys).view(1, H, hd)
+        return rotate(out, rot.conj())  # undo the rotation V picked up (K = V)
+
+    def update_window(self, kv: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """kv [T, hd] -> the keys [S, hd] these T tokens attend over (cached window, then kv); keeps
+        the last `window - 1` in `cache.window`."""
+        keys = kv if cache.window is None else torch.cat([cache.window, kv])  # [S, hd]
+        cache.window = keys[-(self.window - 1):] if self.window > 1 else keys[:0]
+        return keys
 
     def grouped_wo_a(self, out: torch.Tensor) -> torch.Tensor:
         """[T, H, hd] -> [T, o_groups * o_lora_rank]: each group of heads has its own projection."""

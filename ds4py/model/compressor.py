@@ -64,6 +64,5 @@ class Compressor:
         weights = gate.softmax(dim=1, dtype=torch.float32).to(kv.dtype)
         pooled = rms_norm((kv * weights).sum(dim=1), self.norm, self.eps)  # [n, d]
         positions = torch.arange(n, device=x.device) * m + first_position
-        cos, sin = self.rotary.cos_sin(positions)
-        entries = apply_rope(pooled, cos, sin)
+        entries = apply_rope(pooled, *self.rotary.cos_sin(positions))  # not `rotation`: these are new positions
         return state.append(entries)

@@ -11,7 +11,7 @@ import torch
 from ds4py.cache import CompressorState
 from ds4py.formats import Weight
 from ds4py.model.compressor import Compressor
-from ds4py.model.rope import Rotary, apply_rope
+from ds4py.model.rope import Rotary, rotate
 
 
 @dataclass
@@ -35,14 +35,16 @@ class Indexer:
         if k == 0:
             return torch.empty(T, 0, dtype=torch.long, device=x.device)
         q = self.wq_b.linear(q_residual).view(T, self.n_heads, self.head_dim)
-        q = apply_rope(q, *self.rotary.cos_sin(positions))
+        q = rotate(q, self.rotary.rotation(positions))
         scores = torch.relu(q.reshape(T * self.n_heads, -1).float() @ keys.float().T)  # [T * heads, n]
         scores = scores.view(T, self.n_heads, n) * self.head_dim**-0.5
         w = self.weights_proj.linear(x).float() * self.n_heads**-0.5  # [T, heads]
         total = torch.bmm(w.unsqueeze(1), scores).squeeze(1)  # [T, n]
-        visible = (positions + 1) // self.compressor.ratio  # entries [0, visible) are closed
-        future = torch.arange(n, device=x.device)[None, :] >= visible[:, None]
         # a stable sort breaks ties (entries whose every head scores <= 0 tie at exactly 0) towards
         # the earlier entry, so chunked prefill, decode and one full pass choose the same entries
+        if T == 1:  # one token sees every entry emitted so far
+            return total.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+        visible = (positions + 1) // self.compressor.ratio  # entries [0, visible) are closed
+        future = torch.arange(n, device=x.device)[None, :] >= visible[:, None]
         top = total.masked_fill(future, float("-inf")).sort(dim=-1, descending=True, stable=True).indices[:, :k]
         return torch.where(top >= visible[:, None], -1, top)

@@ -58,6 +58,27 @@ class MoE:
 
     def __call__(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         weights, ids = self.router(x, token_ids)
+        out = self.routed_one(x, weights, ids) if x.shape[0] == 1 else self.routed(x, weights, ids)
+        if self.shared is not None:
+            w1, w2, w3 = self.shared
+            out = out + w2.linear(swiglu(w1.linear(x), w3.linear(x), self.swiglu_limit))
+        return out
+
+    def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        return self.w2.expert(e).linear(
+            swiglu(self.w1.expert(e).linear(h), self.w3.expert(e).linear(h), self.swiglu_limit)
+        )
+
+    def routed_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """One token x [1, D]: its k experts in ascending id order (the order `routed` adds them in)."""
+        out = torch.zeros_like(x)
+        weights = weights[0].to(x.dtype)
+        for slot, e in sorted(enumerate(ids[0].tolist()), key=lambda se: se[1]):
+            out.add_(self.expert(e, x) * weights[slot])
+        return out
+
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [T, D]: each chosen expert runs once on the rows of the tokens that chose it."""
         out = torch.zeros_like(x)
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)
@@ -69,12 +90,6 @@ class MoE:
             slots = order[start:start + c]
             rows = token_of[start:start + c]
             start += c
-            h = x[rows]
-            y = self.w2.expert(e).linear(
-                swiglu(self.w1.expert(e).linear(h), self.w3.expert(e).linear(h), self.swiglu_limit)
-            )
+            y = self.expert(e, x[rows])
             out.index_add_(0, rows, y * weights.flatten()[slots, None].to(y.dtype))
-        if self.shared is not None:
-            w1, w2, w3 = self.shared
-            out = out + w2.linear(swiglu(w1.linear(x), w3.linear(x), self.swiglu_limit))
         return out

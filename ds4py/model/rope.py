@@ -5,7 +5,7 @@ with a compressor use `compress_rope_theta` with YaRN (no attention-scale factor
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +37,8 @@ def inv_freq(dim: int, base: float, yarn: dict | None = None) -> torch.Tensor:
 @dataclass
 class Rotary:
     inv_freq: torch.Tensor  # [rope_dim // 2]
+    # the last `rotation` asked for: every layer of a forward pass passes the same positions tensor
+    last: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def make(cls, rope_dim: int, base: float, yarn: dict | None, device: torch.device | str = "cpu") -> Rotary:
@@ -47,15 +49,27 @@ class Rotary:
         freqs = positions.to(self.inv_freq.device, torch.float32)[:, None] * self.inv_freq
         return freqs.cos(), freqs.sin()
 
+    def rotation(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions [T] -> cos + i sin [T, rope_dim // 2] complex64, for `rotate`; computed once for
+        the same positions tensor (the layers of one forward pass share it)."""
+        if self.last is None or self.last[0] is not positions:
+            self.last = (positions, torch.complex(*self.cos_sin(positions)))
+        return self.last[1]
+
+
+def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate the trailing rope slice of x [T, ..., head_dim] by `rotation` [T, rope_dim // 2]
+    (complex cos + i sin; its conjugate is the inverse rotation): channel pairs (2i, 2i+1) are the
+    real and imaginary parts of one complex number, multiplied in float32."""
+    half = rotation.shape[-1]
+    rope_dim = 2 * half
+    rotation = rotation.reshape((x.shape[0],) + (1,) * (x.dim() - 2) + (half,))
+    pairs = torch.view_as_complex(x[..., -rope_dim:].float().unflatten(-1, (half, 2)))
+    rotated = torch.view_as_real(pairs * rotation).flatten(-2)
+    return torch.cat([x[..., :-rope_dim], rotated.to(x.dtype)], dim=-1)
+
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the trailing rope slice of x [T, ..., head_dim] by cos/sin [T, rope_dim // 2].
     Pass -sin for the inverse rotation."""
-    half = cos.shape[-1]
-    rope_dim = 2 * half
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (half,)
-    cos, sin = cos.reshape(shape), sin.reshape(shape)
-    nope, rope = x[..., :-rope_dim], x[..., -rope_dim:].float()
-    even, odd = rope[..., 0::2], rope[..., 1::2]
-    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
-    return torch.cat([nope, rotated.to(x.dtype)], dim=-1)
+    return rotate(x, torch.complex(cos, sin))
