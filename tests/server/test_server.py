@@ -364,3 +364,40 @@ def test_queue_full_is_503(tiny):
         live.server.should_exit = True
         live.thread.join(timeout=10)
         state.scheduler.stop()
+
+
+def test_concurrent_clients_on_the_real_model(server, tiny):
+    """The same with the tiny V4 model (batched decode through the real network): every client gets its
+    full answer with the right usage, each answer is greedy-consistent with its own log-probabilities
+    (the chosen token is the top one), and a client that leaves frees its slot."""
+    sched = server.state.scheduler
+    cancelled_before = sched.counters.cancelled
+    out = {}
+
+    def ask(i: int):
+        r = client(server).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"Real question {i}"}], max_tokens=24,
+            temperature=0, logprobs=True, top_logprobs=1, extra_body={"ignore_eos": True})
+        out[i] = r
+
+    def leave():
+        body = {"messages": [{"role": "user", "content": "leaving"}], "max_tokens": 300, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as r:
+            for n, _ in enumerate(r.iter_lines()):
+                if n >= 4:
+                    break
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)] + [threading.Thread(target=leave)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for i in range(3):
+        r = out[i]
+        assert r.usage.completion_tokens == 24 and r.choices[0].finish_reason == "length"
+        for item in r.choices[0].logprobs.content:
+            assert item.logprob == pytest.approx(item.top_logprobs[0].logprob)
+    deadline = time.time() + 10
+    while sched.counters.cancelled == cancelled_before and time.time() < deadline:
+        time.sleep(0.05)
+    assert sched.counters.cancelled == cancelled_before + 1 and not sched.active
