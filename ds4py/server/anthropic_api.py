@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ds4py.chat import StreamEvent, StreamParser, encode_chat
 from ds4py.sampling import SamplingParams
 from ds4py.server.errors import APIError
-from ds4py.server.jobs import check_context, run_job
+from ds4py.server.jobs import build_output, check_context
 
 router = APIRouter()
 
@@ -178,31 +178,8 @@ async def messages(req: MessagesRequest, request: Request):
                "model": state.model_name, "content": [], "stop_reason": None, "stop_sequence": None,
                "usage": {"input_tokens": len(prompt_ids), "output_tokens": 0}}
     builder, parser = BlockBuilder(message), StreamParser(thinking)
-    events = run_job(state.scheduler, prompt_ids, params, request)
-    first = await anext(events)
-
-    async def produce():
-        ev = first
-        while ev.kind != "done":
-            for e in parser.feed(ev.delta.text):
-                yield builder.feed(e)
-            ev = await anext(events)
-        for e in parser.finish():
-            yield builder.feed(e)
-        yield builder.finish(ev.stats)
-
-    if not req.stream:
-        async for _ in produce():
-            pass
+    opening = [builder.event("message_start", message={**message, "content": []})]
+    body = await build_output(state.scheduler, prompt_ids, params, request, parser, builder, opening, req.stream)
+    if body is None:
         return message
-
-    async def stream():
-        try:
-            yield builder.event("message_start", message={**message, "content": []})
-            async for chunk in produce():
-                for part in chunk:
-                    yield part
-        finally:
-            await events.aclose()
-
-    return StreamingResponse(stream(), media_type="text/event-stream")
+    return StreamingResponse(body, media_type="text/event-stream")

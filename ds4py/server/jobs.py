@@ -85,3 +85,40 @@ async def complete(scheduler: Scheduler, prompt_ids: list[int], params: Sampling
     if out.stats is None:
         raise APIError(499, "the client closed the request")
     return out
+
+
+async def build_output(scheduler: Scheduler, prompt_ids: list[int], params: SamplingParams, request: Request | None,
+                       parser, builder, opening: list[bytes], stream: bool):
+    """Run a generation through a chat-output `parser` (reasoning / content / tool calls) into an API's
+    `builder` (its `feed(event)` and `finish(stats)` return the streamed events and fill its result).
+    Returns None once the builder's result is complete (not streaming), or the async iterator of SSE
+    bytes, `opening` first. Errors before the first token (a full queue) raise here, as HTTP errors."""
+    events = run_job(scheduler, prompt_ids, params, request)
+    first = await anext(events)
+
+    async def produce():
+        ev = first
+        while ev.kind != "done":
+            for e in parser.feed(ev.delta.text):
+                yield builder.feed(e)
+            ev = await anext(events)
+        for e in parser.finish():
+            yield builder.feed(e)
+        yield builder.finish(ev.stats)
+
+    if not stream:
+        async for _ in produce():
+            pass
+        return None
+
+    async def sse():
+        try:
+            for part in opening:
+                yield part
+            async for chunk in produce():
+                for part in chunk:
+                    yield part
+        finally:
+            await events.aclose()
+
+    return sse()

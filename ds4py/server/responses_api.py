@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ds4py.chat import StreamEvent, StreamParser, encode_chat
 from ds4py.sampling import SamplingParams
 from ds4py.server.errors import APIError
-from ds4py.server.jobs import check_context, run_job
+from ds4py.server.jobs import build_output, check_context
 
 router = APIRouter()
 
@@ -201,32 +201,9 @@ async def responses(req: ResponsesRequest, request: Request):
                 "top_p": params.top_p, "max_output_tokens": req.max_output_tokens, "incomplete_details": None,
                 "error": None, "instructions": req.instructions, "metadata": {}, "usage": None}
     builder, parser = OutputBuilder(response), StreamParser(thinking)
-    events = run_job(state.scheduler, prompt_ids, params, request)
-    first = await anext(events)
-
-    async def produce():
-        ev = first
-        while ev.kind != "done":
-            for e in parser.feed(ev.delta.text):
-                yield builder.feed(e)
-            ev = await anext(events)
-        for e in parser.finish():
-            yield builder.feed(e)
-        yield builder.finish(ev.stats)
-
-    if not req.stream:
-        async for _ in produce():
-            pass
+    opening = [builder.event("response.created", response=dict(response)),
+               builder.event("response.in_progress", response=dict(response))]
+    body = await build_output(state.scheduler, prompt_ids, params, request, parser, builder, opening, req.stream)
+    if body is None:
         return response
-
-    async def stream():
-        try:
-            yield builder.event("response.created", response=dict(response))
-            yield builder.event("response.in_progress", response=dict(response))
-            async for chunk in produce():
-                for part in chunk:
-                    yield part
-        finally:
-            await events.aclose()
-
-    return StreamingResponse(stream(), media_type="text/event-stream")
+    return StreamingResponse(body, media_type="text/event-stream")
