@@ -486,18 +486,28 @@ def _generic() -> bool:
     return os.environ.get("DS4PY_KERNELS_GENERIC", "") not in ("", "0")
 
 
-def _compile(generic: bool) -> ctypes.CDLL:
+def disabled() -> bool:
+    """DS4PY_NO_KERNELS=1: every compiled path off, the torch code runs instead."""
+    return os.environ.get("DS4PY_NO_KERNELS", "") not in ("", "0")
+
+
+def build_library(prefix: str, source: str, cflags: list[str], ldflags: list[str] | None = None) -> ctypes.CDLL:
+    """Compile C++ `source` with load_inline into the kernel cache and load it with ctypes. The build is
+    named by a hash of the source, the flags, this CPU's flags (for -march=native) and torch's version."""
     from torch.utils.cpp_extension import load_inline
 
-    cflags = ["-O3", "-march=native", "-fopenmp",] + (["-DDS4PY_GENERIC"] if generic else [])
-    # -march=native: the build belongs to this CPU, so its flags are part of the name
-    key = hashlib.sha256("\0".join([_SOURCE, *cflags, _cpu_flags(), torch.__version__]).encode()).hexdigest()
-    name = f"ds4py_kernels_{key[:16]}"
+    key = hashlib.sha256("\0".join([source, *cflags, _cpu_flags(), torch.__version__]).encode()).hexdigest()
+    name = f"{prefix}_{key[:16]}"
     build = _build_root() / name
     build.mkdir(parents=True, exist_ok=True)
-    path = load_inline(name, _SOURCE, extra_cflags=cflags, extra_ldflags=["-fopenmp"], build_directory=str(build),
+    path = load_inline(name, source, extra_cflags=cflags, extra_ldflags=ldflags or [], build_directory=str(build),
                        is_python_module=False, no_implicit_headers=True)
-    lib = ctypes.CDLL(path)
+    return ctypes.CDLL(path)
+
+
+def _compile(generic: bool) -> ctypes.CDLL:
+    cflags = ["-O3", "-march=native", "-fopenmp",] + (["-DDS4PY_GENERIC"] if generic else [])
+    lib = build_library("ds4py_kernels", _SOURCE, cflags, ["-fopenmp"])
     fn = lib.ds4py_ggml_linear
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
@@ -517,7 +527,7 @@ def _compile(generic: bool) -> ctypes.CDLL:
 def _lib() -> ctypes.CDLL | None:
     """The compiled kernels, or None (disabled, or the build failed: warned once)."""
     global _warned
-    if os.environ.get("DS4PY_NO_KERNELS", "") not in ("", "0"):
+    if disabled():
         return None
     generic = _generic()
     if generic in _libs:

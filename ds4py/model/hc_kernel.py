@@ -8,11 +8,11 @@ compiler, or with DS4PY_NO_KERNELS=1, callers use the torch code."""
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
 import threading
 
 import torch
+
+from ds4py.formats import kernels
 
 _SOURCE = r"""
 #include <cmath>
@@ -64,24 +64,14 @@ _lib: list = []
 
 
 def _load() -> ctypes.CDLL | None:
-    if os.environ.get("DS4PY_NO_KERNELS", "") not in ("", "0"):
+    if kernels.disabled():
         return None
     if _lib:
         return _lib[0]
     with _lock:
         if not _lib:
             try:
-                from torch.utils.cpp_extension import load_inline
-
-                from ds4py.formats.kernels import _build_root
-
-                key = hashlib.sha256((_SOURCE + torch.__version__).encode()).hexdigest()[:16]
-                name = f"ds4py_hc_{key}"
-                build = _build_root() / name
-                build.mkdir(parents=True, exist_ok=True)
-                path = load_inline(name, _SOURCE, extra_cflags=["-O2"], build_directory=str(build),
-                                   is_python_module=False, no_implicit_headers=True)
-                lib = ctypes.CDLL(path)
+                lib = kernels.build_library("ds4py_hc", _SOURCE, ["-O2"])
                 lib.ds4py_hc_weights.restype = None
                 lib.ds4py_hc_weights.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
                                                  ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_void_p,
