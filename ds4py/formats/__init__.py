@@ -82,6 +82,12 @@ def keeps_bf16(shape: tuple[int, ...], dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and len(shape) == 2 and shape[0] * shape[1] >= BF16_MATRIX_MIN
 
 
+def stays_bf16(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+    """Whether a stored weight is held in bf16 whatever the compute dtype: a BF16 embedding table (its
+    gathered rows are converted: the same values, half the memory) and large BF16 matrices (`keeps_bf16`)."""
+    return dtype == torch.bfloat16 and (name == "embed.weight" or keeps_bf16(shape, dtype))
+
+
 class BF16Matrix(Weight):
     """A bfloat16 [out, in] matrix kept in bf16 for any compute dtype. `linear` uses the compiled bf16 kernel
     for up to `kernels.BF16_KERNEL_MAX_T` rows of float32/bfloat16 activations on the CPU (weights widened

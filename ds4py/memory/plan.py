@@ -47,11 +47,11 @@ FLOAT_SIZES = {"f32": 4, "bf16": 2, "f16": 2}
 def weight_bytes(source: WeightSource, compute_size: int | None = None) -> tuple[int, int]:
     """(non-expert bytes, routed-expert bytes) in memory, without reading the data: packed formats as
     stored; float tensors (F32/BF16/F16) at `compute_size` bytes per value when given, since they are
-    converted once to the compute dtype, except the BF16 embedding and large BF16 matrices, which stay bf16
-    (`ds4py.formats.keeps_bf16`)."""
+    converted once to the compute dtype, except those held in bf16 (`ds4py.formats.stays_bf16`; the router
+    weights are always float32 and not among them)."""
     import torch
 
-    from ds4py.formats import keeps_bf16
+    from ds4py.formats import stays_bf16
     from ds4py.loaders.names import expected_shapes
 
     sizes = source.metadata.get("tensor_nbytes") or {}
@@ -67,8 +67,8 @@ def weight_bytes(source: WeightSource, compute_size: int | None = None) -> tuple
             n = source.get(name).nbytes
         kind = kinds.get(name, "")
         stored = FLOAT_SIZES.get(kind)
-        kept = kind == "bf16" and (name == "embed.weight" or (
-            keeps_bf16(tuple(shapes.get(name, ())), torch.bfloat16) and not name.endswith("ffn.gate.weight")))
+        kept = (kind == "bf16" and not name.endswith("ffn.gate.weight")
+                and stays_bf16(name, tuple(shapes.get(name, ())), torch.bfloat16))
         if compute_size and stored and not kept and not name.endswith("tid2eid"):
             n = n // stored * compute_size
         if EXPERT_STACK.match(name):

@@ -3,6 +3,7 @@ around the mixture of experts. The residual is `hc_mult` streams [T, hc, D] thro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,18 +28,18 @@ class Block:
     def __call__(
         self, streams: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor, cache: LayerCache
     ) -> torch.Tensor:
-        x, post, comb = self.hc_attn.collapse(streams)
-        out = self.attn(rms_norm(x, self.attn_norm, self.eps), positions, cache)
-        streams = HyperConnection.expand(out, streams, post, comb)
-        x, post, comb = self.hc_ffn.collapse(streams)
-        out = self.ffn(rms_norm(x, self.ffn_norm, self.eps), token_ids)
-        return HyperConnection.expand(out, streams, post, comb)
+        return self.run(streams, token_ids, lambda x: self.attn(x, positions, cache))
 
     def decode_batch(self, streams: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor,
                      caches: list[LayerCache]) -> torch.Tensor:
-        """One token of each of B sequences: streams [B, hc, D]."""
+        """One token of each of B sequences: streams [B, hc, D], one cache each."""
+        return self.run(streams, token_ids, lambda x: self.attn.decode_batch(x, positions, caches))
+
+    def run(self, streams: torch.Tensor, token_ids: torch.Tensor,
+            attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The block around `attend` (normed input [T, D] -> attention output [T, D])."""
         x, post, comb = self.hc_attn.collapse(streams)
-        out = self.attn.decode_batch(rms_norm(x, self.attn_norm, self.eps), positions, caches)
+        out = attend(rms_norm(x, self.attn_norm, self.eps))
         streams = HyperConnection.expand(out, streams, post, comb)
         x, post, comb = self.hc_ffn.collapse(streams)
         out = self.ffn(rms_norm(x, self.ffn_norm, self.eps), token_ids)

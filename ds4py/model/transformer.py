@@ -9,7 +9,7 @@ import torch
 
 from ds4py.cache import Cache
 from ds4py.config import ModelConfig
-from ds4py.formats import BF16Matrix, Dense, Weight, keeps_bf16
+from ds4py.formats import BF16Matrix, Dense, Weight, stays_bf16
 from ds4py.loaders import WeightSource
 from ds4py.loaders.names import expected_shapes
 from ds4py.memory.expert_cache import ExpertCache, StreamedExperts
@@ -43,23 +43,30 @@ class Transformer:
         start = cache.length
         positions = torch.arange(start, start + token_ids.shape[0], device=self.device)
         token_ids = token_ids.to(self.device)
-        x = self.embed[token_ids].to(self.dtype)
-        streams = x.unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
+        streams = self.streams(token_ids)
         for block, layer_cache in zip(self.blocks, cache.layers):
             streams = block(streams, positions, token_ids, layer_cache)
         cache.tokens.extend(token_ids.tolist())
-        return rms_norm(self.hc_head(streams), self.norm, self.config.rms_norm_eps)
+        return self.final_hidden(streams)
 
     def decode_batch(self, token_ids: torch.Tensor, caches: list[Cache]) -> torch.Tensor:
         """One next token for each of B sequences (token_ids [B], one cache each) -> hidden [B, D]."""
         positions = torch.tensor([c.length for c in caches], device=self.device)
         token_ids = token_ids.to(self.device)
-        x = self.embed[token_ids].to(self.dtype)
-        streams = x.unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
+        streams = self.streams(token_ids)
         for layer, block in enumerate(self.blocks):
             streams = block.decode_batch(streams, positions, token_ids, [c.layers[layer] for c in caches])
         for c, t in zip(caches, token_ids.tolist()):
             c.tokens.append(t)
+        return self.final_hidden(streams)
+
+    def streams(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """token_ids [T] -> the embeddings copied into hc_mult residual streams [T, hc, D]."""
+        x = self.embed[token_ids].to(self.dtype)
+        return x.unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
+
+    def final_hidden(self, streams: torch.Tensor) -> torch.Tensor:
+        """[T, hc, D] -> the hc head's collapse, normed: [T, D]."""
         return rms_norm(self.hc_head(streams), self.norm, self.config.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -84,7 +91,7 @@ def build_transformer(
                                    0, "streamed", device)
         w = source.get(name)
         if isinstance(w, Dense) and w.tensor.is_floating_point():
-            if keeps_bf16(w.shape, w.tensor.dtype):  # large BF16 matrices (head, ...) stay bf16: kernel / tiles
+            if stays_bf16(name, w.shape, w.tensor.dtype):  # large BF16 matrices (head, ...): kernel / tiles
                 return BF16Matrix(w.tensor.to(device))
             return Dense(w.tensor.to(device=device, dtype=dtype))
         return w.to(device)
@@ -150,9 +157,8 @@ def build_transformer(
         )
 
     def embedding() -> torch.Tensor:
-        # a BF16 table stays bf16 (forward gathers rows, then converts them: the same values, half the memory)
         e = source.get("embed.weight")
-        if isinstance(e, Dense) and e.tensor.dtype == torch.bfloat16:
+        if isinstance(e, Dense) and stays_bf16("embed.weight", e.shape, e.tensor.dtype):
             return e.tensor.to(device)
         return e.dequantize(dtype).to(device)
 
