@@ -66,7 +66,6 @@ class Decoding:
         self.tokens: list[int] = []
         self.stats = GenerationStats(prompt_tokens=len(self.prompt_ids), cached_tokens=self.cache.length)
         self.finished = False
-        self.text = ""  # everything released so far
 
     @property
     def prefilled(self) -> bool:
@@ -121,7 +120,6 @@ class Decoding:
             tail, _ = self.stops.feed(self.decoder.flush())
             text += tail + self.stops.flush()
         self.stats.generation_seconds = time.perf_counter() - self._t_decode
-        self.text += text
         return Delta(token, info, text)
 
     def feed(self, logits: torch.Tensor) -> None:

@@ -35,7 +35,6 @@ class ServerState:
     template_variant: str = "v4"
     log: Any = sys.stderr
     started: float = field(default_factory=time.time)
-    http_requests: dict[str, int] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
@@ -76,8 +75,6 @@ def create_app(state: ServerState) -> FastAPI:
                 return errors.error_response(request, 401, "invalid or missing API key: send it as "
                                              "'Authorization: Bearer KEY'", code="invalid_api_key")
         response = await call_next(request)
-        key = f'{request.method} {path} {response.status_code}'
-        state.http_requests[key] = state.http_requests.get(key, 0) + 1
         extra = getattr(request.state, "log_extra", "")
         client = request.client.host if request.client else "-"
         print(f"{time.strftime('%H:%M:%S')} {client} {request.method} {path} {response.status_code} "

@@ -8,9 +8,7 @@ away) leaves at the next round, freeing its slot."""
 from __future__ import annotations
 
 import collections
-import itertools
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,9 +38,7 @@ class Job:
     params: SamplingParams
     emit: Callable[[Event], None]   # called on the engine thread; must be thread-safe and quick
     cancelled: threading.Event = field(default_factory=threading.Event)
-    id: int = field(default_factory=itertools.count().__next__)
     decoding: Decoding | None = None
-    submitted: float = field(default_factory=time.monotonic)
 
 
 @dataclass
