@@ -1,4 +1,5 @@
-"""`ds4py convert`: an official DeepSeek V4 checkpoint -> a GGUF in llama.cpp's `deepseek4` layout.
+"""`ds4py convert`: a DeepSeek V4 checkpoint (official, unquantized, or a GGUF to requantize) -> a GGUF
+in llama.cpp's `deepseek4` layout.
 
 What llama.cpp's convert_hf_to_gguf.py writes for V4, by default: FP8 weights dequantized and
 requantized to Q8_0, routed experts repacked losslessly from FP4 to MXFP4 (stacked [E, out, in] per
@@ -6,6 +7,11 @@ layer), tid2eid as I32, BF16 matrices kept BF16, everything else F32; the same m
 tensor names and tensor order. Tensors stream from the shards to the output one at a time, so peak
 memory is a few tensors, not the model. The output is written to OUT.tmp and renamed at the end; any
 failure removes it.
+
+An unquantized source (float tensors under the official names, or a BF16 GGUF) is laid out as if it were
+the official checkpoint: the tensors the official release stores as FP8 become Q8_0, the routed experts
+are quantized to MXFP4 (per 32 values the smallest power-of-two scale that keeps the largest within 6,
+then the nearest e2m1 value), BF16 and F32 as the official release stores them.
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ from gguf import GGUFWriter
 
 from ds4py.errors import Ds4pyError
 from ds4py.formats import Dense, Weight
+from ds4py.formats.fp4 import FP4Block, quantize_fp4
 from ds4py.formats.ggml import fp4_to_mxfp4, quantize_q8_0, row_bytes
 from ds4py.loaders import WeightSource
 from ds4py.loaders.gguf_names import ARCH, config_to_metadata, to_gguf_name
-from ds4py.loaders.names import expected_shapes
+from ds4py.loaders.names import expected_shapes, storage
 
 ASSETS = Path(__file__).parent / "assets"
 EXPERT = re.compile(r"^layers\.(\d+)\.ffn\.experts\.w([123])$")
@@ -55,13 +62,28 @@ def parse_size(text: str | None) -> int:
     return parse(text)
 
 
+FLOAT_KINDS = ("f32", "bf16", "f16")
+
+
+def intended_kind(name: str, kind: str, unquantized_source: bool) -> str:
+    """How the official checkpoint stores this tensor, as far as the source says: a GGUF's Q8_0 was FP8,
+    its MXFP4 was FP4; in an unquantized source every tensor is taken as the official layout stores it."""
+    if kind == "q8_0":
+        return "fp8"
+    if kind == "mxfp4":
+        return "fp4"
+    if unquantized_source and kind in FLOAT_KINDS:
+        return storage(name)
+    return kind
+
+
 def choose_type(name: str, kind: str, shape: tuple[int, ...], type_: str, experts: str) -> Q:
     if name.endswith("tid2eid"):
         return Q.I32
     if EXPERT.match(name):
-        if experts == "mxfp4" and kind != "fp4":
-            raise Ds4pyError(f"{name} is {kind}, not FP4: MXFP4 is a lossless repack of FP4 experts only; "
-                             "use --experts q8_0 or bf16")
+        if experts == "mxfp4" and kind not in ("fp4", *FLOAT_KINDS):
+            raise Ds4pyError(f"{name} is {kind}: MXFP4 experts come from FP4 (a lossless repack) or from float "
+                             "weights; use --experts q8_0 or bf16")
         return TYPES[experts]
     if len(shape) < 2:
         return Q.F32
@@ -80,10 +102,11 @@ def plan(source: WeightSource, type_: str, experts: str) -> list[Planned]:
     hashed = [n for n in names if n.endswith("tid2eid")]
     experts_ = sorted((n for n in names if EXPERT.match(n)), key=lambda n: tuple(map(int, EXPERT.match(n).groups())))
     rest = sorted(n for n in names if n not in hashed and n not in experts_)
-    kinds = source.metadata.get("tensor_kinds", {})
+    kinds = {n: source.metadata.get("tensor_kinds", {}).get(n) or source.get(n).kind for n in names}
+    unquantized = all(k in (*FLOAT_KINDS, "i32") for k in kinds.values())
     out = []
     for name in hashed + experts_ + rest:
-        kind = kinds[name] if name in kinds else source.get(name).kind
+        kind = intended_kind(name, kinds[name], unquantized)
         qtype = choose_type(name, kind, shapes[name], type_, experts)
         out.append(Planned(name, to_gguf_name(name), qtype, shapes[name]))
     return out
@@ -110,7 +133,7 @@ def encode_experts(source: WeightSource, p: Planned) -> ChunkedTensor:
         for e in range(p.shape[0]):
             w = read(e)
             if p.qtype == Q.MXFP4:
-                yield fp4_to_mxfp4(w.packed, w.scale).numpy()
+                yield to_mxfp4(w).numpy()
             elif p.qtype == Q.Q8_0:
                 yield quantize_q8_0(w.dequantize()).numpy()
             else:
@@ -119,10 +142,17 @@ def encode_experts(source: WeightSource, p: Planned) -> ChunkedTensor:
     return ChunkedTensor(p.nbytes, chunks)
 
 
+def to_mxfp4(w: Weight) -> torch.Tensor:
+    """Raw MXFP4 of a weight: a repack of FP4, else quantized from its float values."""
+    if isinstance(w, FP4Block):
+        return fp4_to_mxfp4(w.packed, w.scale)
+    return fp4_to_mxfp4(*quantize_fp4(w.dequantize(torch.float32)))
+
+
 def encode(w: Weight, p: Planned) -> np.ndarray:
     """The bytes of one tensor in its GGUF type, as a numpy array the writer takes."""
     if p.qtype == Q.MXFP4:
-        return fp4_to_mxfp4(w.packed, w.scale).numpy()
+        return to_mxfp4(w).numpy()
     if p.qtype == Q.I32:
         return w.dequantize(torch.int32).numpy() if not isinstance(w, Dense) else w.tensor.to(torch.int32).numpy()
     if p.qtype == Q.F32:
@@ -157,28 +187,42 @@ def size_label(tensors: list[Planned]) -> str:
     return gguf.size_label(total, shared, expert, count)
 
 
-def metadata(writer: GGUFWriter, source: WeightSource, name: str, tensors: list[Planned]) -> None:
+TOKENIZER_KEY_TYPES = {"tokenizer.ggml.model": "str", "tokenizer.ggml.pre": "str", "tokenizer.chat_template": "str",
+                       "tokenizer.ggml.add_bos_token": "bool", "tokenizer.ggml.add_eos_token": "bool"}
+
+
+def tokenizer_items(source: WeightSource) -> list[tuple[str, object, str]]:
+    """The tokenizer metadata: from tokenizer.json beside a checkpoint, or copied from a source GGUF."""
     from ds4py.tokenizer_gguf import gguf_tokenizer_metadata
 
+    if source.kind == "gguf":
+        md = source.metadata
+        return [(k, v, TOKENIZER_KEY_TYPES.get(k, "u32" if k.endswith("_id") else "array"))
+                for k, v in md.items() if k.startswith("tokenizer.ggml.")]
     tok_dir = source.path if source.path.is_dir() else source.path.parent
-    writer.add_chat_template(chat_template(tok_dir))
+    if (tok_dir / "tokenizer.json").exists():
+        return gguf_tokenizer_metadata(tok_dir, source.config.vocab_size)
+    print(f"convert: no tokenizer.json in {tok_dir}: the GGUF gets no tokenizer metadata", file=sys.stderr)
+    return []
+
+
+def metadata(writer: GGUFWriter, source: WeightSource, name: str, tensors: list[Planned]) -> None:
+    tok_dir = source.path if source.path.is_dir() else source.path.parent
+    template = source.metadata.get("tokenizer.chat_template") if source.kind == "gguf" else None
+    writer.add_chat_template(template or chat_template(tok_dir))
     writer.add_string("general.type", "model")
-    writer.add_string("general.name", name)
+    writer.add_string("general.name", source.metadata.get("general.name", name) if source.kind == "gguf" else name)
     writer.add_string("general.size_label", size_label(tensors))
     items = config_to_metadata(source.config)
-    if (tok_dir / "tokenizer.json").exists():
-        items.append(("general.quantization_version", 2, "u32"))
-        items += gguf_tokenizer_metadata(tok_dir, source.config.vocab_size)
-    else:
-        items.append(("general.quantization_version", 2, "u32"))
-        print(f"convert: no tokenizer.json in {tok_dir}: the GGUF gets no tokenizer metadata", file=sys.stderr)
+    items.append(("general.quantization_version", 2, "u32"))
+    items += tokenizer_items(source)
     for key, value, kind in items:
         add = {"u32": writer.add_uint32, "f32": writer.add_float32, "bool": writer.add_bool,
                "str": writer.add_string}.get(kind)
         if add:
             add(key, value)
         else:
-            writer.add_array(key, value)
+            writer.add_array(key, list(value))
 
 
 def chat_template(model_dir: Path) -> str:
@@ -204,8 +248,8 @@ def convert(src: str | Path, out: str | Path, type: str = "auto", experts: str =
     if type not in ("auto", "q8_0", "bf16", "f16", "f32") or experts not in ("mxfp4", "q8_0", "bf16"):
         raise Ds4pyError(f"unknown --type {type!r} or --experts {experts!r}")
     source = open_weights(src)
-    if source.kind == "gguf":
-        raise Ds4pyError(f"{src} is already a GGUF; convert takes an official or transformers checkpoint directory")
+    if source.kind == "gguf" and src.resolve() == out.resolve():
+        raise Ds4pyError(f"{out} is the source GGUF: write the requantized file under another name")
     tensors = plan(source, type, experts)
     total = sum(p.nbytes for p in tensors)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -220,7 +264,8 @@ def convert(src: str | Path, out: str | Path, type: str = "auto", experts: str =
     split = parse_size(shard_size)
     writer = GGUFWriter(tmp_dir / out.name, ARCH, split_max_size=split)
     try:
-        metadata(writer, source, src.name.replace("-", " ").replace("_", " ").title(), tensors)
+        stem = src.stem if src.is_file() else src.name
+        metadata(writer, source, stem.replace("-", " ").replace("_", " ").title(), tensors)
         for p in tensors:
             byte_shape = (*p.shape[:-1], row_bytes(p.qtype, p.shape[-1]))
             if p.qtype in (Q.F32, Q.I32):

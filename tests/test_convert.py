@@ -113,3 +113,30 @@ def test_gguf_of_another_architecture_or_truncated(tmp_path, gguf_path):
     cut.write_bytes(gguf_path.read_bytes()[:-5000])
     with pytest.raises(ModelFormatError, match="truncated"):
         open_weights(cut)
+
+
+def test_unquantized_source_is_laid_out_like_the_official(tmp_path):
+    """Float weights under the official names -> Q8_0 where the release has FP8, experts quantized to MXFP4
+    (equal to the FP4 quantizer's values), BF16/F32 as the release; and that GGUF requantized again from a
+    BF16 GGUF gives the same tensors, with the source's tokenizer metadata."""
+    from ds4py.formats.fp4 import FP4Block, quantize_fp4
+    from ds4py.tokenizer import default_tokenizer_dir
+
+    weights = random_weights(CONFIG, seed=5)
+    floats = save_official(weights, CONFIG, tmp_path / "float", quantize=False)
+    shutil.copyfile(default_tokenizer_dir() / "tokenizer.json", floats / "tokenizer.json")
+    direct = convert(floats, tmp_path / "direct.gguf", progress=False)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(direct)).tensors}
+    assert types["blk.1.attn_q_b.weight"] == "Q8_0" and types["blk.1.ffn_gate_exps.weight"] == "MXFP4"
+    assert types["token_embd.weight"] == "BF16" and types["blk.1.attn_compressor_ape.weight"] == "F32"
+    got = open_weights(direct).get("layers.1.ffn.experts.w1").dequantize()
+    assert torch.equal(got, FP4Block(*quantize_fp4(weights["layers.1.ffn.experts.w1"])).dequantize())
+    bf16 = convert(floats, tmp_path / "bf16.gguf", type="bf16", experts="bf16", progress=False)
+    again = convert(bf16, tmp_path / "again.gguf", progress=False)
+    a, b = open_weights(again), open_weights(bf16)
+    assert {t.name: t.tensor_type.name for t in GGUFReader(str(again)).tensors} == types
+    assert a.metadata["tokenizer.ggml.tokens"] == b.metadata["tokenizer.ggml.tokens"]
+    w = b.get("layers.1.attn.wq_b.weight").dequantize()
+    assert (a.get("layers.1.attn.wq_b.weight").dequantize() - w).abs().max() <= w.abs().max() / 127
+    with pytest.raises(Ds4pyError, match="source GGUF"):
+        convert(bf16, bf16, force=True, progress=False)

@@ -68,3 +68,25 @@ def to_transformers_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, to
 def canonical_names(names: list[str]) -> dict[str, str]:
     """transformers name -> canonical name, for every name but the merged expert tensors."""
     return {to_transformers_name(n): n for n in names}
+
+
+def from_transformers_state_dict(state: dict[str, torch.Tensor], canonical: list[str]) -> dict[str, torch.Tensor]:
+    """The inverse of `to_transformers_state_dict`: a DeepseekV4ForCausalLM state dict -> canonical tensors,
+    for the canonical names listed (from `names.expected_shapes`)."""
+    by_hf = canonical_names([n for n in canonical if not _EXPERTS.match(n)])
+    out = {name: state[hf] for hf, name in by_hf.items() if hf in state}
+    for name in canonical:
+        m = _EXPERTS.match(name)
+        if m:
+            i, k = m.groups()
+            p = f"model.layers.{i}.mlp.experts."
+            if k == "2":
+                out[name] = state[p + "down_proj"]
+            else:
+                gate_up = state[p + "gate_up_proj"]  # [E, 2I, D]
+                half = gate_up.shape[1] // 2
+                out[name] = gate_up[:, :half] if k == "1" else gate_up[:, half:]
+    missing = [n for n in canonical if n not in out and not n.startswith("mtp.")]
+    if missing:
+        raise KeyError(f"the state dict lacks {len(missing)} tensors, first {missing[0]}")
+    return out
