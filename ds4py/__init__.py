@@ -14,7 +14,8 @@ def load(path, device: str = "cpu", dtype: str = "float32", ctx: int | None = No
     deepseek4 GGUF file (or an already opened WeightSource). Returns a `ds4py.engine.Model`.
 
     `memory_budget` (bytes or '8G'): when the weights do not fit, the routed experts are streamed
-    from the file through an LRU cache that fills what the budget leaves."""
+    from the file through an LRU cache that fills what the budget leaves; when even the non-expert
+    weights do not fit, layers are also built from the file as they run (`ds4py.memory.plan`)."""
     import torch
 
     from ds4py.engine import Model
@@ -37,7 +38,7 @@ def load(path, device: str = "cpu", dtype: str = "float32", ctx: int | None = No
 
     compute_size = torch.tensor([], dtype=getattr(torch, DTYPES[dtype])).element_size()
     plan = plan_memory(source, parse_size(memory_budget), compute_size=compute_size)
-    expert_cache = ExpertCache(plan.cache_bytes) if plan.mode == "stream-experts" else None
+    expert_cache = ExpertCache(plan.cache_bytes) if plan.mode != "resident" else None
     bar = None
     if progress:
         from tqdm import tqdm
@@ -46,9 +47,11 @@ def load(path, device: str = "cpu", dtype: str = "float32", ctx: int | None = No
     transformer = build_transformer(
         source, device=device, dtype=getattr(torch, DTYPES[dtype]),
         progress=(lambda _n: bar.update(1)) if bar else None, expert_cache=expert_cache,
+        keep_layers=plan.kept_layers if plan.mode == "stream-layers" else None,
     )
     if bar:
         bar.close()
     model = Model(transformer, ctx=ctx, source=source)
     model.memory_plan, model.expert_cache = plan, expert_cache
+    model.layer_stream = transformer.blocks if plan.mode == "stream-layers" else None
     return model

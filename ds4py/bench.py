@@ -62,9 +62,8 @@ def measure(model, prompt_tokens: int, gen_tokens: int, depth: int, repeats: int
 
 def model_facts(model) -> dict:
     t = model.transformer
-    weights = [b for b in t.blocks]
     kinds, nbytes = {}, 0
-    for block in weights:
+    for block in t.blocks:  # one at a time: under stream-layers each is built from the file, then dropped
         for w in (block.attn.wq_a, block.attn.wq_b, block.attn.wkv, block.attn.wo_a, block.attn.wo_b,
                   block.ffn.w1, block.ffn.w2, block.ffn.w3):
             kinds[w.kind] = kinds.get(w.kind, 0) + 1
@@ -83,14 +82,18 @@ def bench_main(args) -> int:
     load_s = time.perf_counter() - t0
     depths = [int(d) for d in str(args.depths).split(",") if d != ""]
     rows = [measure(model, args.prompt_tokens, args.gen_tokens, d, args.repeats) for d in depths]
+    tokens = sum(r.get("pp_tokens", 0) + r.get("tg_tokens", 0) for r in rows) * args.repeats
+    streamed = {}
+    if model.layer_stream is not None:  # before model_facts, which builds every layer once more
+        st = model.layer_stream.stats
+        streamed["layer_stream"] = {**st.as_dict(), "bytes_read_per_token": st.bytes_read / max(tokens, 1)}
     facts = {
         "model": str(path), "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
         "load_seconds": load_s, "peak_rss_bytes": peak_rss_bytes(), **model_facts(model),
-        "memory_mode": model.memory_plan.describe(),
+        "memory_mode": model.memory_plan.describe(), **streamed,
     }
     if model.expert_cache is not None:
         st = model.expert_cache.stats
-        tokens = sum(r.get("pp_tokens", 0) + r.get("tg_tokens", 0) for r in rows) * args.repeats
         facts["expert_cache"] = {**st.as_dict(), "capacity_bytes": model.expert_cache.capacity_bytes,
                                  "bytes_read_per_token": st.bytes_read / max(tokens, 1)}
     if args.json:
@@ -112,5 +115,9 @@ def bench_main(args) -> int:
     if "expert_cache" in facts:
         c = facts["expert_cache"]
         print(f"expert cache: hit rate {c['hit_rate']:.3f}, {c['bytes_read'] / 2**20:.0f} MiB read, "
+              f"{c['bytes_read_per_token'] / 2**20:.2f} MiB per token")
+    if "layer_stream" in facts:
+        c = facts["layer_stream"]
+        print(f"layer stream: {c['misses']} layer builds, {c['bytes_read'] / 2**20:.0f} MiB read, "
               f"{c['bytes_read_per_token'] / 2**20:.2f} MiB per token")
     return 0

@@ -23,7 +23,8 @@ def add_model_arguments(p: argparse.ArgumentParser, optional_model: bool = True)
     p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: the model's)")
     p.add_argument("--memory-budget", default=None,
                    help="RAM the weights may use, e.g. 8G; when the model is larger, routed experts are read from "
-                        "the file on demand into a cache of what is left (default: the memory available now)")
+                        "the file on demand into a cache of what is left, and when even the other weights do not "
+                        "fit, layers are read as they run (default: the memory available now)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

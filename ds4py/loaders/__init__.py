@@ -25,9 +25,17 @@ class WeightSource:
     # stacked expert name -> read_expert(e) -> 2-D Weight, reading only that expert's bytes from disk
     # (without touching a memory map), for streaming experts under a memory budget
     expert_readers: dict[str, Callable[[int], Weight]] = field(default_factory=dict)
+    # canonical name -> a function that reads the whole weight into fresh memory (not a view of a memory
+    # map), for streaming layers under a memory budget: a dropped weight then gives its memory back.
+    # Sources whose loaders already read fresh memory (safetensors, tensors in memory) leave it empty.
+    tensor_readers: dict[str, Callable[[], Weight]] = field(default_factory=dict)
 
     def names(self) -> list[str]:
         return list(self.loaders)
 
     def get(self, name: str) -> Weight:
         return self.loaders[name]()
+
+    def read(self, name: str) -> Weight:
+        """The weight in memory of its own, to be dropped after use (`get` may return a view of a map)."""
+        return self.tensor_readers.get(name, self.loaders[name])()

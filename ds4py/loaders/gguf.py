@@ -40,7 +40,7 @@ def open_gguf(path: str | Path) -> WeightSource:
     names = from_gguf_names(list(tensors), config)
     has_mtp = any(n.startswith("mtp.") for n in names)
     shapes = expected_shapes(config, mtp=has_mtp)
-    loaders, readers, nbytes, kinds, problems = {}, {}, {}, {}, []
+    loaders, readers, tensor_readers, nbytes, kinds, problems = {}, {}, {}, {}, {}, []
 
     def weight(t: TensorInfo, shape: tuple[int, ...]) -> Weight:
         data = torch.from_numpy(f.data(t))
@@ -66,6 +66,7 @@ def open_gguf(path: str | Path) -> WeightSource:
         loaders[name] = lambda t=t, shape=shapes[name]: weight(t, shape)
         nbytes[name] = t.nbytes
         kinds[name] = t.qtype.name.lower()
+        tensor_readers[name] = tensor_reader(path, t, shapes[name])
         if ".ffn.experts." in name and name.startswith("layers."):
             readers[name] = expert_reader(path, t, shapes[name])
     missing = [n for n in shapes if n not in loaders and not n.startswith("mtp.")]
@@ -75,7 +76,7 @@ def open_gguf(path: str | Path) -> WeightSource:
         raise ModelFormatError(f"{path}: not a complete deepseek4 GGUF: {'; '.join(problems[:3])}")
     return WeightSource(path=path, config=config, loaders=loaders,
                         metadata={**md, "tensor_nbytes": nbytes, "tensor_kinds": kinds},
-                        kind="gguf", expert_readers=readers)
+                        kind="gguf", expert_readers=readers, tensor_readers=tensor_readers)
 
 
 def names_hint(name: str) -> str:
@@ -98,20 +99,28 @@ def split_columns(w: Weight, cols: slice) -> Weight:
     return Dense(w.dequantize()[..., cols].contiguous())
 
 
+def pread_weight(path: Path, offset: int, nbytes: int, qtype: Q, shape: tuple[int, ...]) -> Weight:
+    """`nbytes` at `offset` of the file read with pread into a fresh (allocator-aligned) buffer, as a
+    Weight of `shape`: the memory map is not touched, so dropping the weight gives the memory back."""
+    raw = torch.empty(nbytes, dtype=torch.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = os.preadv(fd, [raw.numpy()], offset)
+    finally:
+        os.close(fd)
+    if got != nbytes:
+        raise ModelFormatError(f"{path}: short read at offset {offset}; the file changed or is damaged")
+    if qtype in FLOAT_VIEWS:
+        return Dense(raw.view(FLOAT_VIEWS[qtype]).reshape(shape))
+    return GGMLWeight(qtype, raw, shape)
+
+
+def tensor_reader(path: Path, t: TensorInfo, shape: tuple[int, ...]):
+    """read() -> the whole tensor, read with pread (for streaming layers)."""
+    return lambda: pread_weight(path, t.offset, t.nbytes, t.qtype, shape)
+
+
 def expert_reader(path: Path, t: TensorInfo, shape: tuple[int, ...]):
     """read(e) -> expert e's 2-D weight, read with pread (the memory map is not touched)."""
     per_expert = t.nbytes // shape[0]
-    qtype = t.qtype
-
-    def read(e: int) -> Weight:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            data = os.pread(fd, per_expert, t.offset + e * per_expert)
-        finally:
-            os.close(fd)
-        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        if qtype in FLOAT_VIEWS:
-            return Dense(raw.view(FLOAT_VIEWS[qtype]).reshape(shape[1:]))
-        return GGMLWeight(qtype, raw, shape[1:])
-
-    return read
+    return lambda e: pread_weight(path, t.offset + e * per_expert, per_expert, t.qtype, shape[1:])

@@ -1,5 +1,10 @@
-"""Choose how to hold the weights: everything resident when it fits the budget, else the non-expert
-weights resident and the routed experts streamed through an LRU cache sized to what is left."""
+"""Choose how to hold the weights under a memory budget, as it shrinks:
+- resident: everything in memory;
+- stream-experts: the non-expert weights resident, the routed experts read on demand into an LRU cache
+  sized to what is left (`ds4py.memory.expert_cache`);
+- stream-layers: even the non-expert weights do not fit: the embeddings and head resident, the layers
+  that fit built once and kept, the others built from the file each time they run and dropped after
+  (`ds4py.memory.layer_stream`), with the experts streamed as above."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from ds4py.errors import Ds4pyError
 from ds4py.loaders import WeightSource
 
 EXPERT_STACK = re.compile(r"^layers\.\d+\.ffn\.experts\.w[123]$")
+LAYER = re.compile(r"^layers\.(\d+)\.")
 UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -23,32 +29,43 @@ def parse_size(text: str | int | None) -> int | None:
     return int(float(m.group(1)) * UNITS[m.group(2).upper()])
 
 
+def size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 @dataclass
 class MemoryPlan:
-    mode: str                # "resident" or "stream-experts"
+    mode: str                # "resident", "stream-experts" or "stream-layers"
     budget: int | None
     resident_bytes: int      # weights kept in memory
     expert_bytes: int        # all routed experts
-    cache_bytes: int = 0     # the expert cache's capacity in stream-experts mode
+    cache_bytes: int = 0     # the expert cache's capacity in the streaming modes
     reason: str = ""         # why this mode, when it was not asked for
+    layers: int = 0                      # stream-layers: the model's layers
+    kept_layers: tuple[int, ...] = ()    # stream-layers: the layers built once and kept
+    streamed_bytes: int = 0              # stream-layers: the other layers' bytes, read per forward step
 
     def describe(self) -> str:
-        gib = 2**30
         if self.mode == "resident":
-            return f"memory mode resident: {(self.resident_bytes + self.expert_bytes) / gib:.2f} GiB of weights"
+            return f"memory mode resident: {size(self.resident_bytes + self.expert_bytes)} of weights"
         why = f" ({self.reason})" if self.reason else ""
-        return (f"memory mode stream-experts{why}: {self.resident_bytes / gib:.2f} GiB resident, routed experts "
-                f"({self.expert_bytes / gib:.2f} GiB) streamed through a {self.cache_bytes / gib:.2f} GiB cache")
+        experts = f"routed experts ({size(self.expert_bytes)}) streamed through a {size(self.cache_bytes)} cache"
+        if self.mode == "stream-experts":
+            return f"memory mode stream-experts{why}: {size(self.resident_bytes)} resident, {experts}"
+        kept = len(self.kept_layers)
+        return (f"memory mode stream-layers{why}: {size(self.resident_bytes)} resident (embeddings, head, "
+                f"{kept} of {self.layers} layers); {self.layers - kept} layers ({size(self.streamed_bytes)}) "
+                f"built from the file per forward step (each decoded token or prefill chunk); {experts}")
 
 
 FLOAT_SIZES = {"f32": 4, "bf16": 2, "f16": 2}
 
 
-def weight_bytes(source: WeightSource, compute_size: int | None = None) -> tuple[int, int]:
-    """(non-expert bytes, routed-expert bytes) in memory, without reading the data: packed formats as
-    stored; float tensors (F32/BF16/F16) at `compute_size` bytes per value when given, since they are
-    converted once to the compute dtype, except those held in bf16 (`ds4py.formats.stays_bf16`; the router
-    weights are always float32 and not among them)."""
+def tensor_bytes(source: WeightSource, compute_size: int | None = None) -> dict[str, int]:
+    """Each tensor's bytes in memory, without reading the data: packed formats as stored; float tensors
+    (F32/BF16/F16) at `compute_size` bytes per value when given, since they are converted once to the
+    compute dtype, except those held in bf16 (`ds4py.formats.stays_bf16`; the router weights are always
+    float32 and not among them)."""
     import torch
 
     from ds4py.formats import stays_bf16
@@ -60,7 +77,7 @@ def weight_bytes(source: WeightSource, compute_size: int | None = None) -> tuple
         shapes = expected_shapes(source.config)
     except Exception:  # a source without a full config: count every float tensor as converted
         shapes = {}
-    resident = experts = 0
+    out = {}
     for name in source.names():
         n = sizes.get(name)
         if n is None:
@@ -71,11 +88,53 @@ def weight_bytes(source: WeightSource, compute_size: int | None = None) -> tuple
                 and stays_bf16(name, tuple(shapes.get(name, ())), torch.bfloat16))
         if compute_size and stored and not kept and not name.endswith("tid2eid"):
             n = n // stored * compute_size
+        out[name] = n
+    return out
+
+
+def weight_bytes(source: WeightSource, compute_size: int | None = None) -> tuple[int, int]:
+    """(non-expert bytes, routed-expert bytes) in memory (see `tensor_bytes`)."""
+    resident = experts = 0
+    for name, n in tensor_bytes(source, compute_size).items():
         if EXPERT_STACK.match(name):
             experts += n
         else:
             resident += n
     return resident, experts
+
+
+@dataclass
+class WeightSizes:
+    """The bytes in memory of the parts a memory plan places."""
+
+    shared: int         # embeddings, output head, final norm and hyper-connection head
+    layers: list[int]   # each layer's non-expert weights
+    mtp: int            # the multi-token-prediction block (loaded, not used yet)
+    experts: int        # every layer's routed experts
+    min_cache: int      # one token's routed experts in the largest layer: the smallest useful expert cache
+
+    @property
+    def non_expert(self) -> int:
+        return self.shared + sum(self.layers) + self.mtp
+
+
+def weight_sizes(source: WeightSource, compute_size: int | None = None) -> WeightSizes:
+    c = source.config
+    layers = [0] * c.num_hidden_layers
+    shared = mtp = experts = 0
+    per_expert = [0] * c.num_hidden_layers  # w1 + w2 + w3 of one expert
+    for name, n in tensor_bytes(source, compute_size).items():
+        m = LAYER.match(name)
+        if EXPERT_STACK.match(name):
+            experts += n
+            per_expert[int(m.group(1))] += n // c.n_routed_experts
+        elif m:
+            layers[int(m.group(1))] += n
+        elif name.startswith("mtp."):
+            mtp += n
+        else:
+            shared += n
+    return WeightSizes(shared, layers, mtp, experts, c.num_experts_per_tok * max(per_expert, default=0))
 
 
 def available_memory() -> int | None:
@@ -107,10 +166,13 @@ def working_memory(config, prefill_chunk: int = 256) -> int:
 
 def plan_memory(source: WeightSource, budget: int | None, overhead: int | None = None,
                 compute_size: int = 4) -> MemoryPlan:
-    """With a budget, fit it (`overhead`, the working memory, counts against it). Without one, load
-    everything if it fits in the memory available now, else stream the routed experts through a cache
-    of most of what is available (instead of dying)."""
-    resident, experts = weight_bytes(source, compute_size)
+    """With a budget, fit it (`overhead`, the working memory, counts against it): everything resident;
+    else the non-expert weights resident and the routed experts streamed through a cache of what is
+    left (at least one token's experts of a layer); else, when even the non-expert weights do not fit,
+    stream-layers (`plan_layers`). Without a budget, load everything if it fits in the memory available
+    now, else plan for most of what is available (instead of dying)."""
+    sizes = weight_sizes(source, compute_size)
+    resident, experts = sizes.non_expert, sizes.experts
     if overhead is None:
         overhead = working_memory(source.config)
     if budget is None:
@@ -130,10 +192,36 @@ def plan_memory(source: WeightSource, budget: int | None, overhead: int | None =
             "--memory-budget"
         )
     cache = budget - resident - overhead
-    if cache <= 0:
+    if cache >= max(sizes.min_cache, 1):
+        return MemoryPlan("stream-experts", budget, resident, experts, cache_bytes=cache)
+    return plan_layers(sizes, budget, overhead, compute_size)
+
+
+def plan_layers(sizes: WeightSizes, budget: int, overhead: int, compute_size: int) -> MemoryPlan:
+    """stream-layers: the shared weights (embeddings, head) resident, room for the largest layer built
+    from the file when it runs and the smallest useful expert cache; what the budget leaves keeps whole
+    layers built once (in order, each that fits: the layers run in a cycle, so an LRU of them would miss
+    every time), the rest grows the expert cache. The unused MTP block is not loaded."""
+    largest = max(sizes.layers, default=0)
+    need = sizes.shared + largest + sizes.min_cache + overhead
+    if budget < need:
         raise Ds4pyError(
-            f"a memory budget of {budget / 2**30:.2f} GiB does not hold the {resident / 2**30:.2f} GiB of "
-            f"non-expert weights plus {overhead / 2**20:.0f} MiB of working memory: raise --memory-budget"
+            f"a memory budget of {size(budget)} is too small even to stream the weights one layer at a time: that "
+            f"needs {size(need)} ({size(sizes.shared)} of embeddings and head, {size(largest)} for the largest "
+            f"layer, {size(sizes.min_cache)} for one token's routed experts, {size(overhead)} of working "
+            "memory): raise --memory-budget"
             + (" or use --dtype bfloat16 (float tensors then take half the memory)" if compute_size == 4 else "")
         )
-    return MemoryPlan("stream-experts", budget, resident, experts, cache_bytes=cache)
+    room = budget - need
+    kept = []
+    for layer, n in enumerate(sizes.layers):
+        if n <= room:
+            kept.append(layer)
+            room -= n
+    kept_bytes = sum(sizes.layers[i] for i in kept)
+    if len(kept) == len(sizes.layers):  # only the MTP block did not fit: no room for a streamed layer needed
+        room += largest
+    return MemoryPlan(
+        "stream-layers", budget, sizes.shared + kept_bytes, sizes.experts, cache_bytes=sizes.min_cache + room,
+        layers=len(sizes.layers), kept_layers=tuple(kept), streamed_bytes=sum(sizes.layers) - kept_bytes,
+    )

@@ -3,7 +3,8 @@ norm -> output head. `forward` runs a chunk of tokens of one sequence through it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -13,6 +14,7 @@ from ds4py.formats import BF16Matrix, Dense, Weight, stays_bf16
 from ds4py.loaders import WeightSource
 from ds4py.loaders.names import expected_shapes
 from ds4py.memory.expert_cache import ExpertCache, StreamedExperts
+from ds4py.memory.layer_stream import StreamedBlocks
 from ds4py.model.attention import Attention
 from ds4py.model.block import Block
 from ds4py.model.compressor import Compressor
@@ -27,7 +29,7 @@ from ds4py.model.rope import Rotary
 class Transformer:
     config: ModelConfig
     embed: torch.Tensor  # [vocab, D]; BF16 as stored (rows are converted once gathered), else the compute dtype
-    blocks: list[Block]
+    blocks: list[Block] | StreamedBlocks  # indexed per use: a streamed block is dropped when the call returns
     hc_head: HyperHead
     norm: torch.Tensor
     head: Weight         # [vocab, D]
@@ -44,8 +46,8 @@ class Transformer:
         positions = torch.arange(start, start + token_ids.shape[0], device=self.device)
         token_ids = token_ids.to(self.device)
         streams = self.streams(token_ids)
-        for block, layer_cache in zip(self.blocks, cache.layers):
-            streams = block(streams, positions, token_ids, layer_cache)
+        for layer, layer_cache in enumerate(cache.layers):
+            streams = self.blocks[layer](streams, positions, token_ids, layer_cache)
         cache.tokens.extend(token_ids.tolist())
         return self.final_hidden(streams)
 
@@ -54,8 +56,8 @@ class Transformer:
         positions = torch.tensor([c.length for c in caches], device=self.device)
         token_ids = token_ids.to(self.device)
         streams = self.streams(token_ids)
-        for layer, block in enumerate(self.blocks):
-            streams = block.decode_batch(streams, positions, token_ids, [c.layers[layer] for c in caches])
+        for layer in range(len(self.blocks)):
+            streams = self.blocks[layer].decode_batch(streams, positions, token_ids, [c.layers[layer] for c in caches])
         for c, t in zip(caches, token_ids.tolist()):
             c.tokens.append(t)
         return self.final_hidden(streams)
@@ -73,88 +75,135 @@ class Transformer:
         return self.head.linear(hidden).float()
 
 
-def build_transformer(
-    source: WeightSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-    progress=None, expert_cache: ExpertCache | None = None,
-) -> Transformer:
-    """Read every weight of `source` and assemble the network. `progress(name)` is called per tensor.
-    With `expert_cache`, routed experts are not read now but streamed through the cache."""
-    c = source.config
-    device = torch.device(device)
-    shapes = expected_shapes(c)
+@dataclass
+class Reader:
+    """Reads weights by canonical name as the model holds them: packed formats as stored, floats in the
+    compute dtype (large BF16 matrices kept bf16), norms and hyper-connection parameters in float32,
+    routed experts as `StreamedExperts` when there is an expert cache."""
 
-    def weight(name: str) -> Weight:
-        if progress:
-            progress(name)
-        if expert_cache is not None and name in source.expert_readers:
-            return StreamedExperts(name, shapes[name], source.expert_readers[name], expert_cache,
-                                   0, "streamed", device)
-        w = source.get(name)
+    source: WeightSource
+    read: Callable[[str], Weight]  # source.get, or source.read for layers that are dropped after use
+    device: torch.device
+    dtype: torch.dtype
+    shapes: dict[str, tuple[int, ...]]  # expected_shapes(config)
+    expert_cache: ExpertCache | None = None
+    progress: Callable[[str], None] | None = None
+
+    def weight(self, name: str) -> Weight:
+        if self.progress:
+            self.progress(name)
+        if self.expert_cache is not None and name in self.source.expert_readers:
+            return StreamedExperts(name, self.shapes[name], self.source.expert_readers[name], self.expert_cache,
+                                   0, "streamed", self.device)
+        w = self.read(name)
         if isinstance(w, Dense) and w.tensor.is_floating_point():
             if stays_bf16(name, w.shape, w.tensor.dtype):  # large BF16 matrices (head, ...): kernel / tiles
-                return BF16Matrix(w.tensor.to(device))
-            return Dense(w.tensor.to(device=device, dtype=dtype))
-        return w.to(device)
+                return BF16Matrix(w.tensor.to(self.device))
+            return Dense(w.tensor.to(device=self.device, dtype=self.dtype))
+        return w.to(self.device)
 
-    def f32(name: str) -> torch.Tensor:
-        if progress:
-            progress(name)
-        return source.get(name).dequantize(torch.float32).to(device)
+    def f32(self, name: str) -> torch.Tensor:
+        if self.progress:
+            self.progress(name)
+        return self.read(name).dequantize(torch.float32).to(self.device)
 
-    main_rotary = Rotary.make(c.qk_rope_head_dim, c.rope_theta, None, device)
-    compress_rotary = Rotary.make(c.qk_rope_head_dim, c.compress_rope_theta, c.yarn, device)
+    def int64(self, name: str) -> torch.Tensor:
+        if self.progress:
+            self.progress(name)
+        return self.read(name).dequantize(torch.int64).to(self.device)
 
-    def compressor(prefix: str, ratio: int, dim: int) -> Compressor:
-        return Compressor(
-            wkv=weight(prefix + "wkv.weight"), wgate=weight(prefix + "wgate.weight"),
-            ape=f32(prefix + "ape"), norm=f32(prefix + "norm.weight"),
-            ratio=ratio, dim=dim, eps=c.rms_norm_eps, rotary=compress_rotary,
-        )
 
-    def hyper(prefix: str) -> HyperConnection:
-        return HyperConnection(
-            fn=f32(prefix + "_fn"), base=f32(prefix + "_base"), scale=f32(prefix + "_scale"),
-            hc=c.hc_mult, sinkhorn_iters=c.hc_sinkhorn_iters, hc_eps=c.hc_eps, norm_eps=c.rms_norm_eps,
-        )
+@dataclass
+class Rotaries:
+    main: Rotary      # sliding-window-only layers
+    compress: Rotary  # layers with a compressor, and the compressors themselves
 
-    def block(p: str, layer: int) -> Block:
-        ratio = c.compress_ratios[layer]
-        attn = Attention(
-            wq_a=weight(p + "attn.wq_a.weight"), q_norm=f32(p + "attn.q_norm.weight"),
-            wq_b=weight(p + "attn.wq_b.weight"), wkv=weight(p + "attn.wkv.weight"),
-            kv_norm=f32(p + "attn.kv_norm.weight"), wo_a=weight(p + "attn.wo_a.weight"),
-            wo_b=weight(p + "attn.wo_b.weight"), sinks=f32(p + "attn.attn_sink"),
-            n_heads=c.num_attention_heads, head_dim=c.head_dim, o_groups=c.o_groups,
-            window=c.sliding_window, eps=c.rms_norm_eps,
-            rotary=compress_rotary if ratio else main_rotary,
+    @classmethod
+    def make(cls, c: ModelConfig, device: torch.device) -> Rotaries:
+        return cls(Rotary.make(c.qk_rope_head_dim, c.rope_theta, None, device),
+                   Rotary.make(c.qk_rope_head_dim, c.compress_rope_theta, c.yarn, device))
+
+
+def build_compressor(c: ModelConfig, r: Reader, prefix: str, ratio: int, dim: int, rotary: Rotary) -> Compressor:
+    return Compressor(
+        wkv=r.weight(prefix + "wkv.weight"), wgate=r.weight(prefix + "wgate.weight"),
+        ape=r.f32(prefix + "ape"), norm=r.f32(prefix + "norm.weight"),
+        ratio=ratio, dim=dim, eps=c.rms_norm_eps, rotary=rotary,
+    )
+
+
+def build_hyper(c: ModelConfig, r: Reader, prefix: str) -> HyperConnection:
+    return HyperConnection(
+        fn=r.f32(prefix + "_fn"), base=r.f32(prefix + "_base"), scale=r.f32(prefix + "_scale"),
+        hc=c.hc_mult, sinkhorn_iters=c.hc_sinkhorn_iters, hc_eps=c.hc_eps, norm_eps=c.rms_norm_eps,
+    )
+
+
+def build_block(c: ModelConfig, r: Reader, layer: int, rotaries: Rotaries) -> Block:
+    p = f"layers.{layer}."
+    ratio = c.compress_ratios[layer]
+    attn = Attention(
+        wq_a=r.weight(p + "attn.wq_a.weight"), q_norm=r.f32(p + "attn.q_norm.weight"),
+        wq_b=r.weight(p + "attn.wq_b.weight"), wkv=r.weight(p + "attn.wkv.weight"),
+        kv_norm=r.f32(p + "attn.kv_norm.weight"), wo_a=r.weight(p + "attn.wo_a.weight"),
+        wo_b=r.weight(p + "attn.wo_b.weight"), sinks=r.f32(p + "attn.attn_sink"),
+        n_heads=c.num_attention_heads, head_dim=c.head_dim, o_groups=c.o_groups,
+        window=c.sliding_window, eps=c.rms_norm_eps,
+        rotary=rotaries.compress if ratio else rotaries.main,
+    )
+    if ratio:
+        attn.compressor = build_compressor(c, r, p + "attn.compressor.", ratio, c.head_dim, rotaries.compress)
+    if ratio == 4:
+        attn.indexer = Indexer(
+            wq_b=r.weight(p + "attn.indexer.wq_b.weight"),
+            weights_proj=r.weight(p + "attn.indexer.weights_proj.weight"),
+            compressor=build_compressor(c, r, p + "attn.indexer.compressor.", ratio, c.index_head_dim,
+                                        rotaries.compress),
+            n_heads=c.index_n_heads, head_dim=c.index_head_dim, topk=c.index_topk, rotary=rotaries.compress,
         )
-        if ratio:
-            attn.compressor = compressor(p + "attn.compressor.", ratio, c.head_dim)
-        if ratio == 4:
-            attn.indexer = Indexer(
-                wq_b=weight(p + "attn.indexer.wq_b.weight"),
-                weights_proj=weight(p + "attn.indexer.weights_proj.weight"),
-                compressor=compressor(p + "attn.indexer.compressor.", ratio, c.index_head_dim),
-                n_heads=c.index_n_heads, head_dim=c.index_head_dim, topk=c.index_topk, rotary=compress_rotary,
-            )
-        hashed = layer < c.num_hash_layers
-        router = Router(
-            weight=f32(p + "ffn.gate.weight"),
-            bias=None if hashed else f32(p + "ffn.gate.bias"),
-            tid2eid=source.get(p + "ffn.gate.tid2eid").dequantize(torch.int64).to(device) if hashed else None,
-            top_k=c.num_experts_per_tok, score_func=c.scoring_func, scaling=c.routed_scaling_factor,
-        )
-        shared = None
-        if c.n_shared_experts:
-            shared = tuple(weight(f"{p}ffn.shared_experts.w{i}.weight") for i in (1, 2, 3))
-        ffn = MoE(
-            router=router, w1=weight(p + "ffn.experts.w1"), w2=weight(p + "ffn.experts.w2"),
-            w3=weight(p + "ffn.experts.w3"), shared=shared, swiglu_limit=c.swiglu_limit,
-        )
-        return Block(
-            attn_norm=f32(p + "attn_norm.weight"), ffn_norm=f32(p + "ffn_norm.weight"),
-            hc_attn=hyper(p + "hc_attn"), hc_ffn=hyper(p + "hc_ffn"), attn=attn, ffn=ffn, eps=c.rms_norm_eps,
-        )
+    hashed = layer < c.num_hash_layers
+    router = Router(
+        weight=r.f32(p + "ffn.gate.weight"),
+        bias=None if hashed else r.f32(p + "ffn.gate.bias"),
+        tid2eid=r.int64(p + "ffn.gate.tid2eid") if hashed else None,
+        top_k=c.num_experts_per_tok, score_func=c.scoring_func, scaling=c.routed_scaling_factor,
+    )
+    shared = None
+    if c.n_shared_experts:
+        shared = tuple(r.weight(f"{p}ffn.shared_experts.w{i}.weight") for i in (1, 2, 3))
+    ffn = MoE(
+        router=router, w1=r.weight(p + "ffn.experts.w1"), w2=r.weight(p + "ffn.experts.w2"),
+        w3=r.weight(p + "ffn.experts.w3"), shared=shared, swiglu_limit=c.swiglu_limit,
+    )
+    return Block(
+        attn_norm=r.f32(p + "attn_norm.weight"), ffn_norm=r.f32(p + "ffn_norm.weight"),
+        hc_attn=build_hyper(c, r, p + "hc_attn"), hc_ffn=build_hyper(c, r, p + "hc_ffn"), attn=attn, ffn=ffn,
+        eps=c.rms_norm_eps,
+    )
+
+
+def build_transformer(
+    source: WeightSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    progress=None, expert_cache: ExpertCache | None = None, keep_layers: Collection[int] | None = None,
+) -> Transformer:
+    """Read every weight of `source` and assemble the network. `progress(name)` is called per tensor.
+    With `expert_cache`, routed experts are not read now but streamed through the cache. With
+    `keep_layers` (the stream-layers memory mode), only those layers are built now; the others are
+    built from the source each time they run and dropped after (`StreamedBlocks`), and the unused MTP
+    block is not loaded."""
+    c = source.config
+    device = torch.device(device)
+    r = Reader(source, source.get, device, dtype, expected_shapes(c), expert_cache, progress)
+    rotaries = Rotaries.make(c, device)
+    if keep_layers is None:
+        blocks = [build_block(c, r, i, rotaries) for i in range(c.num_hidden_layers)]
+        mtp = {name: r.weight(name) for name in source.names() if name.startswith("mtp.")}
+    else:
+        def build(layer: int, read: Callable[[str], Weight]) -> Block:
+            return build_block(c, replace(r, read=read, progress=None), layer, rotaries)
+
+        blocks = StreamedBlocks(c.num_hidden_layers, build, source.read, keep_layers)
+        mtp = {}
 
     def embedding() -> torch.Tensor:
         e = source.get("embed.weight")
@@ -162,18 +211,16 @@ def build_transformer(
             return e.tensor.to(device)
         return e.dequantize(dtype).to(device)
 
-    blocks = [block(f"layers.{i}.", i) for i in range(c.num_hidden_layers)]
-    mtp = {name: weight(name) for name in source.names() if name.startswith("mtp.")}
     return Transformer(
         config=c,
         embed=embedding(),
         blocks=blocks,
         hc_head=HyperHead(
-            fn=f32("hc_head_fn"), base=f32("hc_head_base"), scale=f32("hc_head_scale"),
+            fn=r.f32("hc_head_fn"), base=r.f32("hc_head_base"), scale=r.f32("hc_head_scale"),
             hc_eps=c.hc_eps, norm_eps=c.rms_norm_eps,
         ),
-        norm=f32("norm.weight"),
-        head=weight("head.weight"),
+        norm=r.f32("norm.weight"),
+        head=r.weight("head.weight"),
         dtype=dtype,
         device=device,
         mtp=mtp,

@@ -95,6 +95,7 @@ def create_app(state: ServerState) -> FastAPI:
         m = state.model
         plan = getattr(m, "memory_plan", None)
         cache = getattr(m, "expert_cache", None)
+        layers = getattr(m, "layer_stream", None)
         kinds: dict[str, int] = {}
         for k in (m.source.metadata.get("tensor_kinds") or {}).values() if m.source else []:
             kinds[k] = kinds.get(k, 0) + 1
@@ -105,6 +106,7 @@ def create_app(state: ServerState) -> FastAPI:
             "quantization": kinds, "device": str(m.transformer.device) if hasattr(m.transformer, "device") else "cpu",
             "memory_mode": plan.describe() if plan else "resident",
             "expert_cache": cache.stats.as_dict() if cache else None,
+            "layer_stream": layers.stats.as_dict() if layers else None,
             "prefix_cache": state.scheduler.prefix_cache.stats(),
             "total_slots": state.scheduler.parallel, "queue_limit": state.scheduler.max_queue,
             "chat_template": state.template_variant,

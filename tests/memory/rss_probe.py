@@ -1,5 +1,6 @@
-"""Run in a fresh process: load a model under a memory budget, compute logits and a short greedy
-generation, and report the RSS growth over the runtime's own baseline (VmHWM - VmRSS before loading).
+"""Run in a fresh process: load a model under a memory budget, compute logits (300 tokens: two prefill
+chunks) and a short greedy generation (one prefill, 7 decode steps; each step's logits kept), and report
+the RSS growth over the runtime's own baseline (VmHWM - VmRSS before loading).
 
     python -m tests.memory.rss_probe MODEL BUDGET|none OUT.pt
 """
@@ -32,14 +33,18 @@ def main() -> None:
     base = status("VmRSS:")
     model = ds4py.load(path, memory_budget=None if budget == "none" else budget)
     logits = model.logits(ids)
-    tokens = model.generate(ids[:40], max_new_tokens=8)
-    torch.save({"logits": logits, "tokens": tokens}, out)
+    steps = list(model.stream(ids[:40], 8, lambda step_logits, _ids: int(step_logits.argmax())))
+    torch.save({"logits": logits, "tokens": [s.token for s in steps],
+                "step_logits": torch.stack([s.logits for s in steps])}, out)
     peak = status("VmHWM:")
     src = open_weights(path)
-    print(json.dumps({"baseline": base, "peak": peak, "mode": model.memory_plan.mode,
-                      "weights": sum(weight_bytes(src)), "working": working_memory(src.config),
-                      "cache": model.memory_plan.cache_bytes,
-                      "stats": model.expert_cache.stats.as_dict() if model.expert_cache else None}))
+    plan = model.memory_plan
+    print(json.dumps({"baseline": base, "peak": peak, "mode": plan.mode, "describe": plan.describe(),
+                      "weights": sum(weight_bytes(src)), "non_expert": weight_bytes(src, 4)[0],
+                      "working": working_memory(src.config), "cache": plan.cache_bytes,
+                      "kept_layers": plan.kept_layers,
+                      "stats": model.expert_cache.stats.as_dict() if model.expert_cache else None,
+                      "layer_stats": model.layer_stream.stats.as_dict() if model.layer_stream else None}))
 
 
 if __name__ == "__main__":
