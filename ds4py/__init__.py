@@ -9,13 +9,16 @@ DTYPES = {"float32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16"
 
 
 def load(path, device: str = "cpu", dtype: str = "float32", ctx: int | None = None, progress: bool = False,
-         memory_budget: int | str | None = None):
+         memory_budget: int | str | None = None, read_ahead: str | bool | None = None):
     """Load a model: an official checkpoint directory, a transformers-layout directory or a
     deepseek4 GGUF file (or an already opened WeightSource). Returns a `ds4py.engine.Model`.
 
     `memory_budget` (bytes or '8G'): when the weights do not fit, the routed experts are streamed
     from the file through an LRU cache that fills what the budget leaves; when even the non-expert
-    weights do not fit, layers are also built from the file as they run (`ds4py.memory.plan`)."""
+    weights do not fit, layers are also built from the file as they run (`ds4py.memory.plan`).
+    `read_ahead` (streaming modes): which prediction of the next layer's experts to read in the
+    background ("gate", "previous", "hash"; True for the default), or False/"off"; when not given,
+    the DS4PY_READ_AHEAD environment variable, else on (`ds4py.memory.read_ahead`)."""
     import torch
 
     from ds4py.engine import Model
@@ -39,6 +42,9 @@ def load(path, device: str = "cpu", dtype: str = "float32", ctx: int | None = No
     compute_size = torch.tensor([], dtype=getattr(torch, DTYPES[dtype])).element_size()
     plan = plan_memory(source, parse_size(memory_budget), compute_size=compute_size)
     expert_cache = ExpertCache(plan.cache_bytes) if plan.mode != "resident" else None
+    ahead = None
+    if plan.mode != "resident":
+        ahead = read_ahead_predictor(read_ahead)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -47,7 +53,7 @@ def load(path, device: str = "cpu", dtype: str = "float32", ctx: int | None = No
     transformer = build_transformer(
         source, device=device, dtype=getattr(torch, DTYPES[dtype]),
         progress=(lambda _n: bar.update(1)) if bar else None, expert_cache=expert_cache,
-        keep_layers=plan.kept_layers if plan.mode == "stream-layers" else None,
+        keep_layers=plan.kept_layers if plan.mode == "stream-layers" else None, read_ahead=ahead,
     )
     if bar:
         bar.close()
@@ -55,3 +61,21 @@ def load(path, device: str = "cpu", dtype: str = "float32", ctx: int | None = No
     model.memory_plan, model.expert_cache = plan, expert_cache
     model.layer_stream = transformer.blocks if plan.mode == "stream-layers" else None
     return model
+
+
+def read_ahead_predictor(option: str | bool | None) -> str | None:
+    """The read-ahead option (or DS4PY_READ_AHEAD when None) -> a predictor name, or None for off."""
+    import os
+
+    from ds4py.errors import Ds4pyError
+    from ds4py.memory.read_ahead import DEFAULT_PREDICTOR, PREDICTORS
+
+    if option is None:
+        option = os.environ.get("DS4PY_READ_AHEAD", "on")
+    if option is True or str(option).lower() in ("on", "1", "true", "yes"):
+        return DEFAULT_PREDICTOR
+    if option is False or str(option).lower() in ("off", "0", "false", "no", ""):
+        return None
+    if option not in PREDICTORS:
+        raise Ds4pyError(f"unknown read-ahead {option!r}: use on, off or one of {', '.join(PREDICTORS)}")
+    return option

@@ -4,6 +4,7 @@ shared experts, all clamped SwiGLU."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,9 +56,13 @@ class MoE:
     w3: Weight  # [experts, inter, D] up
     shared: tuple[Weight, Weight, Weight] | None
     swiglu_limit: float
+    # streaming with read-ahead: told (x, ids, token_ids) once routed, before the experts run
+    read_ahead: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
 
     def __call__(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         weights, ids = self.router(x, token_ids)
+        if self.read_ahead is not None:
+            self.read_ahead(x, ids, token_ids)
         out = self.routed_one(x, weights, ids) if x.shape[0] == 1 else self.routed(x, weights, ids)
         if self.shared is not None:
             w1, w2, w3 = self.shared

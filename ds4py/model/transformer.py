@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 
@@ -15,6 +16,7 @@ from ds4py.loaders import WeightSource
 from ds4py.loaders.names import expected_shapes
 from ds4py.memory.expert_cache import ExpertCache, StreamedExperts
 from ds4py.memory.layer_stream import StreamedBlocks
+from ds4py.memory.read_ahead import ReadAhead
 from ds4py.model.attention import Attention
 from ds4py.model.block import Block
 from ds4py.model.compressor import Compressor
@@ -36,6 +38,7 @@ class Transformer:
     dtype: torch.dtype
     device: torch.device
     mtp: dict[str, Weight] = field(default_factory=dict)  # loaded, not used yet
+    read_ahead: ReadAhead | None = None  # streaming: reads the next layer's likely experts in the background
 
     def new_cache(self) -> Cache:
         return Cache.empty(self.config.compress_ratios[: self.config.num_hidden_layers])
@@ -45,6 +48,8 @@ class Transformer:
         start = cache.length
         positions = torch.arange(start, start + token_ids.shape[0], device=self.device)
         token_ids = token_ids.to(self.device)
+        if self.read_ahead is not None:
+            self.read_ahead.start(token_ids)
         streams = self.streams(token_ids)
         for layer, layer_cache in enumerate(cache.layers):
             streams = self.blocks[layer](streams, positions, token_ids, layer_cache)
@@ -55,6 +60,8 @@ class Transformer:
         """One next token for each of B sequences (token_ids [B], one cache each) -> hidden [B, D]."""
         positions = torch.tensor([c.length for c in caches], device=self.device)
         token_ids = token_ids.to(self.device)
+        if self.read_ahead is not None:
+            self.read_ahead.start(token_ids)
         streams = self.streams(token_ids)
         for layer in range(len(self.blocks)):
             streams = self.blocks[layer].decode_batch(streams, positions, token_ids, [c.layers[layer] for c in caches])
@@ -185,22 +192,40 @@ def build_block(c: ModelConfig, r: Reader, layer: int, rotaries: Rotaries) -> Bl
 def build_transformer(
     source: WeightSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
     progress=None, expert_cache: ExpertCache | None = None, keep_layers: Collection[int] | None = None,
+    read_ahead: str | None = None,
 ) -> Transformer:
     """Read every weight of `source` and assemble the network. `progress(name)` is called per tensor.
     With `expert_cache`, routed experts are not read now but streamed through the cache. With
     `keep_layers` (the stream-layers memory mode), only those layers are built now; the others are
     built from the source each time they run and dropped after (`StreamedBlocks`), and the unused MTP
-    block is not loaded."""
+    block is not loaded. With `read_ahead` (a `ds4py.memory.read_ahead` predictor) and an expert cache,
+    the next layer's likely experts are read into the cache in the background."""
     c = source.config
     device = torch.device(device)
     r = Reader(source, source.get, device, dtype, expected_shapes(c), expert_cache, progress)
     rotaries = Rotaries.make(c, device)
+    ahead = None
+    if read_ahead and expert_cache is not None:
+        quiet = replace(r, progress=None)
+        stacks = [tuple(quiet.weight(f"layers.{i}.ffn.experts.{w}") for w in ("w1", "w3", "w2"))
+                  for i in range(c.num_hidden_layers)]
+        ahead = ReadAhead(expert_cache, stacks, read_ahead)
+
+    def hooked(block: Block, layer: int, held: bool) -> Block:
+        """Tell the read-ahead when the block routes; `held` blocks lend it their router."""
+        if ahead is not None:
+            block.ffn.read_ahead = partial(ahead.routed, layer)
+            if held:
+                ahead.routers[layer] = block.ffn.router
+        return block
+
     if keep_layers is None:
-        blocks = [build_block(c, r, i, rotaries) for i in range(c.num_hidden_layers)]
+        blocks = [hooked(build_block(c, r, i, rotaries), i, True) for i in range(c.num_hidden_layers)]
         mtp = {name: r.weight(name) for name in source.names() if name.startswith("mtp.")}
     else:
         def build(layer: int, read: Callable[[str], Weight]) -> Block:
-            return build_block(c, replace(r, read=read, progress=None), layer, rotaries)
+            block = build_block(c, replace(r, read=read, progress=None), layer, rotaries)
+            return hooked(block, layer, layer in keep_layers)
 
         blocks = StreamedBlocks(c.num_hidden_layers, build, source.read, keep_layers)
         mtp = {}
@@ -224,4 +249,5 @@ def build_transformer(
         dtype=dtype,
         device=device,
         mtp=mtp,
+        read_ahead=ahead,
     )
