@@ -37,8 +37,8 @@ class ReadAhead:
         self.routers: dict[int, Router] = {}            # layers whose router is held
         self.previous: dict[int, torch.Tensor] = {}     # layer -> expert ids it chose in the last step
         self.predicted: dict[int, torch.Tensor] = {}    # layer -> ids the running job predicted for it
-        self.needed = 0     # experts the layers used (unique per layer and step) ...
-        self.covered = 0    # ... of which predicted: the prediction's coverage, independent of the cache
+        self.needed = [0] * len(stacks)   # per layer: experts it used (unique per step) ...
+        self.covered = [0] * len(stacks)  # ... of which predicted: the prediction's coverage, cache aside
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ds4py-read-ahead")
         self.job: tuple[Future, threading.Event] | None = None
 
@@ -55,9 +55,9 @@ class ReadAhead:
         self.finish()
         needed = ids.unique()
         guess = self.predicted.pop(layer, None)
-        self.needed += needed.numel()
+        self.needed[layer] += needed.numel()
         if guess is not None:
-            self.covered += int(torch.isin(needed, guess).sum())
+            self.covered[layer] += int(torch.isin(needed, guess).sum())
         self.previous[layer] = needed
         with self.cache.lock:
             self.cache.pinned = {(s.name, e) for s in self.stacks[layer] for e in needed.tolist()}
@@ -92,9 +92,10 @@ class ReadAhead:
             cancel.set()
             future.result()
 
-    @property
-    def coverage(self) -> float:
-        return self.covered / self.needed if self.needed else 0.0
+    def coverage(self, layers: range | list[int]) -> float:
+        """The fraction of the experts `layers` used that had been predicted."""
+        needed = sum(self.needed[i] for i in layers)
+        return sum(self.covered[i] for i in layers) / needed if needed else 0.0
 
 
 def fetch(items: list[tuple[StreamedExperts, int]], keep: set[tuple[str, int]], cancel: threading.Event) -> None:
