@@ -116,6 +116,9 @@ def bench_main(args) -> int:
         c = facts["expert_cache"]
         print(f"expert cache: hit rate {c['hit_rate']:.3f}, {c['bytes_read'] / 2**20:.0f} MiB read, "
               f"{c['bytes_read_per_token'] / 2**20:.2f} MiB per token")
+        if c["prefetched"]:
+            print(f"read-ahead: {c['prefetched']} experts prefetched, {c['prefetch_hits']} of them used "
+                  f"({c['prefetch_hit_rate']:.3f})")
     if "layer_stream" in facts:
         c = facts["layer_stream"]
         print(f"layer stream: {c['misses']} layer builds, {c['bytes_read'] / 2**20:.0f} MiB read, "

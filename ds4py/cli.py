@@ -25,6 +25,10 @@ def add_model_arguments(p: argparse.ArgumentParser, optional_model: bool = True)
                    help="RAM the weights may use, e.g. 8G; when the model is larger, routed experts are read from "
                         "the file on demand into a cache of what is left, and when even the other weights do not "
                         "fit, layers are read as they run (default: the memory available now)")
+    p.add_argument("--read-ahead", default=None, choices=["on", "off", "gate", "previous", "hash"],
+                   help="when streaming, read the next layer's likely experts in the background: gate (layer "
+                        "L+1's router on layer L's hidden state; on), previous (its last choices) or hash (hash "
+                        "layers only) (default: $DS4PY_READ_AHEAD, else on)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,8 +66,11 @@ def load_model(args, path: str):
     import ds4py
 
     model = ds4py.load(path, device=args.device, dtype=args.dtype, ctx=args.ctx,
-                       progress=sys.stderr.isatty(), memory_budget=args.memory_budget)
-    print(f"ds4py: {path}: {model.memory_plan.describe()}", file=sys.stderr)
+                       progress=sys.stderr.isatty(), memory_budget=args.memory_budget,
+                       read_ahead=getattr(args, "read_ahead", None))
+    ahead = model.transformer.read_ahead
+    note = f", read-ahead {ahead.predictor}" if ahead is not None else ""
+    print(f"ds4py: {path}: {model.memory_plan.describe()}{note}", file=sys.stderr)
     return model
 
 
