@@ -1,6 +1,6 @@
 """Streaming keeps memory under the budget, measured in a fresh process as peak RSS growth over the
 Python + torch runtime (within the budget plus 16 MiB of allocator slack), with the resident mode's
-logits (prefill and each decode step) and tokens exactly:
+logits (prefill and each decode step) and tokens exactly, with read-ahead on (the default):
 - stream-experts: a model 2.3x larger than the budget, 96% of it routed experts;
 - stream-layers: a model whose non-expert weights alone are 1.5x the budget."""
 
