@@ -17,8 +17,9 @@ def load(path, device: str = "cpu", dtype: str = "float32", ctx: int | None = No
     from the file through an LRU cache that fills what the budget leaves; when even the non-expert
     weights do not fit, layers are also built from the file as they run (`ds4py.memory.plan`).
     `read_ahead` (streaming modes): which prediction of the next layer's experts to read in the
-    background ("gate", "previous", "hash"; True for the default), or False/"off"; when not given,
-    the DS4PY_READ_AHEAD environment variable, else on (`ds4py.memory.read_ahead`)."""
+    background ("gate", "previous", "hash"; True or "on" for gate), or False/"off"; when not given,
+    the DS4PY_READ_AHEAD environment variable, else off: it cuts cache misses but has not yet been
+    shown to save time (`ds4py.memory.read_ahead`)."""
     import torch
 
     from ds4py.engine import Model
@@ -71,7 +72,7 @@ def read_ahead_predictor(option: str | bool | None) -> str | None:
     from ds4py.memory.read_ahead import DEFAULT_PREDICTOR, PREDICTORS
 
     if option is None:
-        option = os.environ.get("DS4PY_READ_AHEAD", "on")
+        option = os.environ.get("DS4PY_READ_AHEAD", "off")
     if option is True or str(option).lower() in ("on", "1", "true", "yes"):
         return DEFAULT_PREDICTOR
     if option is False or str(option).lower() in ("off", "0", "false", "no", ""):

@@ -28,7 +28,7 @@ def add_model_arguments(p: argparse.ArgumentParser, optional_model: bool = True)
     p.add_argument("--read-ahead", default=None, choices=["on", "off", "gate", "previous", "hash"],
                    help="when streaming, read the next layer's likely experts in the background: gate (layer "
                         "L+1's router on layer L's hidden state; on), previous (its last choices) or hash (hash "
-                        "layers only) (default: $DS4PY_READ_AHEAD, else on)")
+                        "layers only) (default: $DS4PY_READ_AHEAD, else off)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

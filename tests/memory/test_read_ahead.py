@@ -96,11 +96,14 @@ def test_prefetch_keeps_capacity_and_pinned():
 
 
 def test_read_ahead_switch(monkeypatch):
-    monkeypatch.setenv("DS4PY_READ_AHEAD", "off")
+    monkeypatch.delenv("DS4PY_READ_AHEAD", raising=False)
     assert ds4py.load(streaming_source(CONFIG, WEIGHTS), memory_budget=budget(0.5)).transformer.read_ahead is None
-    monkeypatch.delenv("DS4PY_READ_AHEAD")
+    monkeypatch.setenv("DS4PY_READ_AHEAD", "on")
     model = ds4py.load(streaming_source(CONFIG, WEIGHTS), memory_budget=budget(0.5))
-    assert model.transformer.read_ahead.predictor == "gate"  # on by default when streaming
+    assert model.transformer.read_ahead.predictor == "gate"
+    monkeypatch.setenv("DS4PY_READ_AHEAD", "previous")
+    assert ds4py.load(streaming_source(CONFIG, WEIGHTS), memory_budget=budget(0.5)).transformer.read_ahead.predictor \
+        == "previous"
     assert ds4py.load(from_tensors(CONFIG, WEIGHTS), read_ahead=True).transformer.read_ahead is None  # resident
     with pytest.raises(Ds4pyError, match="read-ahead"):
         ds4py.load(streaming_source(CONFIG, WEIGHTS), memory_budget=budget(0.5), read_ahead="oracle")

@@ -1,12 +1,13 @@
 """Streaming keeps memory under the budget, measured in a fresh process as peak RSS growth over the
 Python + torch runtime (within the budget plus 16 MiB of allocator slack), with the resident mode's
-logits (prefill and each decode step) and tokens exactly, with read-ahead on (the default):
+logits (prefill and each decode step) and tokens exactly, with read-ahead off (the default) and on:
 - stream-experts: a model 2.3x larger than the budget, 96% of it routed experts;
 - stream-layers: a model whose non-expert weights alone are 1.5x the budget."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,17 +34,18 @@ def big_experts(tmp_path_factory):
     return tmp / "m.gguf"
 
 
-def probe(model: Path, budget: str, out: Path) -> dict:
+def probe(model: Path, budget: str, out: Path, read_ahead: str = "off") -> dict:
     proc = subprocess.run([sys.executable, "-m", "tests.memory.rss_probe", str(model), budget, str(out)],
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "DS4PY_READ_AHEAD": read_ahead})
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_streaming_under_budget_matches_resident(big_experts, tmp_path):
+@pytest.mark.parametrize("read_ahead", ["off", "gate"])
+def test_streaming_under_budget_matches_resident(big_experts, tmp_path, read_ahead):
     budget = 90 * 2**20
     resident = probe(big_experts, "none", tmp_path / "resident.pt")
-    streamed = probe(big_experts, str(budget), tmp_path / "streamed.pt")
+    streamed = probe(big_experts, str(budget), tmp_path / "streamed.pt", read_ahead)
     assert resident["mode"] == "resident" and streamed["mode"] == "stream-experts"
     assert streamed["weights"] > 2.3 * budget
     growth = streamed["peak"] - streamed["baseline"]
@@ -51,6 +53,17 @@ def test_streaming_under_budget_matches_resident(big_experts, tmp_path):
     assert resident["peak"] - resident["baseline"] > streamed["weights"]  # the resident run did hold it all
     assert_same_outputs(tmp_path / "resident.pt", tmp_path / "streamed.pt")
     assert streamed["stats"]["evictions"] > 0
+    assert (streamed["stats"]["prefetched"] > 0) == (read_ahead != "off")
+
+
+def test_read_ahead_holds_no_more_memory(big_experts, tmp_path):
+    """The read-ahead thread's reads are given back on eviction like the main thread's (each expert its
+    own mapping; from its malloc arena they stayed: ~30 MiB more here)."""
+    growth = {}
+    for read_ahead in ("off", "gate"):
+        r = probe(big_experts, str(90 * 2**20), tmp_path / f"{read_ahead}.pt", read_ahead)
+        growth[read_ahead] = r["peak"] - r["baseline"]
+    assert growth["gate"] <= growth["off"] + 8 * 2**20, {k: v / 2**20 for k, v in growth.items()}
 
 
 def assert_same_outputs(a_path: Path, b_path: Path) -> None:
