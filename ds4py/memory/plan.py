@@ -59,13 +59,16 @@ class MemoryPlan:
 
 
 FLOAT_SIZES = {"f32": 4, "bf16": 2, "f16": 2}
+# read as float32 whatever the compute dtype (model/transformer.py's `Reader.f32`): norms, the compressors'
+# position biases, hyper-connection parameters, attention sinks, the routers
+ALWAYS_F32 = re.compile(r"(norm\.weight|\.ape|_fn|_base|_scale|attn_sink|ffn\.gate\.weight|ffn\.gate\.bias)$")
 
 
 def tensor_bytes(source: WeightSource, compute_size: int | None = None) -> dict[str, int]:
     """Each tensor's bytes in memory, without reading the data: packed formats as stored; float tensors
     (F32/BF16/F16) at `compute_size` bytes per value when given, since they are converted once to the
-    compute dtype, except those held in bf16 (`ds4py.formats.stays_bf16`; the router weights are always
-    float32 and not among them)."""
+    compute dtype, except those held in bf16 (`ds4py.formats.stays_bf16`) and those always read as float32
+    (`ALWAYS_F32`); the hash tables as int64."""
     import torch
 
     from ds4py.formats import stays_bf16
@@ -86,8 +89,10 @@ def tensor_bytes(source: WeightSource, compute_size: int | None = None) -> dict[
         stored = FLOAT_SIZES.get(kind)
         kept = (kind == "bf16" and not name.endswith("ffn.gate.weight")
                 and stays_bf16(name, tuple(shapes.get(name, ())), torch.bfloat16))
-        if compute_size and stored and not kept and not name.endswith("tid2eid"):
-            n = n // stored * compute_size
+        if name.endswith("tid2eid"):
+            n = n // 4 * 8  # I32 on disk, int64 in memory
+        elif compute_size and stored and not kept:
+            n = n // stored * (4 if ALWAYS_F32.search(name) else compute_size)
         out[name] = n
     return out
 
