@@ -401,3 +401,21 @@ def test_concurrent_clients_on_the_real_model(server, tiny):
     while sched.counters.cancelled == cancelled_before and time.time() < deadline:
         time.sleep(0.05)
     assert sched.counters.cancelled == cancelled_before + 1 and not sched.active
+
+
+# --- the bundled nano model, loaded by `ds4py serve` without a model argument -------------------------------
+def test_serves_the_bundled_nano_model():
+    """A multi-turn conversation over HTTP with the default model answers as its training taught
+    (the golden tests pin its exact tokens; this checks the path through the server)."""
+    state = build_state(serve_args(model=None, alias=None))
+    with LiveServer(state) as live:
+        c = client(live)
+        assert [m.id for m in c.models.list().data] == ["nano"]
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        first = c.chat.completions.create(model="nano", messages=messages, max_tokens=30, temperature=0)
+        assert "Paris" in first.choices[0].message.content and first.choices[0].finish_reason == "stop"
+        messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "Who wrote Moby Dick?"}]
+        second = c.chat.completions.create(model="nano", messages=messages, max_tokens=30, temperature=0)
+        assert "Melville" in second.choices[0].message.content
+        assert second.usage.prompt_tokens_details.cached_tokens > 0  # the first turn's state was reused
