@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -100,19 +102,45 @@ def split_columns(w: Weight, cols: slice) -> Weight:
     return Dense(w.dequantize()[..., cols].contiguous())
 
 
+class MappingPool:
+    """Anonymous mappings for streamed experts, reused once no tensor refers to them any more.
+
+    Expert buffers come and go with the expert cache. From malloc, small allocations in between split
+    the freed ones and the heap grows: on the 6-layer flash-slice under a 6G budget peak RSS reached
+    6.64 GiB. A mapping of its own per read, unmapped on eviction, keeps the RSS to what is live, but is
+    zero-filled page by page on every read (pp64 34 -> 10 tok/s on the 3-layer flash-slice). Reusing
+    the mappings does both: a mapping is free when only this pool holds it (a tensor made by
+    torch.frombuffer holds a reference to its buffer until its storage dies), so at most as many exist
+    as were ever live at once plus the free ones of other sizes."""
+
+    def __init__(self):
+        self.maps: list[mmap.mmap] = []
+        self.lock = threading.Lock()
+
+    def take(self, nbytes: int) -> mmap.mmap:
+        with self.lock:
+            for m in self.maps:
+                # references: the list, the loop variable, getrefcount's argument
+                if len(m) == nbytes and sys.getrefcount(m) == 3:
+                    return m
+            m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+            self.maps.append(m)
+            for free in [f for f in self.maps if len(f) != nbytes and sys.getrefcount(f) == 3]:
+                self.maps.remove(free)  # a size no longer read: give it back
+                free.close()
+            return m
+
+
+EXPERT_BUFFERS = MappingPool()
+
+
 def pread_weight(path: Path, offset: int, nbytes: int, qtype: Q, shape: tuple[int, ...],
-                 own_mapping: bool = False) -> Weight:
-    """`nbytes` at `offset` of the file read with pread into a fresh (allocator-aligned) buffer, as a
-    Weight of `shape`: the memory map is not touched, so dropping the weight gives the memory back.
-    With `own_mapping` the buffer is an anonymous mapping of its own, unmapped when the weight is dropped:
-    for experts while read-ahead runs, whose thread's malloc arena would otherwise keep what the main
-    thread evicts and grow the RSS past the cache (by ~30 % in tests/memory/test_rss.py). Only then: a
-    fresh mapping is zero-filled and unmapped per read; on the flash-slice model under a 4G budget that
-    costs pp64 34 -> 17 tok/s and tg32 12.5 -> 7.3 tok/s (malloc'd buffers: peak RSS 3.97 GiB, within the
-    budget; own mappings: 2.85 GiB)."""
-    if own_mapping:
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE  # faulted in at once: 1.7x faster
-        raw = torch.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype=torch.uint8)
+                 pooled: bool = False) -> Weight:
+    """`nbytes` at `offset` of the file read with pread into a buffer of its own, as a Weight of `shape`:
+    the memory map is not touched, so dropping the weight gives the memory back. `pooled` (experts):
+    the buffer is a mapping from `EXPERT_BUFFERS`, reused once the weight is dropped."""
+    if pooled:
+        raw = torch.frombuffer(EXPERT_BUFFERS.take(nbytes), dtype=torch.uint8)
     else:
         raw = torch.empty(nbytes, dtype=torch.uint8)
     fd = os.open(path, os.O_RDONLY)
@@ -135,9 +163,4 @@ def tensor_reader(path: Path, t: TensorInfo, shape: tuple[int, ...]):
 def expert_reader(path: Path, t: TensorInfo, shape: tuple[int, ...]):
     """read(e) -> expert e's 2-D weight, read with pread (the memory map is not touched)."""
     per_expert = t.nbytes // shape[0]
-
-    def read(e: int, own_mapping: bool = False) -> Weight:
-        return pread_weight(path, t.offset + e * per_expert, per_expert, t.qtype, shape[1:], own_mapping)
-
-    read.takes_own_mapping = True  # ReadAhead asks for it (see pread_weight)
-    return read
+    return lambda e: pread_weight(path, t.offset + e * per_expert, per_expert, t.qtype, shape[1:], pooled=True)

@@ -202,11 +202,6 @@ def build_transformer(
     the next layer's likely experts are read into the cache in the background."""
     c = source.config
     device = torch.device(device)
-    if read_ahead and expert_cache is not None:  # experts in buffers that eviction gives back whichever
-        # thread read them (see loaders.gguf.pread_weight); without read-ahead the faster malloc'd ones
-        source = replace(source, expert_readers={
-            name: partial(read, own_mapping=True) if getattr(read, "takes_own_mapping", False) else read
-            for name, read in source.expert_readers.items()})
     r = Reader(source, source.get, device, dtype, expected_shapes(c), expert_cache, progress)
     rotaries = Rotaries.make(c, device)
     ahead = None
