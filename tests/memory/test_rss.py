@@ -57,8 +57,8 @@ def test_streaming_under_budget_matches_resident(big_experts, tmp_path, read_ahe
 
 
 def test_read_ahead_holds_no_more_memory(big_experts, tmp_path):
-    """The read-ahead thread's reads are given back on eviction like the main thread's (each expert its
-    own mapping; from its malloc arena they stayed: ~30 MiB more here)."""
+    """The read-ahead thread's reads are given back on eviction like the main thread's (experts are read into
+    pooled mappings, loaders.gguf.MappingPool; from its malloc arena they stayed: ~30 MiB more here)."""
     growth = {}
     for read_ahead in ("off", "gate"):
         r = probe(big_experts, str(90 * 2**20), tmp_path / f"{read_ahead}.pt", read_ahead)
