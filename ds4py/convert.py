@@ -191,15 +191,13 @@ TOKENIZER_KEY_TYPES = {"tokenizer.ggml.model": "str", "tokenizer.ggml.pre": "str
                        "tokenizer.ggml.add_bos_token": "bool", "tokenizer.ggml.add_eos_token": "bool"}
 
 
-def tokenizer_items(source: WeightSource) -> list[tuple[str, object, str]]:
-    """The tokenizer metadata: from tokenizer.json beside a checkpoint, or copied from a source GGUF."""
+def tokenizer_items(source: WeightSource, tok_dir: Path) -> list[tuple[str, object, str]]:
+    """The tokenizer metadata: copied from a source GGUF, or from tokenizer.json in `tok_dir`."""
     from ds4py.tokenizer_gguf import gguf_tokenizer_metadata
 
     if source.kind == "gguf":
-        md = source.metadata
         return [(k, v, TOKENIZER_KEY_TYPES.get(k, "u32" if k.endswith("_id") else "array"))
-                for k, v in md.items() if k.startswith("tokenizer.ggml.")]
-    tok_dir = source.path if source.path.is_dir() else source.path.parent
+                for k, v in source.metadata.items() if k.startswith("tokenizer.ggml.")]
     if (tok_dir / "tokenizer.json").exists():
         return gguf_tokenizer_metadata(tok_dir, source.config.vocab_size)
     print(f"convert: no tokenizer.json in {tok_dir}: the GGUF gets no tokenizer metadata", file=sys.stderr)
@@ -208,14 +206,14 @@ def tokenizer_items(source: WeightSource) -> list[tuple[str, object, str]]:
 
 def metadata(writer: GGUFWriter, source: WeightSource, name: str, tensors: list[Planned]) -> None:
     tok_dir = source.path if source.path.is_dir() else source.path.parent
-    template = source.metadata.get("tokenizer.chat_template") if source.kind == "gguf" else None
-    writer.add_chat_template(template or chat_template(tok_dir))
+    kept = source.metadata if source.kind == "gguf" else {}  # a requantized GGUF keeps its template and name
+    writer.add_chat_template(kept.get("tokenizer.chat_template") or chat_template(tok_dir))
     writer.add_string("general.type", "model")
-    writer.add_string("general.name", source.metadata.get("general.name", name) if source.kind == "gguf" else name)
+    writer.add_string("general.name", kept.get("general.name", name))
     writer.add_string("general.size_label", size_label(tensors))
     items = config_to_metadata(source.config)
     items.append(("general.quantization_version", 2, "u32"))
-    items += tokenizer_items(source)
+    items += tokenizer_items(source, tok_dir)
     for key, value, kind in items:
         add = {"u32": writer.add_uint32, "f32": writer.add_float32, "bool": writer.add_bool,
                "str": writer.add_string}.get(kind)

@@ -87,12 +87,13 @@ def tensor_bytes(source: WeightSource, compute_size: int | None = None) -> dict[
             n = source.get(name).nbytes
         kind = kinds.get(name, "")
         stored = FLOAT_SIZES.get(kind)
-        kept = (kind == "bf16" and not name.endswith("ffn.gate.weight")
-                and stays_bf16(name, tuple(shapes.get(name, ())), torch.bfloat16))
         if name.endswith("tid2eid"):
             n = n // 4 * 8  # I32 on disk, int64 in memory
-        elif compute_size and stored and not kept:
-            n = n // stored * (4 if ALWAYS_F32.search(name) else compute_size)
+        elif compute_size and stored and ALWAYS_F32.search(name):
+            n = n // stored * 4
+        elif compute_size and stored and not (kind == "bf16" and stays_bf16(name, tuple(shapes.get(name, ())),
+                                                                             torch.bfloat16)):
+            n = n // stored * compute_size
         out[name] = n
     return out
 

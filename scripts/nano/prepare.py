@@ -37,7 +37,8 @@ def main(work: Path) -> None:
     books_train, books_held = corpus.split(cache)
     files = [n for n, _ in corpus.addresses(cache)]
     gen_train = dialogues.generate(SEED_TRAIN, DIALOGUES, STORIES, files)
-    gen_held = [d for d in dialogues.generate(SEED_HELD, 600, 0, files) if d not in set(gen_train)][:400]
+    seen = set(gen_train)
+    gen_held = [d for d in dialogues.generate(SEED_HELD, 600, 0, files) if d not in seen][:400]
     tok = bpe.train(books_train + gen_train, work / "tokenizer")
     streams = {"train": stream(tok, books_train + gen_train), "held_books": stream(tok, books_held),
                "held_dialogues": stream(tok, gen_held)}

@@ -17,12 +17,6 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-@pytest.fixture(scope="module")
-def lib():
-    if not kernels.available():
-        pytest.skip("CPU kernels could not be built here")
-
-
 SHAPES = ((300, 256), (77, 96), (41, 4096), (9, 17))  # 96, 17: partial 32-value tails; 41, 9: partial row blocks
 
 

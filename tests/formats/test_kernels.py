@@ -47,12 +47,6 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-@pytest.fixture(scope="module")
-def lib():
-    if not kernels.available():
-        pytest.skip("CPU kernels could not be built here")
-
-
 @pytest.mark.parametrize("generic", [False, True], ids=["simd", "portable"])
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.MXFP4], ids=["q8_0", "mxfp4"])
 def test_kernel_matches_dequantized_linear(lib, monkeypatch, qtype, generic):
