@@ -1,9 +1,14 @@
-"""The hyper-connection mixing weights in one compiled call. After the [T, (2 + hc) * hc] projection,
-mHC applies sigmoids, a softmax and ~20 Sinkhorn-Knopp iterations to tiny [hc, hc] matrices: ~90 torch
-ops of a few values each, twice per layer, whose dispatch cost (~0.35 ms per call) rivals the matmuls in
-decoding. Here they run as one C++ loop in float32 (same operations, same order; `expf` may differ from
-torch's vectorised exp in the last bit). Compiled at first use like `ds4py.formats.kernels`; without a
-compiler, or with DS4PY_NO_KERNELS=1, callers use the torch code."""
+"""The hyper-connections of small token counts (decoding) in compiled calls. mHC's mixing weights apply
+sigmoids, a softmax and ~20 Sinkhorn-Knopp iterations to tiny [hc, hc] matrices: ~90 torch ops of a few
+values each, twice per layer, whose dispatch cost (~0.35 ms per call) rivals the matmuls in decoding.
+`hc_weights` runs them as one C++ loop in float32 (same operations, same order; `expf` may differ from
+torch's vectorised exp in the last bit). For a few tokens `hc_collapse` also does the norm, the
+[(2 + hc) * hc, hc * D] projection and the weighted sum of the streams around it, and `hc_expand` the
+post/comb mixing after the sub-block, in float32 with one rounding to the streams' dtype at the end
+(torch rounds bf16 streams after each op): in decoding the torch ops of these two took ~3 ms of a
+64 ms flash-slice token (three layers), mostly small ops waking the thread pool.
+Compiled at first use like `ds4py.formats.kernels`; without a compiler, or with DS4PY_NO_KERNELS=1,
+callers use the torch code."""
 
 from __future__ import annotations
 
@@ -15,8 +20,12 @@ import torch
 from ds4py.formats import kernels
 
 _SOURCE = r"""
+#include <ATen/Parallel.h>
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <vector>
 
 extern "C" void ds4py_hc_weights(const float* mix, int64_t T, int hc, const float* base, const float* scale,
                                  int iters, float eps, float* pre, float* post, float* comb) {
@@ -57,6 +66,108 @@ extern "C" void ds4py_hc_weights(const float* mix, int64_t T, int hc, const floa
     }
   }
 }
+
+template <bool BF>
+inline float load_value(const void* p, int64_t i) {
+  if (!BF) return ((const float*)p)[i];
+  uint32_t u = (uint32_t)((const uint16_t*)p)[i] << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <bool BF>
+inline void store_value(void* p, int64_t i, float f) {
+  if (!BF) {
+    ((float*)p)[i] = f;
+    return;
+  }
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  // round to nearest even; NaN -> 0x7FC0 as torch rounds it
+  ((uint16_t*)p)[i] = f != f ? (uint16_t)0x7FC0 : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+template <bool BF>
+void hc_collapse(const void* streams, int64_t T, int hc, int64_t D, const float* fn, const float* base,
+                 const float* scale, int iters, float hc_eps, float norm_eps, void* x, float* pre, float* post,
+                 float* comb) {
+  const int rows = (2 + hc) * hc;
+  const int64_t n = hc * D;
+  std::vector<float> flat(n), mix(rows), acc(D);
+  for (int64_t t = 0; t < T; t++) {
+    const int64_t off = t * n;
+    double lanes[8] = {};  // the mean of squares, in float64 so the order of the sum does not matter
+    for (int64_t i = 0; i < n; i++) flat[i] = load_value<BF>(streams, off + i);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      for (int l = 0; l < 8; l++) lanes[l] += (double)flat[i + l] * flat[i + l];
+    for (; i < n; i++) lanes[0] += (double)flat[i] * flat[i];
+    double ss = 0.0;
+    for (int l = 0; l < 8; l++) ss += lanes[l];
+    const float r = 1.0f / std::sqrt((float)(ss / n) + norm_eps);
+    for (int64_t i = 0; i < n; i++) flat[i] *= r;
+    at::parallel_for(0, rows, 8, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; j++) {
+        const float* w = fn + j * n;
+        float acc[16] = {};
+        int64_t i = 0;
+        for (; i + 16 <= n; i += 16)
+          for (int l = 0; l < 16; l++) acc[l] += flat[i + l] * w[i + l];
+        float s = 0.0f;
+        for (int l = 0; l < 16; l++) s += acc[l];
+        for (; i < n; i++) s += flat[i] * w[i];
+        mix[j] = s;
+      }
+    });
+    ds4py_hc_weights(mix.data(), 1, hc, base, scale, iters, hc_eps, pre + t * hc, post + t * hc, comb + t * hc * hc);
+    const float* p = pre + t * hc;
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int k = 0; k < hc; k++)
+      for (int64_t d = 0; d < D; d++) acc[d] += p[k] * load_value<BF>(streams, off + k * D + d);
+    for (int64_t d = 0; d < D; d++) store_value<BF>(x, t * D + d, acc[d]);
+  }
+}
+
+template <bool BF>
+void hc_expand(const void* out, const void* streams, int64_t T, int hc, int64_t D, const float* post,
+               const float* comb, void* next) {
+  std::vector<float> acc(D);
+  for (int64_t t = 0; t < T; t++) {
+    const float* po = post + t * hc;
+    const float* c = comb + t * hc * hc;
+    for (int k = 0; k < hc; k++) {
+      for (int64_t d = 0; d < D; d++) acc[d] = po[k] * load_value<BF>(out, t * D + d);
+      for (int j = 0; j < hc; j++) {
+        const float w = c[j * hc + k];
+        for (int64_t d = 0; d < D; d++) acc[d] += w * load_value<BF>(streams, (t * hc + j) * D + d);
+      }
+      for (int64_t d = 0; d < D; d++) store_value<BF>(next, (t * hc + k) * D + d, acc[d]);
+    }
+  }
+}
+
+// streams [T, hc, D] (float32, or bf16 bits when bf16) -> x [T, D] (same dtype) = sum_k pre_k * streams_k,
+// with pre, post [T, hc] and comb [T, hc, hc] from the normed streams' projection by fn [(2 + hc) * hc, hc * D].
+extern "C" int ds4py_hc_collapse(const void* streams, int bf16, int64_t T, int hc, int64_t D, const float* fn,
+                                 const float* base, const float* scale, int iters, float hc_eps, float norm_eps,
+                                 void* x, float* pre, float* post, float* comb) {
+  try {
+    if (bf16) hc_collapse<true>(streams, T, hc, D, fn, base, scale, iters, hc_eps, norm_eps, x, pre, post, comb);
+    else hc_collapse<false>(streams, T, hc, D, fn, base, scale, iters, hc_eps, norm_eps, x, pre, post, comb);
+  } catch (...) {
+    return 2;
+  }
+  return 0;
+}
+
+// out [T, D], streams [T, hc, D] (both float32, or both bf16 bits) -> next [T, hc, D]:
+// next_k = post_k * out + sum_j comb[j, k] * streams_j, in float32, rounded once.
+extern "C" void ds4py_hc_expand(const void* out, const void* streams, int bf16, int64_t T, int hc, int64_t D,
+                                const float* post, const float* comb, void* next) {
+  if (bf16) hc_expand<true>(out, streams, T, hc, D, post, comb, next);
+  else hc_expand<false>(out, streams, T, hc, D, post, comb, next);
+}
 """
 
 _lock = threading.Lock()
@@ -71,11 +182,16 @@ def _load() -> ctypes.CDLL | None:
     with _lock:
         if not _lib:
             try:
-                lib = kernels.build_library("ds4py_hc", _SOURCE, ["-O2"])
+                lib = kernels.build_library("ds4py_hc", _SOURCE, ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"])
                 lib.ds4py_hc_weights.restype = None
                 lib.ds4py_hc_weights.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
                                                  ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_void_p,
                                                  ctypes.c_void_p, ctypes.c_void_p]
+                p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+                lib.ds4py_hc_collapse.restype = ctypes.c_int
+                lib.ds4py_hc_collapse.argtypes = [p, i32, i64, i32, i64, p, p, p, i32, f32, f32, p, p, p, p]
+                lib.ds4py_hc_expand.restype = None
+                lib.ds4py_hc_expand.argtypes = [p, p, i32, i64, i32, i64, p, p, p]
                 _lib.append(lib)
             except Exception:  # the torch code is the fallback; ds4py.formats.kernels warns about compilers
                 _lib.append(None)
@@ -98,3 +214,54 @@ def hc_weights(mix: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc: i
     lib.ds4py_hc_weights(mix.data_ptr(), T, hc, base.data_ptr(), scale.data_ptr(), iters, eps, pre.data_ptr(),
                          post.data_ptr(), comb.data_ptr())
     return pre, post, comb
+
+
+# up to this many tokens the compiled collapse/expand run (decoding, batched decoding); longer inputs are
+# better served by torch's matmuls
+FUSED_MAX_T = 16
+
+
+def _fusable(*tensors: torch.Tensor) -> bool:
+    t = tensors[0]
+    return (t.dim() >= 2 and t.shape[0] <= FUSED_MAX_T and t.dtype in (torch.float32, torch.bfloat16)
+            and all(x.device.type == "cpu" for x in tensors)
+            and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)))
+
+
+def hc_collapse(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int,
+                hc_eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """streams [T, hc, D] -> (x [T, D] in streams' dtype, post [T, hc], comb [T, hc, hc]) in one compiled call,
+    or None where it does not apply (long inputs, other devices or dtypes, no compiler)."""
+    if not _fusable(streams, fn) or not all(t.dtype == torch.float32 and t.is_contiguous() for t in (fn, base, scale)):
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    T, hc, D = streams.shape
+    streams = streams.contiguous()
+    x = streams.new_empty(T, D)
+    pre = torch.empty(T, hc)
+    post, comb = torch.empty(T, hc), torch.empty(T, hc, hc)
+    rc = lib.ds4py_hc_collapse(streams.data_ptr(), int(streams.dtype == torch.bfloat16), T, hc, D, fn.data_ptr(),
+                               base.data_ptr(), scale.data_ptr(), iters, hc_eps, norm_eps, x.data_ptr(),
+                               pre.data_ptr(), post.data_ptr(), comb.data_ptr())
+    if rc:
+        raise RuntimeError(f"ds4py_hc_collapse failed ({rc})")
+    return x, post, comb
+
+
+def hc_expand(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor,
+              comb: torch.Tensor) -> torch.Tensor | None:
+    """out [T, D], streams [T, hc, D] -> post_k * out + sum_j comb[j, k] * streams_j [T, hc, D], or None."""
+    if not _fusable(streams, out) or out.dtype != streams.dtype:
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    T, hc, D = streams.shape
+    streams, out = streams.contiguous(), out.contiguous()
+    post, comb = post.float().contiguous(), comb.float().contiguous()
+    nxt = torch.empty_like(streams)
+    lib.ds4py_hc_expand(out.data_ptr(), streams.data_ptr(), int(streams.dtype == torch.bfloat16), T, hc, D,
+                        post.data_ptr(), comb.data_ptr(), nxt.data_ptr())
+    return nxt

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ds4py.model.hc_kernel import hc_weights
+from ds4py.model.hc_kernel import hc_collapse, hc_expand, hc_weights
 from ds4py.model.norms import unweighted_rms_norm
 
 
@@ -50,6 +50,9 @@ class HyperConnection:
 
     def collapse(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> block input [T, D], post, comb."""
+        fused = hc_collapse(streams, self.fn, self.base, self.scale, self.sinkhorn_iters, self.hc_eps, self.norm_eps)
+        if fused is not None:
+            return fused
         pre, post, comb = self.weights(streams)
         collapsed = (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
         return collapsed, post, comb
@@ -57,6 +60,12 @@ class HyperConnection:
     @staticmethod
     def expand(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """out [T, D], streams [T, hc, D] -> new streams: post_k * out + sum_j comb[j, k] * streams_j."""
+        fused = hc_expand(out, streams, post, comb)
+        return fused if fused is not None else HyperConnection.expand_torch(out, streams, post, comb)
+
+    @staticmethod
+    def expand_torch(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        """`expand` in torch ops (long inputs; the reference for the compiled one)."""
         dtype = streams.dtype
         mixed = torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
         return post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + mixed

@@ -1,11 +1,12 @@
-"""The compiled hyper-connection weights equal the torch ops they replace (to float32 rounding)."""
+"""The compiled hyper-connection code (the mixing weights; collapse and expand of a few tokens) against the
+torch ops it replaces: equal to float32 rounding, and in bf16 within one rounding of the exact value."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ds4py.model.hc_kernel import hc_weights
+from ds4py.model.hc_kernel import FUSED_MAX_T, hc_collapse, hc_expand, hc_weights
 from ds4py.model.hyper_connection import HyperConnection
 
 
@@ -21,3 +22,54 @@ def test_compiled_hc_weights_match_torch(hc, T):
     for ours, ref in zip(compiled, h.weights_torch(mix), strict=True):
         assert ours.shape == ref.shape
         assert (ours - ref).abs().max().item() < 1e-6
+
+
+def random_hyper(hc: int, D: int, seed: int) -> HyperConnection:
+    g = torch.Generator().manual_seed(seed)
+    n = (2 + hc) * hc
+    return HyperConnection(fn=torch.randn(n, hc * D, generator=g) / D**0.5, base=torch.randn(n, generator=g),
+                           scale=torch.rand(3, generator=g) * 3, hc=hc, sinkhorn_iters=20, hc_eps=1e-6, norm_eps=1e-6)
+
+
+def torch_collapse(h: HyperConnection, streams: torch.Tensor):
+    pre, post, comb = h.weights(streams)
+    return (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype), post, comb
+
+
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_compiled_collapse_matches_torch(T, dtype):
+    h = random_hyper(4, 96, T)
+    streams = torch.randn(T, 4, 96, generator=torch.Generator().manual_seed(7)).to(dtype)
+    fused = hc_collapse(streams, h.fn, h.base, h.scale, h.sinkhorn_iters, h.hc_eps, h.norm_eps)
+    assert fused is not None, "the compiled collapse did not build"
+    x, post, comb = fused
+    rx, rpost, rcomb = torch_collapse(h, streams)
+    assert x.dtype == dtype and x.shape == (T, 96)
+    assert (post - rpost).abs().max() < 1e-6 and (comb - rcomb).abs().max() < 1e-6
+    # float32: the same sums in another order; bf16: the same float32 value rounded (ties may round apart)
+    tol = 1e-6 if dtype == torch.float32 else 2**-8
+    assert ((x.float() - rx.float()).abs() <= tol * rx.float().abs() + 1e-6).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_compiled_expand_matches_float64(dtype):
+    g = torch.Generator().manual_seed(8)
+    T, hc, D = 2, 4, 96
+    streams, out = torch.randn(T, hc, D, generator=g).to(dtype), torch.randn(T, D, generator=g).to(dtype)
+    _, post, comb = random_hyper(hc, D, 9).weights(streams)
+    exact = comb.double().transpose(-1, -2) @ streams.double() + post.double().unsqueeze(-1) * out.double().unsqueeze(-2)
+    fused = hc_expand(out, streams, post, comb)
+    assert fused is not None and fused.dtype == dtype and fused.shape == (T, hc, D)
+    # computed in float32 and rounded once: within half an ulp of the dtype (plus float32 sums) of the exact value
+    ulp = 2**-23 if dtype == torch.float32 else 2**-7
+    assert ((fused.double() - exact).abs() <= ulp * exact.abs() + 1e-5).all()
+    torch_path = HyperConnection.expand_torch(out, streams, post, comb)
+    assert ((fused.double() - exact).abs().max() <= (torch_path.double() - exact).abs().max() + 1e-6)
+
+
+def test_long_inputs_and_autograd_use_torch():
+    h = random_hyper(4, 32, 1)
+    assert hc_collapse(torch.randn(FUSED_MAX_T + 1, 4, 32), h.fn, h.base, h.scale, 20, 1e-6, 1e-6) is None
+    s = torch.randn(1, 4, 32, requires_grad=True)
+    assert hc_collapse(s, h.fn, h.base, h.scale, 20, 1e-6, 1e-6) is None
