@@ -58,7 +58,8 @@ def test_compiled_expand_matches_float64(dtype):
     T, hc, D = 2, 4, 96
     streams, out = torch.randn(T, hc, D, generator=g).to(dtype), torch.randn(T, D, generator=g).to(dtype)
     _, post, comb = random_hyper(hc, D, 9).weights(streams)
-    exact = comb.double().transpose(-1, -2) @ streams.double() + post.double().unsqueeze(-1) * out.double().unsqueeze(-2)
+    exact = (comb.double().transpose(-1, -2) @ streams.double()
+             + post.double().unsqueeze(-1) * out.double().unsqueeze(-2))
     fused = hc_expand(out, streams, post, comb)
     assert fused is not None and fused.dtype == dtype and fused.shape == (T, hc, D)
     # computed in float32 and rounded once: within half an ulp of the dtype (plus float32 sums) of the exact value
