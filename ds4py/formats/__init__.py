@@ -31,6 +31,11 @@ class Weight:
         """The 2-D weight of expert `e` of a 3-D stack, sharing the packed storage."""
         raise NotImplementedError
 
+    def kernel_rows(self) -> tuple[torch.Tensor, int] | None:
+        """(raw uint8 rows, ggml qtype) of a 2-D weight the compiled CPU kernels multiply straight from its
+        blocks (Q8_0, MXFP4), else None."""
+        return None
+
     def to(self, device: torch.device | str) -> Weight:
         raise NotImplementedError
 

@@ -77,6 +77,11 @@ class GGMLWeight(Weight):
             return kernels.ggml_linear(x, self.raw, int(self.qtype))
         return super().linear(x)
 
+    def kernel_rows(self) -> tuple[torch.Tensor, int] | None:
+        if self.qtype in (Q.Q8_0, Q.MXFP4) and len(self.shape) == 2:
+            return self.raw, int(self.qtype)
+        return None
+
     def expert(self, e: int) -> GGMLWeight:
         """Expert e of a 3-D weight, sharing the packed storage (the view is kept: it is asked for per token)."""
         part = self.parts.get(("expert", e))

@@ -459,6 +459,81 @@ extern "C" int ds4py_bf16_linear(const float* x, int64_t T, int64_t k, const uin
   return 0;
 }
 
+namespace {
+inline float swiglu(float gate, float up, float limit) {  // clamped SwiGLU, as ds4py.model.moe.swiglu
+  if (limit > 0) {
+    gate = std::min(gate, limit);
+    up = std::min(std::max(up, -limit), limit);
+  }
+  return gate / (1.0f + std::exp(-gate)) * up;
+}
+
+template <int QT>
+inline float one_dot(const uint8_t* row, const Acts& a) {
+  float y;
+  row_tile<QT>(row, a, 0, 1, &y, 1);
+  return y;
+}
+}  // namespace
+
+// One token x [n] (float32, or bf16 bits) through E experts (the routed ones it chose, then the shared ones):
+// out [D] = sum_e weights[e] * W2_e swiglu(W1_e x, W3_e x), float32 inside, rounded once to bf16 if outbf16.
+// Expert e's matrices are raw ggml rows: mats[3e + m] for m = W1, W3, W2, with qtypes[3e + m] (Q8_0 or MXFP4),
+// row strides strides[3e + m] bytes; W1/W3 have inter[e] rows of n values, W2 has D rows of inter[e] values.
+// One parallel pass over all gate/up rows of all experts, then one over the output rows: two thread-pool
+// rounds where the matmuls one by one took 3E.
+extern "C" int ds4py_experts_one(const void* x, int xbf16, int64_t n, int E, const int64_t* mats,
+                                 const int32_t* qtypes, const int64_t* strides, const int64_t* inter,
+                                 const float* weights, float limit, int64_t D, void* out, int outbf16) {
+  if (n % 32) return 1;
+  for (int e = 0; e < E; e++) {
+    if (inter[e] % 32) return 1;
+    for (int m = 0; m < 3; m++)
+      if (qtypes[3 * e + m] != Q8_0 && qtypes[3 * e + m] != MXFP4) return 1;
+  }
+  try {
+    std::vector<float> xf(n);
+    for (int64_t i = 0; i < n; i++) xf[i] = xbf16 ? bf16_to_float(((const uint16_t*)x)[i]) : ((const float*)x)[i];
+    Acts ax;
+    quantize_acts(xf.data(), 1, n, ax);
+    std::vector<int64_t> first(E + 1, 0);  // expert e's gate/up rows are [first[e], first[e + 1]) of all
+    for (int e = 0; e < E; e++) first[e + 1] = first[e] + inter[e];
+    std::vector<float> h(first[E]);
+    at::parallel_for(0, first[E], 16, [&](int64_t i0, int64_t i1) {
+      int e = 0;
+      for (int64_t i = i0; i < i1; i++) {
+        while (i >= first[e + 1]) e++;
+        const int64_t r = i - first[e];
+        const uint8_t* w1 = (const uint8_t*)mats[3 * e] + r * strides[3 * e];
+        const uint8_t* w3 = (const uint8_t*)mats[3 * e + 1] + r * strides[3 * e + 1];
+        float g = qtypes[3 * e] == Q8_0 ? one_dot<Q8_0>(w1, ax) : one_dot<MXFP4>(w1, ax);
+        float u = qtypes[3 * e + 1] == Q8_0 ? one_dot<Q8_0>(w3, ax) : one_dot<MXFP4>(w3, ax);
+        h[i] = swiglu(g, u, limit);
+      }
+    });
+    std::vector<Acts> ah(E);
+    for (int e = 0; e < E; e++) quantize_acts(h.data() + first[e], 1, inter[e], ah[e]);
+    std::vector<float> y(D);
+    at::parallel_for(0, D, 16, [&](int64_t d0, int64_t d1) {
+      for (int64_t d = d0; d < d1; d++) {
+        float s = 0.0f;
+        for (int e = 0; e < E; e++) {
+          const uint8_t* w2 = (const uint8_t*)mats[3 * e + 2] + d * strides[3 * e + 2];
+          s += weights[e] * (qtypes[3 * e + 2] == Q8_0 ? one_dot<Q8_0>(w2, ah[e]) : one_dot<MXFP4>(w2, ah[e]));
+        }
+        y[d] = s;
+      }
+    });
+    for (int64_t d = 0; d < D; d++) {
+      if (outbf16) ((uint16_t*)out)[d] = float_to_bf16(y[d]);
+      else ((float*)out)[d] = y[d];
+    }
+  } catch (...) {
+    return 2;
+  }
+  return 0;
+}
+
 extern "C" int ds4py_kernels_simd() { return DS4PY_AVX512; }
 """
 
@@ -513,6 +588,11 @@ def _compile(generic: bool) -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     lib.ds4py_kernels_simd.restype = ctypes.c_int
+    fn = lib.ds4py_experts_one
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p,
+                   ctypes.c_int]
     fn = lib.ds4py_ggml_dequantize
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
@@ -669,3 +749,37 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if rc:
             raise RuntimeError(f"ds4py_bf16_linear failed ({rc})")
     return y.reshape(*lead, rows).to(x.dtype)
+
+
+def experts_one(x: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                qtypes: list[tuple[int, int, int]], weights: list[float], limit: float) -> torch.Tensor | None:
+    """One token x [1, D] through several experts: sum_e weights[e] * W2 swiglu(W1 x, W3 x) -> [1, D] in x.dtype,
+    each expert given as its raw ggml rows (W1, W3 [inter, D/32*bb], W2 [D, inter/32*bb]) and their qtypes, in
+    one compiled call (float32 inside, activations quantized to Q8_0 per 32 as `ggml_linear` does). None where
+    the kernels do not apply (no compiler, not on the CPU, another dtype, autograd)."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.shape[0] != 1
+            or (x.requires_grad and torch.is_grad_enabled())):
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    D = x.shape[-1]
+    mats, strides, inter = [], [], []
+    for raws in experts:
+        for raw in raws:
+            if raw.device.type != "cpu" or raw.dim() != 2 or raw.stride(1) != 1:
+                return None
+            mats.append(raw.data_ptr())
+            strides.append(raw.stride(0))
+        inter.append(raws[0].shape[0])
+    x = x.contiguous()
+    E = len(experts)
+    out = torch.empty(1, D, dtype=x.dtype)
+    bf16 = int(x.dtype == torch.bfloat16)
+    rc = lib.ds4py_experts_one(x.data_ptr(), bf16, D, E, (ctypes.c_int64 * (3 * E))(*mats),
+                               (ctypes.c_int32 * (3 * E))(*[q for t in qtypes for q in t]),
+                               (ctypes.c_int64 * (3 * E))(*strides), (ctypes.c_int64 * E)(*inter),
+                               (ctypes.c_float * E)(*weights), limit, D, out.data_ptr(), bf16)
+    if rc:
+        raise RuntimeError(f"ds4py_experts_one failed ({rc})")
+    return out

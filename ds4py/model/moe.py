@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ds4py.formats import Weight
+from ds4py.formats import Weight, kernels
 
 SCORE_FUNCS = {
     "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
@@ -63,6 +63,10 @@ class MoE:
         weights, ids = self.router(x, token_ids)
         if self.read_ahead is not None:
             self.read_ahead(x, ids, token_ids)
+        if x.shape[0] == 1:
+            fused = self.fused_one(x, weights, ids)
+            if fused is not None:
+                return fused
         out = self.routed_one(x, weights, ids) if x.shape[0] == 1 else self.routed(x, weights, ids)
         if self.shared is not None:
             w1, w2, w3 = self.shared
@@ -73,6 +77,22 @@ class MoE:
         return self.w2.expert(e).linear(
             swiglu(self.w1.expert(e).linear(h), self.w3.expert(e).linear(h), self.swiglu_limit)
         )
+
+    def fused_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        """One token's routed experts (ascending id) and shared experts in one compiled call, when every matrix
+        is one the CPU kernels multiply from its blocks (GGUF Q8_0 / MXFP4); else None."""
+        chosen = sorted(zip(ids[0].tolist(), weights[0].tolist()))
+        mats = [(self.w1.expert(e), self.w3.expert(e), self.w2.expert(e)) for e, _ in chosen]
+        scales = [w for _, w in chosen]
+        if self.shared is not None:
+            w1, w2, w3 = self.shared
+            mats.append((w1, w3, w2))
+            scales.append(1.0)
+        rows = [[m.kernel_rows() for m in trio] for trio in mats]
+        if any(r is None for trio in rows for r in trio):
+            return None
+        return kernels.experts_one(x, [tuple(r[0] for r in trio) for trio in rows],
+                                   [tuple(r[1] for r in trio) for trio in rows], scales, self.swiglu_limit)
 
     def routed_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """One token x [1, D]: its k experts in ascending id order (the order `routed` adds them in)."""

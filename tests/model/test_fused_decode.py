@@ -1,0 +1,65 @@
+"""Decoding's compiled paths (the one-token MoE call, the hyper-connection collapse/expand) give the logits the
+torch ops give, on a GGUF model whose experts are MXFP4 and shared experts Q8_0, in float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ds4py
+from ds4py.formats import kernels
+from ds4py.model import hc_kernel
+from ds4py.model.moe import MoE
+from ds4py.synthetic import make_model
+
+
+def decode_logits(model, prompt: list[int], steps: int) -> torch.Tensor:
+    cache = model.new_cache()
+    logits, out = model.prefill(prompt, cache), []
+    for _ in range(steps):
+        out.append(logits)
+        logits = model.prefill([int(logits.argmax())], cache)
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    if not kernels.available():
+        pytest.skip("CPU kernels could not be built here")
+    path = tmp_path_factory.mktemp("fused") / "t.gguf"
+    make_model(str(path), preset="tiny", seed=4)
+    return ds4py.load(str(path))
+
+
+def test_fused_moe_equals_the_expert_loop(model, monkeypatch):
+    """Each decode step from the same cache, once with the fused call and once with the loop."""
+    prompt = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    calls = []
+    real_fused, real_kernel = MoE.fused_one, kernels.experts_one
+    monkeypatch.setattr(kernels, "experts_one", lambda *a: calls.append(1) or real_kernel(*a))
+    cache = model.new_cache()
+    logits = model.prefill(prompt, cache)
+    rel = []
+    for _ in range(12):
+        token = int(logits.argmax())
+        monkeypatch.setattr(MoE, "fused_one", real_fused)
+        fused = model.prefill([token], cache.clone())
+        monkeypatch.setattr(MoE, "fused_one", lambda self, x, w, ids: None)
+        logits = model.prefill([token], cache)
+        assert fused.argmax() == logits.argmax()
+        rel.append(((fused - logits).abs().max() / logits.abs().max()).item())
+    assert len(calls) == 12 * model.config.num_hidden_layers  # every layer of every decoded token
+    # Equal to float rounding unless an activation lands on a Q8_0 rounding boundary on one side only
+    # (swiglu's exp differs from torch's in the last bit), which moves that step's logits by a quantization
+    # step (<1% of the largest logit); a wrong expert, weight or order would move every step by far more.
+    assert sum(r < 1e-5 for r in rel) >= 9, rel
+    assert max(rel) < 2e-2, rel
+
+
+def test_fused_hyper_connections_equal_torch(model, monkeypatch):
+    prompt = list(range(3, 140))  # past a ratio-128 block
+    fused = decode_logits(model, prompt, steps=6)
+    monkeypatch.setattr(hc_kernel, "FUSED_MAX_T", 0)
+    plain = decode_logits(model, prompt, steps=6)
+    assert torch.equal(fused.argmax(-1), plain.argmax(-1))
+    assert ((fused - plain).abs().max() / plain.abs().max()).item() < 1e-4
