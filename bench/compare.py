@@ -1,6 +1,6 @@
 """ds4py against llama.cpp and transformers on the same model, in one run; prints tokens/s and ratios.
 
-    python bench/compare.py [--slice-layers 3] [--threads 2] [-p 512] [-n 128] [--workdir /tmp/ds4py-bench]
+    python bench/compare.py [--slice-layers 3] [--threads 2] [-p 512] [-n 128] [--rounds 5] [--workdir ...]
 
 Models: the `tiny` preset and a `flash-slice` (real V4 Flash shapes, few layers), both made with
 `ds4py make-model` as GGUF (Q8_0 + MXFP4 experts, like the published GGUFs) unless already present.
@@ -8,7 +8,8 @@ llama.cpp: `llama-bench` from $LLAMA_BENCH, or PATH, or a local build of the ven
 /tmp/llbuild/bin (built outside this repository); skipped with a message when absent.
 transformers: DeepseekV4ForCausalLM with the same weights dequantized to bf16; skipped when those
 would not fit in half of this machine's memory.
-Each engine runs in its own process so peak RSS is its own.
+Each engine runs in its own process so peak RSS is its own. With --rounds N, ds4py and llama.cpp run
+alternately N times and the table gives the medians (the ratio: the median of the rounds' ratios).
 """
 
 from __future__ import annotations
@@ -177,6 +178,9 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", choices=["tiny", "flash-slice"], default=None)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run ds4py and llama.cpp alternately this many times and report the median of the "
+                         "rounds' ratios (a shared machine's speed drifts over minutes; adjacent runs see the same)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -201,8 +205,27 @@ def main() -> int:
     print("| model | test | ds4py t/s | llama.cpp t/s | ds4py/llama.cpp | transformers t/s | ds4py/transformers |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for label, path in models:
-        ours = run_ds4py(path, args.p, args.n, args.threads, args.repeats)
-        theirs = run_llama(llama, path, args.p, args.n, args.threads, args.repeats) if llama else {}
+        rounds = []
+        for _ in range(max(args.rounds, 1)):
+            ours = run_ds4py(path, args.p, args.n, args.threads, args.repeats)
+            theirs = run_llama(llama, path, args.p, args.n, args.threads, args.repeats) if llama else {}
+            rounds.append((ours, theirs))
+        ours, theirs = dict(rounds[0][0]), dict(rounds[0][1])
+        ratio = {}  # per test: the median of the rounds' ratios
+        if len(rounds) > 1:
+            for test in ("pp", "tg"):
+                mine = [r[0][test] for r in rounds if r[0].get(test)]
+                peer = [r[1][test] for r in rounds if r[1].get(test)]
+                ratios = [r[0][test] / r[1][test] for r in rounds if r[0].get(test) and r[1].get(test)]
+                if mine:
+                    ours[test] = statistics.median(mine)
+                if peer:
+                    theirs[test] = statistics.median(peer)
+                if ratios:
+                    ratio[test] = statistics.median(ratios)
+                    print(f"  {label} {test}: ds4py/llama.cpp per round " + ", ".join(f"{r:.2f}x" for r in ratios)
+                          + f" (median {statistics.median(ratios):.2f}x); ds4py " + ", ".join(f"{v:.1f}" for v in mine)
+                          + "; llama.cpp " + ", ".join(f"{v:.1f}" for v in peer), file=sys.stderr)
         hf_p, hf_n = min(args.p, 512), min(args.n, 32)
         if bf16_bytes(path) < mem / 2:
             hf = run_transformers(path, hf_p, hf_n, args.threads)
@@ -210,7 +233,7 @@ def main() -> int:
             hf = {"error": ["bf16 weights exceed half the machine's memory"]}
         for test, n, hf_size in (("pp", args.p, hf_p), ("tg", args.n, hf_n)):
             a, b, c = ours.get(test), theirs.get(test), hf.get(test)
-            r1 = a / b if a and b else None
+            r1 = ratio.get(test) or (a / b if a and b else None)
             # transformers runs at most pp512/tg32: mark its number, and give no ratio, when sizes differ
             same = hf_size == n
             r2 = a / c if a and c and same else None

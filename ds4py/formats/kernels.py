@@ -460,6 +460,83 @@ extern "C" int ds4py_bf16_linear(const float* x, int64_t T, int64_t k, const uin
 }
 
 namespace {
+// float32 weights times float32 activations, as bf16_dot without the widening: R weight rows, TT activation rows.
+#if DS4PY_AVX512
+template <int R, int TT>
+void f32_dot(const float* w, int64_t wstride, int64_t k, const float* x, int64_t kp, float* y, int64_t ystride) {
+  __m512 acc[R][TT];
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < TT; t++) acc[r][t] = _mm512_setzero_ps();
+  const int64_t kf = k / 16 * 16;
+  float tail[16] = {};
+  for (int64_t i = 0; i < kp; i += 16) {
+    __m512 xv[TT];
+    for (int t = 0; t < TT; t++) xv[t] = _mm512_loadu_ps(x + t * kp + i);
+    for (int r = 0; r < R; r++) {
+      const float* wp = w + r * wstride + i;
+      if (i >= kf) {  // the last partial 16: weights through a zero-padded copy
+        std::memcpy(tail, wp, (k - kf) * 4);
+        wp = tail;
+      }
+      _mm_prefetch((const char*)(w + r * wstride + i + 256), _MM_HINT_T0);
+      const __m512 v = _mm512_loadu_ps(wp);
+      for (int t = 0; t < TT; t++) acc[r][t] = _mm512_fmadd_ps(v, xv[t], acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < TT; t++) y[t * ystride + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+#else
+template <int R, int TT>
+void f32_dot(const float* w, int64_t wstride, int64_t k, const float* x, int64_t kp, float* y, int64_t ystride) {
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < TT; t++) {
+      float lanes[16] = {};
+      for (int64_t i = 0; i < k; i++) lanes[i % 16] += w[r * wstride + i] * x[t * kp + i];
+      float s = 0.0f;
+      for (int l = 0; l < 16; l++) s += lanes[l];
+      y[t * ystride + r] = s;
+    }
+}
+#endif
+
+using F32Dot = void (*)(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t);
+const F32Dot F32_DOTS[BF_R][BF_T] = {
+    {f32_dot<1, 1>, f32_dot<1, 2>, f32_dot<1, 3>, f32_dot<1, 4>},
+    {f32_dot<2, 1>, f32_dot<2, 2>, f32_dot<2, 3>, f32_dot<2, 4>},
+    {f32_dot<3, 1>, f32_dot<3, 2>, f32_dot<3, 3>, f32_dot<3, 4>},
+    {f32_dot<4, 1>, f32_dot<4, 2>, f32_dot<4, 3>, f32_dot<4, 4>},
+};
+}  // namespace
+
+// x float32 [T, k] contiguous, w float32 (row r at w + r*wstride, k values), y float32 [T, rows]: small-T
+// products of float32 matrices (the routers) on every thread; torch's single-threaded matrix-vector product
+// read a router's 4 MB at one core's bandwidth.
+extern "C" int ds4py_f32_linear(const float* x, int64_t T, int64_t k, const float* w, int64_t rows,
+                                int64_t wstride, float* y) {
+  try {
+    const int64_t kp = (k + 15) / 16 * 16;
+    std::vector<float> xp(T * kp, 0.0f);
+    for (int64_t t = 0; t < T; t++) std::memcpy(xp.data() + t * kp, x + t * k, k * 4);
+    const int64_t nblk = (rows + BF_R - 1) / BF_R;
+    const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, nblk / (4 * at::get_num_threads())));
+    at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; b++) {
+        const int64_t r = b * BF_R;
+        const int rr = (int)std::min<int64_t>(BF_R, rows - r);
+        for (int64_t t0 = 0; t0 < T; t0 += BF_T) {
+          const int tt = (int)std::min<int64_t>(BF_T, T - t0);
+          F32_DOTS[rr - 1][tt - 1](w + r * wstride, wstride, k, xp.data() + t0 * kp, kp, y + t0 * rows + r, rows);
+        }
+      }
+    });
+  } catch (...) {
+    return 2;
+  }
+  return 0;
+}
+
+namespace {
 inline float swiglu(float gate, float up, float limit) {  // clamped SwiGLU, as ds4py.model.moe.swiglu
   if (limit > 0) {
     gate = std::min(gate, limit);
@@ -588,6 +665,10 @@ def _compile(generic: bool) -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     lib.ds4py_kernels_simd.restype = ctypes.c_int
+    fn = lib.ds4py_f32_linear
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_void_p]
     fn = lib.ds4py_experts_one
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
@@ -749,6 +830,31 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if rc:
             raise RuntimeError(f"ds4py_bf16_linear failed ({rc})")
     return y.reshape(*lead, rows).to(x.dtype)
+
+
+def f32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ w.T for a float32 w [out, in] -> float32 [..., out], with the compiled kernel (float32
+    products and sums on every thread) for up to BF16_KERNEL_MAX_T rows; else, and off the CPU or with
+    autograd, F.linear."""
+    x = x.float()
+    n = x.shape[-1]
+    T = x.numel() // n if n else 0
+    lib = None
+    if (w.dtype == torch.float32 and w.dim() == 2 and w.shape[1] == n and T <= BF16_KERNEL_MAX_T and x.is_cpu
+            and w.is_cpu and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+        lib = _lib()
+    if lib is None:
+        return F.linear(x, w)
+    x2 = x.reshape(-1, n).contiguous()
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    rows = w.shape[0]
+    y = torch.empty(T, rows, dtype=torch.float32)
+    if T and rows:
+        rc = lib.ds4py_f32_linear(x2.data_ptr(), T, n, w.data_ptr(), rows, w.stride(0), y.data_ptr())
+        if rc:
+            raise RuntimeError(f"ds4py_f32_linear failed ({rc})")
+    return y.reshape(*x.shape[:-1], rows)
 
 
 def experts_one(x: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],

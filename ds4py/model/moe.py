@@ -37,7 +37,7 @@ class Router:
 
     def __call__(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (weights [T, k] float32, expert ids [T, k])."""
-        scores = SCORE_FUNCS[self.score_func](x.float() @ self.weight.T)
+        scores = SCORE_FUNCS[self.score_func](kernels.f32_linear(x, self.weight))
         if self.tid2eid is not None:
             ids = self.tid2eid[token_ids].long()
         else:

@@ -185,3 +185,15 @@ def test_experts_one_equals_the_kernel_matmuls_one_by_one(lib):
     yb = kernels.experts_one(x.bfloat16(), raws, qtypes, weights, limit)
     assert yb.dtype == torch.bfloat16 and rel_err(yb, exact) < 0.06
     assert kernels.experts_one(torch.randn(2, D), raws, qtypes, weights, limit) is None  # one token only
+
+
+def test_f32_linear_matches_float64_and_falls_back_for_long_inputs(lib):
+    gen = torch.Generator().manual_seed(7)
+    for T, k, rows in ((1, 4096, 256), (3, 100, 7), (4, 48, 9)):  # k not a multiple of 16, rows not of 4
+        x, w = torch.randn(T, k, generator=gen), torch.randn(rows, k, generator=gen)
+        y = kernels.f32_linear(x, w)
+        exact = x.double() @ w.double().T
+        assert y.dtype == torch.float32 and y.shape == (T, rows)
+        assert ((y.double() - exact).abs().max() / exact.abs().max()).item() < 1e-6
+    x = torch.randn(kernels.BF16_KERNEL_MAX_T + 1, 32, generator=gen)
+    assert torch.equal(kernels.f32_linear(x, w[:, :32].contiguous()), F.linear(x, w[:, :32]))
