@@ -575,30 +575,34 @@ extern "C" int ds4py_experts_one(const void* x, int xbf16, int64_t n, int E, con
     quantize_acts(xf.data(), 1, n, ax);
     std::vector<int64_t> first(E + 1, 0);  // expert e's gate/up rows are [first[e], first[e + 1]) of all
     for (int e = 0; e < E; e++) first[e + 1] = first[e] + inter[e];
-    std::vector<float> h(first[E]);
+    // Each thread reads its rows of one matrix after the other (one stream at a time): first the gate rows, then
+    // the up rows of each expert's part of its range; then its output rows of each W2 in turn.
+    std::vector<float> h(first[E]), up(first[E]);
     at::parallel_for(0, first[E], 16, [&](int64_t i0, int64_t i1) {
-      int e = 0;
-      for (int64_t i = i0; i < i1; i++) {
-        while (i >= first[e + 1]) e++;
-        const int64_t r = i - first[e];
-        const uint8_t* w1 = (const uint8_t*)mats[3 * e] + r * strides[3 * e];
-        const uint8_t* w3 = (const uint8_t*)mats[3 * e + 1] + r * strides[3 * e + 1];
-        float g = qtypes[3 * e] == Q8_0 ? one_dot<Q8_0>(w1, ax) : one_dot<MXFP4>(w1, ax);
-        float u = qtypes[3 * e + 1] == Q8_0 ? one_dot<Q8_0>(w3, ax) : one_dot<MXFP4>(w3, ax);
-        h[i] = swiglu(g, u, limit);
+      for (int e = 0; e < E; e++) {
+        const int64_t a = std::max(i0, first[e]), b = std::min(i1, first[e + 1]);
+        for (int m = 0; m < 2 && a < b; m++) {
+          const uint8_t* w = (const uint8_t*)mats[3 * e + m];
+          const int64_t st = strides[3 * e + m];
+          float* dst = m == 0 ? h.data() : up.data();
+          for (int64_t i = a; i < b; i++) {
+            const uint8_t* row = w + (i - first[e]) * st;
+            dst[i] = qtypes[3 * e + m] == Q8_0 ? one_dot<Q8_0>(row, ax) : one_dot<MXFP4>(row, ax);
+          }
+        }
+        for (int64_t i = a; i < b; i++) h[i] = swiglu(h[i], up[i], limit);
       }
     });
     std::vector<Acts> ah(E);
     for (int e = 0; e < E; e++) quantize_acts(h.data() + first[e], 1, inter[e], ah[e]);
-    std::vector<float> y(D);
+    std::vector<float> y(D, 0.0f);
     at::parallel_for(0, D, 16, [&](int64_t d0, int64_t d1) {
-      for (int64_t d = d0; d < d1; d++) {
-        float s = 0.0f;
-        for (int e = 0; e < E; e++) {
-          const uint8_t* w2 = (const uint8_t*)mats[3 * e + 2] + d * strides[3 * e + 2];
-          s += weights[e] * (qtypes[3 * e + 2] == Q8_0 ? one_dot<Q8_0>(w2, ah[e]) : one_dot<MXFP4>(w2, ah[e]));
-        }
-        y[d] = s;
+      for (int e = 0; e < E; e++) {  // the experts in order for every row, as before
+        const uint8_t* w2 = (const uint8_t*)mats[3 * e + 2];
+        const int64_t st = strides[3 * e + 2];
+        for (int64_t d = d0; d < d1; d++)
+          y[d] += weights[e] * (qtypes[3 * e + 2] == Q8_0 ? one_dot<Q8_0>(w2 + d * st, ah[e])
+                                                           : one_dot<MXFP4>(w2 + d * st, ah[e]));
       }
     });
     for (int64_t d = 0; d < D; d++) {
