@@ -110,6 +110,59 @@ class GGMLWeight(Weight):
         return self.qtype.name.lower()
 
 
+class MXFP4Rows16(Weight):
+    """MXFP4 repacked by groups of 16 rows (`kernels.repack16`): the bytes and values of the ggml rows it was made
+    from, laid out so the CPU kernels multiply them ~2.5x faster (the 16 rows' scales in one load, their nibbles
+    interleaved 4 bytes at a time). Made from a GGUF's expert stacks when the kernels are available."""
+
+    def __init__(self, raw: torch.Tensor, shape: tuple[int, ...]):
+        self.shape = tuple(shape)
+        self.raw = raw.view(torch.uint8).reshape(*self.shape[:-1], row_bytes(Q.MXFP4, self.shape[-1]))
+        self.parts: dict[int, MXFP4Rows16] = {}
+
+    @classmethod
+    def repack(cls, w: Weight, in_place: bool = False) -> Weight:
+        """`w` repacked where it is MXFP4 on the CPU with a multiple of 16 rows and the kernels are built, else
+        `w` itself. in_place: into w's own buffer (a buffer of its own, as streamed experts have)."""
+        if (not isinstance(w, GGMLWeight) or w.qtype != Q.MXFP4 or len(w.shape) < 2 or w.shape[-2] % 16
+                or w.raw.device.type != "cpu" or (in_place and not w.raw.is_contiguous())):
+            return w
+        packed = kernels.repack16(w.raw, w.shape[-1], out=w.raw if in_place else None)
+        return w if packed is None else cls(packed, w.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if len(self.shape) > 2:
+            return torch.stack([self.expert(e).dequantize(dtype) for e in range(self.shape[0])])
+        return kernels.r16_dequantize(self.raw, self.shape[-1], dtype)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.r16_linear(x, self.raw)
+
+    def kernel_rows(self) -> tuple[torch.Tensor, int] | None:
+        return (self.raw, kernels.MXFP4_R16) if len(self.shape) == 2 else None
+
+    def expert(self, e: int) -> MXFP4Rows16:
+        part = self.parts.get(e)
+        if part is None:
+            part = self.parts[e] = MXFP4Rows16(self.raw[e], self.shape[1:])
+        return part
+
+    def to(self, device: torch.device | str) -> Weight:
+        if torch.device(device).type == "cpu":
+            return self
+        rows = self.raw.reshape(-1, self.raw.shape[-1])  # back to the ggml layout, which every path reads
+        ggml = torch.cat([kernels.r16_to_ggml(m) for m in rows.split(self.shape[-2])]) if rows.numel() else rows
+        return GGMLWeight(Q.MXFP4, ggml.reshape(self.raw.shape), self.shape).to(device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+    @property
+    def kind(self) -> str:
+        return "mxfp4"
+
+
 def quantize_q8_0(t: torch.Tensor) -> torch.Tensor:
     """float [..., n] -> raw Q8_0 [..., n/32*34], bit-identical to ggml's reference quantize_row_q8_0."""
     x = t.float().reshape(*t.shape[:-1], -1, 32)

@@ -132,6 +132,7 @@ class MappingPool:
 
 
 EXPERT_BUFFERS = MappingPool()
+HUGE_READ = 256 << 20  # reads of at least this many bytes go to a mapping of their own, with huge pages
 
 
 def pread_weight(path: Path, offset: int, nbytes: int, qtype: Q, shape: tuple[int, ...],
@@ -141,6 +142,12 @@ def pread_weight(path: Path, offset: int, nbytes: int, qtype: Q, shape: tuple[in
     the buffer is a mapping from `EXPERT_BUFFERS`, reused once the weight is dropped."""
     if pooled:
         raw = torch.frombuffer(EXPERT_BUFFERS.take(nbytes), dtype=torch.uint8)
+    elif nbytes >= HUGE_READ and hasattr(mmap, "MADV_HUGEPAGE"):
+        # a whole expert stack (1.1 GB in V4 Flash): transparent huge pages fault it in 512 times less often
+        # (fresh 4 KB pages took 0.35-0.58 s per GB here, as long as repacking it)
+        m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        m.madvise(mmap.MADV_HUGEPAGE)
+        raw = torch.frombuffer(m, dtype=torch.uint8)
     else:
         raw = torch.empty(nbytes, dtype=torch.uint8)
     fd = os.open(path, os.O_RDONLY)

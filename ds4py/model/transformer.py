@@ -3,6 +3,7 @@ norm -> output head. `forward` runs a chunk of tokens of one sequence through it
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -11,7 +12,8 @@ import torch
 
 from ds4py.cache import Cache
 from ds4py.config import ModelConfig
-from ds4py.formats import BF16Matrix, Dense, Weight, stays_bf16
+from ds4py.formats import BF16Matrix, Dense, Weight, kernels, stays_bf16
+from ds4py.formats.ggml import MXFP4Rows16
 from ds4py.loaders import WeightSource
 from ds4py.loaders.names import expected_shapes
 from ds4py.memory.expert_cache import ExpertCache, StreamedExperts
@@ -100,14 +102,30 @@ class Reader:
         if self.progress:
             self.progress(name)
         if self.expert_cache is not None and name in self.source.expert_readers:
-            return StreamedExperts(name, self.shapes[name], self.source.expert_readers[name], self.expert_cache,
-                                   0, "streamed", self.device)
+            read_expert = self.source.expert_readers[name]
+            if self.repacks(name):  # each expert read into a buffer of its own: repacked there
+                read_expert = partial(repacked_expert, read_expert)
+            return StreamedExperts(name, self.shapes[name], read_expert, self.expert_cache, 0, "streamed",
+                                   self.device)
+        if self.repacks(name):
+            # a resident stack: read into memory of its own (pread, not the memory map) and repacked there (the
+            # 3-layer flash-slice's 9.4 GB took 2.2 s to repack, after 3 s of reading from the page cache, or
+            # 21 s from this machine's disk)
+            return MXFP4Rows16.repack(self.source.read(name), in_place=True)
         w = self.read(name)
         if isinstance(w, Dense) and w.tensor.is_floating_point():
             if stays_bf16(name, w.shape, w.tensor.dtype):  # large BF16 matrices (head, ...): kernel / tiles
                 return BF16Matrix(w.tensor.to(self.device))
             return Dense(w.tensor.to(device=self.device, dtype=self.dtype))
         return w.to(self.device)
+
+    def repacks(self, name: str) -> bool:
+        """Whether the expert stack `name` is repacked for the kernels (`MXFP4Rows16`, ~2.5x faster per token):
+        a GGUF's MXFP4 experts on the CPU, the kernels built, DS4PY_REPACK not 0. Resident stacks are repacked at
+        load, streamed experts as each is read (0.7 ms per 4.45 MB V4 Flash matrix), so that every memory mode
+        computes the same products in the same order: the answer never depends on the memory budget."""
+        return (self.device.type == "cpu" and self.source.metadata.get("tensor_kinds", {}).get(name) == "mxfp4"
+                and ".ffn.experts." in name and os.environ.get("DS4PY_REPACK", "1") != "0" and kernels.available())
 
     def f32(self, name: str) -> torch.Tensor:
         if self.progress:
@@ -118,6 +136,10 @@ class Reader:
         if self.progress:
             self.progress(name)
         return self.read(name).dequantize(torch.int64).to(self.device)
+
+
+def repacked_expert(read_expert: Callable[[int], Weight], e: int) -> Weight:
+    return MXFP4Rows16.repack(read_expert(e), in_place=True)
 
 
 @dataclass

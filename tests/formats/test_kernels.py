@@ -197,3 +197,50 @@ def test_f32_linear_matches_float64_and_falls_back_for_long_inputs(lib):
         assert ((y.double() - exact).abs().max() / exact.abs().max()).item() < 1e-6
     x = torch.randn(kernels.BF16_KERNEL_MAX_T + 1, 32, generator=gen)
     assert torch.equal(kernels.f32_linear(x, w[:, :32].contiguous()), F.linear(x, w[:, :32]))
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["simd", "portable"])
+def test_mxfp4_repacked_by_16_rows_keeps_values_and_products(lib, monkeypatch, generic):
+    """MXFP4Rows16: the same bytes rearranged (back to the ggml rows exactly, dequantized identically) and the same
+    quantized products as the ggml-layout kernel, up to float32 summation order; scale bytes 0 and 1 (subnormal
+    scales) included."""
+    from ds4py.formats.ggml import MXFP4Rows16
+
+    if generic:
+        monkeypatch.setenv("DS4PY_KERNELS_GENERIC", "1")
+    gen = torch.Generator().manual_seed(8)
+    for out, n in ((64, 256), (32, 96)):  # 96: an odd number of blocks
+        w = random_weight(Q.MXFP4, out, n, gen)
+        w.raw.view(out, n // 32, 17)[0, :, 0] = torch.tensor([0, 1, 2])[torch.arange(n // 32) % 3].to(torch.uint8)
+        packed = MXFP4Rows16.repack(w)
+        assert isinstance(packed, MXFP4Rows16) and not torch.equal(packed.raw, w.raw)
+        assert torch.equal(kernels.r16_to_ggml(packed.raw), w.raw)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.equal(packed.dequantize(dtype), w.dequantize(dtype))
+        assert torch.equal(kernels.r16_dequantize_torch(packed.raw, n), w.dequantize())
+        for T in (1, 3, 9):
+            x = torch.randn(T, n, generator=gen)
+            assert rel_err(packed.linear(x), w.linear(x)) < 1e-5, (out, n, T)
+            assert rel_err(packed.linear(x.bfloat16()), F.linear(x, w.dequantize())) < REL_ERR + 0.01
+        in_place = w.raw.clone()
+        kernels.repack16(in_place, n, out=in_place)
+        assert torch.equal(in_place, packed.raw)
+    odd = random_weight(Q.MXFP4, 24, 64, gen)  # 24 rows: not a multiple of 16, stays as it is
+    assert MXFP4Rows16.repack(odd) is odd
+
+
+def test_experts_one_takes_repacked_experts(lib):
+    from ds4py.formats.ggml import MXFP4Rows16
+
+    gen = torch.Generator().manual_seed(9)
+    D, inter = 128, 64
+    trios = [tuple(random_weight(Q.MXFP4, *shape, gen) for shape in ((inter, D), (inter, D), (D, inter)))
+             for _ in range(2)]
+    weights, x = [0.6, 0.4], torch.randn(1, D, generator=gen)
+    plain = kernels.experts_one(x, [tuple(w.raw for w in t) for t in trios], [(int(Q.MXFP4),) * 3] * 2, weights, 5.0)
+    packed = [tuple(MXFP4Rows16.repack(w) for w in t) for t in trios]
+    rows = [[w.kernel_rows() for w in t] for t in packed]
+    y = kernels.experts_one(x, [tuple(r[0] for r in t) for t in rows], [tuple(r[1] for r in t) for t in rows],
+                            weights, 5.0)
+    assert all(r[1] == kernels.MXFP4_R16 for t in rows for r in t)
+    assert rel_err(y, plain) < 1e-5

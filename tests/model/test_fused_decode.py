@@ -63,3 +63,30 @@ def test_fused_hyper_connections_equal_torch(model, monkeypatch):
     plain = decode_logits(model, prompt, steps=6)
     assert torch.equal(fused.argmax(-1), plain.argmax(-1))
     assert ((fused - plain).abs().max() / plain.abs().max()).item() < 1e-4
+
+
+def test_repacked_experts_equal_the_file_layout(model, tmp_path, monkeypatch):
+    """Resident GGUF MXFP4 experts are repacked at load (MXFP4Rows16); DS4PY_REPACK=0 keeps the file's layout.
+    Each decode step from the same cache gives the same logits up to float rounding, and prefill too."""
+    from ds4py.formats.ggml import GGMLWeight, MXFP4Rows16
+
+    monkeypatch.setenv("DS4PY_REPACK", "0")
+    plain = ds4py.load(str(model.source.path))
+    assert isinstance(model.transformer.blocks[1].ffn.w1, MXFP4Rows16)
+    assert isinstance(plain.transformer.blocks[1].ffn.w1, GGMLWeight)
+    prompt = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    assert rel(model.logits(prompt), plain.logits(prompt)) < 1e-3  # prefill: T rows at once through both kernels
+    cache = plain.new_cache()
+    logits = plain.prefill(prompt, cache)
+    steps = []
+    for _ in range(10):
+        token = int(logits.argmax())
+        repacked = model.prefill([token], cache.clone())
+        logits = plain.prefill([token], cache)
+        assert repacked.argmax() == logits.argmax()
+        steps.append(rel(repacked, logits))
+    assert sum(r < 1e-5 for r in steps) >= 8 and max(steps) < 2e-2, steps  # see test_fused_moe_equals_the_expert_loop
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
