@@ -426,6 +426,25 @@ const Bf16Dot BF16_DOTS[BF_R][BF_T] = {
     {bf16_dot<3, 1>, bf16_dot<3, 2>, bf16_dot<3, 3>, bf16_dot<3, 4>},
     {bf16_dot<4, 1>, bf16_dot<4, 2>, bf16_dot<4, 3>, bf16_dot<4, 4>},
 };
+
+// y [T, rows] = x (padded rows of kp) times w's rows, BF_R weight rows and up to BF_T activation rows per call of
+// the dot table (bf16 or float32 weights), the weight rows split over the threads.
+template <typename W, typename Dot>
+void row_blocks(const Dot (&dots)[BF_R][BF_T], const W* w, int64_t wstride, int64_t k, const float* xp, int64_t kp,
+                int64_t T, int64_t rows, float* y) {
+  const int64_t nblk = (rows + BF_R - 1) / BF_R;
+  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, nblk / (4 * at::get_num_threads())));
+  at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) {
+      const int64_t r = b * BF_R;
+      const int rr = (int)std::min<int64_t>(BF_R, rows - r);
+      for (int64_t t0 = 0; t0 < T; t0 += BF_T) {
+        const int tt = (int)std::min<int64_t>(BF_T, T - t0);
+        dots[rr - 1][tt - 1](w + r * wstride, wstride, k, xp + t0 * kp, kp, y + t0 * rows + r, rows);
+      }
+    }
+  });
+}
 }  // namespace
 
 // x float32 [T, k] contiguous, w bfloat16 bits (row r at w + r*wstride, k values), y float32 [T, rows].
@@ -442,18 +461,7 @@ extern "C" int ds4py_bf16_linear(const float* x, int64_t T, int64_t k, const uin
         std::memcpy(xp.data() + t * kp, x + t * k, k * 4);
       }
     }
-    const int64_t nblk = (rows + BF_R - 1) / BF_R;
-    const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, nblk / (4 * at::get_num_threads())));
-    at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; b++) {
-        const int64_t r = b * BF_R;
-        const int rr = (int)std::min<int64_t>(BF_R, rows - r);
-        for (int64_t t0 = 0; t0 < T; t0 += BF_T) {
-          const int tt = (int)std::min<int64_t>(BF_T, T - t0);
-          BF16_DOTS[rr - 1][tt - 1](w + r * wstride, wstride, k, xp.data() + t0 * kp, kp, y + t0 * rows + r, rows);
-        }
-      }
-    });
+    row_blocks(BF16_DOTS, w, wstride, k, xp.data(), kp, T, rows, y);
   } catch (...) {
     return 2;
   }
@@ -750,18 +758,7 @@ extern "C" int ds4py_f32_linear(const float* x, int64_t T, int64_t k, const floa
     const int64_t kp = (k + 15) / 16 * 16;
     std::vector<float> xp(T * kp, 0.0f);
     for (int64_t t = 0; t < T; t++) std::memcpy(xp.data() + t * kp, x + t * k, k * 4);
-    const int64_t nblk = (rows + BF_R - 1) / BF_R;
-    const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, nblk / (4 * at::get_num_threads())));
-    at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; b++) {
-        const int64_t r = b * BF_R;
-        const int rr = (int)std::min<int64_t>(BF_R, rows - r);
-        for (int64_t t0 = 0; t0 < T; t0 += BF_T) {
-          const int tt = (int)std::min<int64_t>(BF_T, T - t0);
-          F32_DOTS[rr - 1][tt - 1](w + r * wstride, wstride, k, xp.data() + t0 * kp, kp, y + t0 * rows + r, rows);
-        }
-      }
-    });
+    row_blocks(F32_DOTS, w, wstride, k, xp.data(), kp, T, rows, y);
   } catch (...) {
     return 2;
   }
