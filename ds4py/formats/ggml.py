@@ -133,10 +133,11 @@ class MXFP4Rows16(Weight):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if len(self.shape) > 2:
             return torch.stack([self.expert(e).dequantize(dtype) for e in range(self.shape[0])])
-        return kernels.r16_dequantize(self.raw, self.shape[-1], dtype)
+        out = kernels.dequantize(self.raw, kernels.MXFP4_R16, dtype)
+        return out if out is not None else kernels.r16_dequantize_torch(self.raw, self.shape[-1]).to(dtype)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.r16_linear(x, self.raw)
+        return kernels.ggml_linear(x, self.raw, kernels.MXFP4_R16)
 
     def kernel_rows(self) -> tuple[torch.Tensor, int] | None:
         return (self.raw, kernels.MXFP4_R16) if len(self.shape) == 2 else None

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 Q8_0 = 8  # ggml type ids (GGMLQuantizationType)
 MXFP4 = 39
 MXFP4_R16 = 1039  # not a ggml type: MXFP4 repacked by groups of 16 rows (`repack16`), ds4py's own layout
-BLOCK_BYTES = {Q8_0: 34, MXFP4: 17}
+BLOCK_BYTES = {Q8_0: 34, MXFP4: 17, MXFP4_R16: 17}
 FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 # From this many bf16 activation rows on, ggml_linear dequantizes W to bf16 (compiled, ~11 ms for 4096x4096 on
 # 2 Zen4 cores) and uses the bf16 GEMM: measured equal at T=128, 1.8x faster than the int8 kernel at T=512.
@@ -65,6 +65,7 @@ _SOURCE = r"""
 namespace {
 
 constexpr int Q8_0 = 8, MXFP4 = 39;
+constexpr int MXFP4_R16 = 1039;  // not a ggml type: ds4py's id for MXFP4 repacked by 16 rows (R16, below)
 constexpr int TILE_T = 8;      // activation rows sharing one load of a weight block
 constexpr int64_t CHUNK = 32;  // weight rows kept in cache while all activation tiles pass over them
 constexpr int XQ_OFFSET = DS4PY_AVX512 ? 128 : 0;
@@ -101,6 +102,15 @@ struct Acts {
   static int64_t sidx(int64_t b) { return (b / 2) * 16 + (b % 2) * 8; }
 };
 
+// One block of 32 activations -> its int8 codes (round to nearest even) and scale amax / 127, the portable way.
+inline float quantize_block(const float* v, int8_t* codes) {
+  float amax = 0.0f;
+  for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(v[i]));
+  const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+  for (int i = 0; i < 32; i++) codes[i] = (int8_t)std::nearbyint(v[i] * id);
+  return d;
+}
+
 void quantize_acts(const float* x, int64_t T, int64_t n, Acts& a) {
   a.T = T;
   a.nb = n / 32;
@@ -117,19 +127,14 @@ void quantize_acts(const float* x, int64_t T, int64_t n, Acts& a) {
 #if DS4PY_AVX512
         __m512 lo = _mm512_loadu_ps(v), hi = _mm512_loadu_ps(v + 16);
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-#else
-        float amax = 0.0f;
-        for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(v[i]));
-#endif
         float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-#if DS4PY_AVX512
         __m512 vid = _mm512_set1_ps(id);
         __m128i ql = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, vid)));
         __m128i qh = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, vid)));
         __m256i qq = _mm256_xor_si256(_mm256_set_m128i(qh, ql), _mm256_set1_epi8((char)0x80));
         _mm256_storeu_si256((__m256i*)(q + b * 32), qq);
 #else
-        for (int i = 0; i < 32; i++) q[b * 32 + i] = (uint8_t)(int8_t)std::nearbyint(v[i] * id);
+        const float d = quantize_block(v, (int8_t*)(q + b * 32));
 #endif
         for (int k = 0; k < 8; k++) s[Acts::sidx(b) + k] = d;
       }
@@ -263,12 +268,197 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN -> 0x7FC
   return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+namespace {
+// MXFP4 repacked by 16 rows ("R16"): for each group of 16 rows and each block b (32 values), 272 bytes: the 16
+// rows' scale bytes, then their 16 bytes of nibbles interleaved 4 bytes at a time: byte 16 + 64v + 4r + k is
+// byte j = 4v + k of row r (v = 0..3, r = 0..15, k = 0..3), and a byte holds element j (low nibble) and j + 16
+// (high). So each 64-byte load is 4 bytes of all 16 rows, meeting one broadcast 4-byte group of activations,
+// the 16 rows' scales come in one 16-byte load, and the dot products land one row per lane: ~5 instructions per
+// 64 weights where the ggml layout takes ~15 (its pairs of blocks need shuffles, and their scales gathered
+// from 17-byte strides). Same bytes, same values; llama.cpp repacks MXFP4 to interleaved rows on x86 too.
+constexpr int64_t R16_BLOCK = 272;
+
+inline int64_t r16_offset(int r, int j) { return 16 + 64 * (j / 4) + 4 * r + j % 4; }
+
+// dst may be src (sstride = nb * 17): each group is copied aside before it is rewritten.
+void repack16(const uint8_t* src, int64_t sstride, uint8_t* dst, int64_t rows, int64_t nb) {
+  at::parallel_for(0, rows / 16, 8, [&](int64_t g0, int64_t g1) {
+    std::vector<uint8_t> tmp(16 * nb * 17);
+    for (int64_t g = g0; g < g1; g++) {
+      for (int r = 0; r < 16; r++) std::memcpy(tmp.data() + r * nb * 17, src + (g * 16 + r) * sstride, nb * 17);
+      for (int64_t b = 0; b < nb; b++) {
+        uint8_t* o = dst + (g * nb + b) * R16_BLOCK;
+        for (int r = 0; r < 16; r++) {
+          const uint8_t* blk = tmp.data() + r * nb * 17 + b * 17;
+          o[r] = blk[0];
+          for (int j = 0; j < 16; j++) o[r16_offset(r, j)] = blk[1 + j];
+        }
+      }
+    }
+  });
+}
+
+template <typename Out>
+void dequant_r16(const uint8_t* w, int64_t rows, int64_t n, Out* out) {
+  const int64_t nb = n / 32;
+  at::parallel_for(0, rows / 16, 2, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; g++)
+      for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* blk = w + (g * nb + b) * R16_BLOCK;
+        for (int r = 0; r < 16; r++) {
+          const float d = E8M0_HALF.v[blk[r]];
+          Out* o = out + (g * 16 + r) * n + b * 32;
+          for (int j = 0; j < 16; j++) {
+            const uint8_t q = blk[r16_offset(r, j)];
+            const float lo = d * (float)KVALUES[q & 15], hi = d * (float)KVALUES[q >> 4];
+            if constexpr (sizeof(Out) == 4) {
+              o[j] = lo;
+              o[j + 16] = hi;
+            } else {
+              o[j] = float_to_bf16(lo);
+              o[j + 16] = float_to_bf16(hi);
+            }
+          }
+        }
+      }
+  });
+}
+
+// Activations for R16 weights: per row and block the 32 int8 codes (as quantize_acts makes them), the correction
+// -12 * (their sum) (the weights are made unsigned, +12, for vpdpbusd) and the scale.
+struct Acts16 {
+  int64_t T = 0, nb = 0;
+  std::vector<int8_t> q;     // [T][nb][32]
+  std::vector<int32_t> c;    // [T][nb]
+  std::vector<float> d;      // [T][nb]
+};
+
+void quantize_acts16(const float* x, int64_t T, int64_t n, Acts16& a) {
+  a.T = T;
+  a.nb = n / 32;
+  a.q.assign(T * a.nb * 32, 0);
+  a.c.assign(T * a.nb, 0);
+  a.d.assign(T * a.nb, 0.0f);
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++)
+      for (int64_t b = 0; b < a.nb; b++) {
+        int8_t* q = a.q.data() + (t * a.nb + b) * 32;
+        const float d = quantize_block(x + t * n + b * 32, q);  // the codes quantize_acts makes
+        int32_t sum = 0;
+        for (int i = 0; i < 32; i++) sum += q[i];
+        a.c[t * a.nb + b] = -12 * sum;
+        a.d[t * a.nb + b] = d;
+      }
+  });
+}
+
+#if DS4PY_AVX512
+// y[t * ystride + r] = dot(row r of the group at wg, activation row t0 + t) for r < 16, t < TT.
+template <int TT>
+void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t ystride) {
+  // KVALUES + 12: the e2m1 values (doubled, as ggml stores them) made unsigned
+  const __m512i table =
+      _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[TT];
+  for (int t = 0; t < TT; t++) acc[t] = _mm512_setzero_ps();
+  const int8_t* q0 = a.q.data() + t0 * a.nb * 32;
+  const int32_t* c0 = a.c.data() + t0 * a.nb;
+  const float* d0 = a.d.data() + t0 * a.nb;
+  for (int64_t b = 0; b < a.nb; b++) {
+    const uint8_t* blk = wg + b * R16_BLOCK;
+    _mm_prefetch((const char*)(blk + 4096), _MM_HINT_T0);
+    _mm_prefetch((const char*)(blk + 4096 + 64), _MM_HINT_T0);
+    _mm_prefetch((const char*)(blk + 4096 + 128), _MM_HINT_T0);
+    _mm_prefetch((const char*)(blk + 4096 + 192), _MM_HINT_T0);
+    _mm_prefetch((const char*)(blk + 4096 + 256), _MM_HINT_T0);
+    // the 16 scales 2^(e - 128) (ggml's e8m0 "half"), exact for every e (e < 2 gives the subnormals)
+    const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)blk));
+    __m512i bits = _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
+    const __mmask16 low = _mm512_cmplt_epu32_mask(e, _mm512_set1_epi32(2));
+    if (__builtin_expect(low != 0, 0))
+      bits = _mm512_mask_mov_epi32(bits, low, _mm512_srlv_epi32(_mm512_set1_epi32(0x00400000),
+                                                                 _mm512_sub_epi32(_mm512_set1_epi32(1), e)));
+    const __m512 dw = _mm512_castsi512_ps(bits);
+    __m512i lo[4], hi[4];
+    for (int v = 0; v < 4; v++) {
+      const __m512i W = _mm512_loadu_si512(blk + 16 + 64 * v);
+      lo[v] = _mm512_shuffle_epi8(table, _mm512_and_si512(W, m4));
+      hi[v] = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(W, 4), m4));
+    }
+    for (int t = 0; t < TT; t++) {
+      const int8_t* qc = q0 + (t * a.nb + b) * 32;
+      int32_t g4[8];
+      std::memcpy(g4, qc, 32);
+      __m512i dot = _mm512_set1_epi32(c0[t * a.nb + b]);
+      for (int v = 0; v < 4; v++) {
+        dot = _mm512_dpbusd_epi32(dot, lo[v], _mm512_set1_epi32(g4[v]));      // elements 4v .. 4v + 3
+        dot = _mm512_dpbusd_epi32(dot, hi[v], _mm512_set1_epi32(g4[4 + v]));  // elements 16 + 4v ..
+      }
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_set1_ps(d0[t * a.nb + b])), acc[t]);
+    }
+  }
+  for (int t = 0; t < TT; t++) _mm512_storeu_ps(y + t * ystride, acc[t]);
+}
+#else
+template <int TT>
+void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t ystride) {
+  float acc[TT][16] = {};
+  for (int64_t b = 0; b < a.nb; b++) {
+    const uint8_t* blk = wg + b * R16_BLOCK;
+    for (int r = 0; r < 16; r++) {
+      const float dw = E8M0_HALF.v[blk[r]];
+      for (int t = 0; t < TT; t++) {
+        const int8_t* q = a.q.data() + ((t0 + t) * a.nb + b) * 32;
+        int32_t s = 0;
+        for (int j = 0; j < 16; j++) {
+          const uint8_t c = blk[r16_offset(r, j)];
+          s += (int32_t)KVALUES[c & 15] * q[j] + (int32_t)KVALUES[c >> 4] * q[j + 16];
+        }
+        acc[t][r] += dw * a.d[(t0 + t) * a.nb + b] * (float)s;
+      }
+    }
+  }
+  for (int t = 0; t < TT; t++)
+    for (int r = 0; r < 16; r++) y[t * ystride + r] = acc[t][r];
+}
+#endif
+
+void r16_tile(const uint8_t* wg, const Acts16& a, int64_t t0, int tt, float* y, int64_t ystride) {
+  switch (tt) {
+    case 1: return r16_dot<1>(wg, a, t0, y, ystride);
+    case 2: return r16_dot<2>(wg, a, t0, y, ystride);
+    case 3: return r16_dot<3>(wg, a, t0, y, ystride);
+    case 4: return r16_dot<4>(wg, a, t0, y, ystride);
+    case 5: return r16_dot<5>(wg, a, t0, y, ystride);
+    case 6: return r16_dot<6>(wg, a, t0, y, ystride);
+    case 7: return r16_dot<7>(wg, a, t0, y, ystride);
+    default: return r16_dot<8>(wg, a, t0, y, ystride);
+  }
+}
+
+// x [T, n] -> y [T, rows] for R16 weights w (rows % 16 == 0, groups of n/32 * 272 bytes)
+void r16_linear(const Acts16& a, const uint8_t* w, int64_t rows, float* y) {
+  const int64_t groups = rows / 16, gbytes = a.nb * R16_BLOCK;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t c0 = g0; c0 < g1; c0 += 2)  // 32 rows stay in cache while the activation tiles pass
+      for (int64_t t0 = 0; t0 < a.T; t0 += TILE_T) {
+        const int tt = (int)std::min<int64_t>(TILE_T, a.T - t0);
+        for (int64_t g = c0; g < std::min(g1, c0 + 2); g++)
+          r16_tile(w + g * gbytes, a, t0, tt, y + t0 * rows + g * 16, rows);
+      }
+  });
+}
+}  // namespace
+
 // x [T, n] contiguous, float32 (xbf16 == 0) or bfloat16 bits (widened exactly first), w uint8 rows of ggml
-// blocks (row r at w + r*wstride), y [T, rows] float32 (ybf16 == 0) or the float32 results rounded to bfloat16
-// as torch rounds: the same values as computing in float32 and converting with torch, one call from Python.
+// blocks (row r at w + r*wstride; MXFP4_R16: contiguous groups of 16 rows, wstride unused), y [T, rows] float32
+// (ybf16 == 0) or the float32 results rounded to bfloat16 as torch rounds: the same values as computing in
+// float32 and converting with torch, one call from Python.
 extern "C" int ds4py_ggml_linear(int qtype, const void* x, int xbf16, int64_t T, int64_t n, const uint8_t* w,
                                  int64_t rows, int64_t wstride, void* y, int ybf16) {
-  if (n % 32 || (qtype != Q8_0 && qtype != MXFP4)) return 1;
+  if (n % 32 || (qtype != Q8_0 && qtype != MXFP4 && qtype != MXFP4_R16) || (qtype == MXFP4_R16 && rows % 16))
+    return 1;
   try {
     std::vector<float> xf, yf;
     const float* xp = (const float*)x;
@@ -283,10 +473,16 @@ extern "C" int ds4py_ggml_linear(int qtype, const void* x, int xbf16, int64_t T,
       yf.resize(T * rows);
       yp = yf.data();
     }
-    Acts a;
-    quantize_acts(xp, T, n, a);
-    if (qtype == Q8_0) linear<Q8_0>(a, w, rows, wstride, yp);
-    else linear<MXFP4>(a, w, rows, wstride, yp);
+    if (qtype == MXFP4_R16) {
+      Acts16 a;
+      quantize_acts16(xp, T, n, a);
+      r16_linear(a, w, rows, yp);
+    } else {
+      Acts a;
+      quantize_acts(xp, T, n, a);
+      if (qtype == Q8_0) linear<Q8_0>(a, w, rows, wstride, yp);
+      else linear<MXFP4>(a, w, rows, wstride, yp);
+    }
     if (ybf16) {
       uint16_t* yb = (uint16_t*)y;
       for (int64_t i = 0; i < T * rows; i++) yb[i] = float_to_bf16(yf[i]);
@@ -332,11 +528,15 @@ void dequant(const uint8_t* w, int64_t rows, int64_t wstride, int64_t n, Out* ou
 }
 }  // namespace
 
-// w rows of ggml blocks -> out [rows, n], float32 (bf16 == 0) or bfloat16 bits (bf16 == 1).
+// w rows of ggml blocks (or R16 groups) -> out [rows, n], float32 (bf16 == 0) or bfloat16 bits (bf16 == 1).
 extern "C" int ds4py_ggml_dequantize(int qtype, const uint8_t* w, int64_t rows, int64_t wstride, int64_t n,
                                      void* out, int bf16) {
-  if (n % 32 || (qtype != Q8_0 && qtype != MXFP4)) return 1;
-  if (qtype == Q8_0) {
+  if (n % 32 || (qtype != Q8_0 && qtype != MXFP4 && qtype != MXFP4_R16) || (qtype == MXFP4_R16 && rows % 16))
+    return 1;
+  if (qtype == MXFP4_R16) {
+    if (bf16) dequant_r16(w, rows, n, (uint16_t*)out);
+    else dequant_r16(w, rows, n, (float*)out);
+  } else if (qtype == Q8_0) {
     if (bf16) dequant<Q8_0>(w, rows, wstride, n, (uint16_t*)out);
     else dequant<Q8_0>(w, rows, wstride, n, (float*)out);
   } else {
@@ -468,234 +668,11 @@ extern "C" int ds4py_bf16_linear(const float* x, int64_t T, int64_t k, const uin
   return 0;
 }
 
-namespace {
-// MXFP4 repacked by 16 rows ("R16"): for each group of 16 rows and each block b (32 values), 272 bytes: the 16
-// rows' scale bytes, then their 16 bytes of nibbles interleaved 4 bytes at a time: byte 16 + 64v + 4r + k is
-// byte j = 4v + k of row r (v = 0..3, r = 0..15, k = 0..3), and a byte holds element j (low nibble) and j + 16
-// (high). So each 64-byte load is 4 bytes of all 16 rows, meeting one broadcast 4-byte group of activations,
-// the 16 rows' scales come in one 16-byte load, and the dot products land one row per lane: ~5 instructions per
-// 64 weights where the ggml layout takes ~15 (its pairs of blocks need shuffles, and their scales gathered
-// from 17-byte strides). Same bytes, same values; llama.cpp repacks MXFP4 to interleaved rows on x86 too.
-constexpr int64_t R16_BLOCK = 272;
-
-inline int64_t r16_offset(int r, int j) { return 16 + 64 * (j / 4) + 4 * r + j % 4; }
-
-// dst may be src (sstride = nb * 17): each group is copied aside before it is rewritten.
-void repack16(const uint8_t* src, int64_t sstride, uint8_t* dst, int64_t rows, int64_t nb) {
-  at::parallel_for(0, rows / 16, 8, [&](int64_t g0, int64_t g1) {
-    std::vector<uint8_t> tmp(16 * nb * 17);
-    for (int64_t g = g0; g < g1; g++) {
-      for (int r = 0; r < 16; r++) std::memcpy(tmp.data() + r * nb * 17, src + (g * 16 + r) * sstride, nb * 17);
-      for (int64_t b = 0; b < nb; b++) {
-        uint8_t* o = dst + (g * nb + b) * R16_BLOCK;
-        for (int r = 0; r < 16; r++) {
-          const uint8_t* blk = tmp.data() + r * nb * 17 + b * 17;
-          o[r] = blk[0];
-          for (int j = 0; j < 16; j++) o[r16_offset(r, j)] = blk[1 + j];
-        }
-      }
-    }
-  });
-}
-
-template <typename Out>
-void dequant_r16(const uint8_t* w, int64_t rows, int64_t n, Out* out) {
-  const int64_t nb = n / 32;
-  at::parallel_for(0, rows / 16, 2, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; g++)
-      for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* blk = w + (g * nb + b) * R16_BLOCK;
-        for (int r = 0; r < 16; r++) {
-          const float d = E8M0_HALF.v[blk[r]];
-          Out* o = out + (g * 16 + r) * n + b * 32;
-          for (int j = 0; j < 16; j++) {
-            const uint8_t q = blk[r16_offset(r, j)];
-            const float lo = d * (float)KVALUES[q & 15], hi = d * (float)KVALUES[q >> 4];
-            if constexpr (sizeof(Out) == 4) {
-              o[j] = lo;
-              o[j + 16] = hi;
-            } else {
-              o[j] = float_to_bf16(lo);
-              o[j + 16] = float_to_bf16(hi);
-            }
-          }
-        }
-      }
-  });
-}
-
-// Activations for R16 weights: per row and block the 32 int8 codes (as quantize_acts makes them), the correction
-// -12 * (their sum) (the weights are made unsigned, +12, for vpdpbusd) and the scale.
-struct Acts16 {
-  int64_t T = 0, nb = 0;
-  std::vector<int8_t> q;     // [T][nb][32]
-  std::vector<int32_t> c;    // [T][nb]
-  std::vector<float> d;      // [T][nb]
-};
-
-void quantize_acts16(const float* x, int64_t T, int64_t n, Acts16& a) {
-  a.T = T;
-  a.nb = n / 32;
-  a.q.assign(T * a.nb * 32, 0);
-  a.c.assign(T * a.nb, 0);
-  a.d.assign(T * a.nb, 0.0f);
-  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; t++)
-      for (int64_t b = 0; b < a.nb; b++) {
-        const float* v = x + t * n + b * 32;
-        float amax = 0.0f;
-        for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(v[i]));
-        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-        int8_t* q = a.q.data() + (t * a.nb + b) * 32;
-        int32_t sum = 0;
-        for (int i = 0; i < 32; i++) {
-          q[i] = (int8_t)std::nearbyint(v[i] * id);  // the codes quantize_acts makes
-          sum += q[i];
-        }
-        a.c[t * a.nb + b] = -12 * sum;
-        a.d[t * a.nb + b] = d;
-      }
-  });
-}
-
-#if DS4PY_AVX512
-// y[t * ystride + r] = dot(row r of the group at wg, activation row t0 + t) for r < 16, t < TT.
-template <int TT>
-void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t ystride) {
-  // KVALUES + 12: the e2m1 values (doubled, as ggml stores them) made unsigned
-  const __m512i table =
-      _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
-  const __m512i m4 = _mm512_set1_epi8(0x0F);
-  __m512 acc[TT];
-  for (int t = 0; t < TT; t++) acc[t] = _mm512_setzero_ps();
-  const int8_t* q0 = a.q.data() + t0 * a.nb * 32;
-  const int32_t* c0 = a.c.data() + t0 * a.nb;
-  const float* d0 = a.d.data() + t0 * a.nb;
-  for (int64_t b = 0; b < a.nb; b++) {
-    const uint8_t* blk = wg + b * R16_BLOCK;
-    _mm_prefetch((const char*)(blk + 4096), _MM_HINT_T0);
-    _mm_prefetch((const char*)(blk + 4096 + 64), _MM_HINT_T0);
-    _mm_prefetch((const char*)(blk + 4096 + 128), _MM_HINT_T0);
-    _mm_prefetch((const char*)(blk + 4096 + 192), _MM_HINT_T0);
-    _mm_prefetch((const char*)(blk + 4096 + 256), _MM_HINT_T0);
-    // the 16 scales 2^(e - 128) (ggml's e8m0 "half"), exact for every e (e < 2 gives the subnormals)
-    const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)blk));
-    __m512i bits = _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
-    const __mmask16 low = _mm512_cmplt_epu32_mask(e, _mm512_set1_epi32(2));
-    if (__builtin_expect(low != 0, 0))
-      bits = _mm512_mask_mov_epi32(bits, low, _mm512_srlv_epi32(_mm512_set1_epi32(0x00400000),
-                                                                 _mm512_sub_epi32(_mm512_set1_epi32(1), e)));
-    const __m512 dw = _mm512_castsi512_ps(bits);
-    __m512i lo[4], hi[4];
-    for (int v = 0; v < 4; v++) {
-      const __m512i W = _mm512_loadu_si512(blk + 16 + 64 * v);
-      lo[v] = _mm512_shuffle_epi8(table, _mm512_and_si512(W, m4));
-      hi[v] = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(W, 4), m4));
-    }
-    for (int t = 0; t < TT; t++) {
-      const int8_t* qc = q0 + (t * a.nb + b) * 32;
-      int32_t g4[8];
-      std::memcpy(g4, qc, 32);
-      __m512i dot = _mm512_set1_epi32(c0[t * a.nb + b]);
-      for (int v = 0; v < 4; v++) {
-        dot = _mm512_dpbusd_epi32(dot, lo[v], _mm512_set1_epi32(g4[v]));      // elements 4v .. 4v + 3
-        dot = _mm512_dpbusd_epi32(dot, hi[v], _mm512_set1_epi32(g4[4 + v]));  // elements 16 + 4v ..
-      }
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_set1_ps(d0[t * a.nb + b])), acc[t]);
-    }
-  }
-  for (int t = 0; t < TT; t++) _mm512_storeu_ps(y + t * ystride, acc[t]);
-}
-#else
-template <int TT>
-void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t ystride) {
-  float acc[TT][16] = {};
-  for (int64_t b = 0; b < a.nb; b++) {
-    const uint8_t* blk = wg + b * R16_BLOCK;
-    for (int r = 0; r < 16; r++) {
-      const float dw = E8M0_HALF.v[blk[r]];
-      for (int t = 0; t < TT; t++) {
-        const int8_t* q = a.q.data() + ((t0 + t) * a.nb + b) * 32;
-        int32_t s = 0;
-        for (int j = 0; j < 16; j++) {
-          const uint8_t c = blk[r16_offset(r, j)];
-          s += (int32_t)KVALUES[c & 15] * q[j] + (int32_t)KVALUES[c >> 4] * q[j + 16];
-        }
-        acc[t][r] += dw * a.d[(t0 + t) * a.nb + b] * (float)s;
-      }
-    }
-  }
-  for (int t = 0; t < TT; t++)
-    for (int r = 0; r < 16; r++) y[t * ystride + r] = acc[t][r];
-}
-#endif
-
-void r16_tile(const uint8_t* wg, const Acts16& a, int64_t t0, int tt, float* y, int64_t ystride) {
-  switch (tt) {
-    case 1: return r16_dot<1>(wg, a, t0, y, ystride);
-    case 2: return r16_dot<2>(wg, a, t0, y, ystride);
-    case 3: return r16_dot<3>(wg, a, t0, y, ystride);
-    case 4: return r16_dot<4>(wg, a, t0, y, ystride);
-    case 5: return r16_dot<5>(wg, a, t0, y, ystride);
-    case 6: return r16_dot<6>(wg, a, t0, y, ystride);
-    case 7: return r16_dot<7>(wg, a, t0, y, ystride);
-    default: return r16_dot<8>(wg, a, t0, y, ystride);
-  }
-}
-
-// x [T, n] -> y [T, rows] for R16 weights w (rows % 16 == 0, groups of n/32 * 272 bytes)
-void r16_linear(const Acts16& a, const uint8_t* w, int64_t rows, float* y) {
-  const int64_t groups = rows / 16, gbytes = a.nb * R16_BLOCK;
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t c0 = g0; c0 < g1; c0 += 2)  // 32 rows stay in cache while the activation tiles pass
-      for (int64_t t0 = 0; t0 < a.T; t0 += TILE_T) {
-        const int tt = (int)std::min<int64_t>(TILE_T, a.T - t0);
-        for (int64_t g = c0; g < std::min(g1, c0 + 2); g++)
-          r16_tile(w + g * gbytes, a, t0, tt, y + t0 * rows + g * 16, rows);
-      }
-  });
-}
-}  // namespace
 
 // Repack MXFP4 rows (ggml blocks, row r at src + r * sstride) into the R16 layout at dst (rows % 16 == 0).
 extern "C" int ds4py_mxfp4_repack16(const uint8_t* src, int64_t sstride, uint8_t* dst, int64_t rows, int64_t n) {
   if (rows % 16 || n % 32) return 1;
   repack16(src, sstride, dst, rows, n / 32);
-  return 0;
-}
-
-extern "C" int ds4py_mxfp4_r16_dequantize(const uint8_t* w, int64_t rows, int64_t n, void* out, int bf16) {
-  if (rows % 16 || n % 32) return 1;
-  if (bf16) dequant_r16(w, rows, n, (uint16_t*)out);
-  else dequant_r16(w, rows, n, (float*)out);
-  return 0;
-}
-
-// as ds4py_ggml_linear, for R16 weights
-extern "C" int ds4py_mxfp4_r16_linear(const void* x, int xbf16, int64_t T, int64_t n, const uint8_t* w,
-                                      int64_t rows, void* y, int ybf16) {
-  if (n % 32 || rows % 16) return 1;
-  try {
-    std::vector<float> xf, yf;
-    const float* xp = (const float*)x;
-    if (xbf16) {
-      xf.resize(T * n);
-      for (int64_t i = 0; i < T * n; i++) xf[i] = bf16_to_float(((const uint16_t*)x)[i]);
-      xp = xf.data();
-    }
-    float* yp = (float*)y;
-    if (ybf16) {
-      yf.resize(T * rows);
-      yp = yf.data();
-    }
-    Acts16 a;
-    quantize_acts16(xp, T, n, a);
-    r16_linear(a, w, rows, yp);
-    if (ybf16)
-      for (int64_t i = 0; i < T * rows; i++) ((uint16_t*)y)[i] = float_to_bf16(yf[i]);
-  } catch (...) {
-    return 2;
-  }
   return 0;
 }
 
@@ -781,8 +758,6 @@ inline float one_dot(const uint8_t* row, const Acts& a) {
   return y;
 }
 }  // namespace
-
-constexpr int MXFP4_R16 = 1039;  // not a ggml type: ds4py's id for MXFP4 repacked by 16 rows
 
 // One token x [n] (float32, or bf16 bits) through E experts (the routed ones it chose, then the shared ones):
 // out [D] = sum_e weights[e] * W2_e swiglu(W1_e x, W3_e x), float32 inside, rounded once to bf16 if outbf16.
@@ -911,13 +886,6 @@ def _compile(generic: bool) -> ctypes.CDLL:
     fn = lib.ds4py_mxfp4_repack16
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-    fn = lib.ds4py_mxfp4_r16_dequantize
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-    fn = lib.ds4py_mxfp4_r16_linear
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_void_p, ctypes.c_int]
     fn = lib.ds4py_f32_linear
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
@@ -970,13 +938,12 @@ def simd() -> bool:
 
 
 def dequantize(raw: torch.Tensor, qtype: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-    """raw Q8_0 / MXFP4 rows [out, bytes] -> [out, in] float32 or bfloat16 with the compiled code (the same
-    values as `ggml_dequantize(...).to(dtype)`), or None where the kernels are unavailable."""
+    """raw Q8_0 / MXFP4 rows (or R16 groups) [out, bytes] -> [out, in] float32 or bfloat16 with the compiled code
+    (the same values as `ggml_dequantize(...).to(dtype)`), or None where the kernels are unavailable."""
     lib = _lib()
     if lib is None or raw.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or raw.dim() != 2:
         return None
-    if raw.stride(1) != 1:
-        raw = raw.contiguous()
+    raw = contiguous_rows(raw, qtype)
     n = raw.shape[1] // BLOCK_BYTES[qtype] * 32
     out = torch.empty(raw.shape[0], n, dtype=dtype)
     if out.numel():
@@ -992,16 +959,26 @@ def fallback_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Ten
     from ds4py.formats.ggml import ggml_dequantize
 
     n = raw.shape[-1] // BLOCK_BYTES[qtype] * 32
+    if qtype == MXFP4_R16:
+        raw, qtype = r16_to_ggml(raw), MXFP4
     w = ggml_dequantize(qtype, raw, (raw.shape[0], n))
     return F.linear(x, w.to(x.dtype))
 
 
+def contiguous_rows(raw: torch.Tensor, qtype: int) -> torch.Tensor:
+    """raw with contiguous rows (ggml types) or contiguous altogether (R16 groups span 16 rows)."""
+    if qtype == MXFP4_R16:
+        return raw if raw.is_contiguous() else raw.contiguous()
+    return raw if raw.stride(1) == 1 else raw.contiguous()
+
+
 def ggml_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
-    """x [..., in] @ W.T for W = raw ggml Q8_0 / MXFP4 rows [out, in/32*block_bytes] -> [..., out] in x.dtype
-    (computed in float32). Falls back to `fallback_linear` off the CPU, with autograd, or without kernels."""
+    """x [..., in] @ W.T for W = raw ggml Q8_0 / MXFP4 rows [out, in/32*block_bytes] (or MXFP4_R16 groups) ->
+    [..., out] in x.dtype (computed in float32). Falls back to `fallback_linear` off the CPU, with autograd, or
+    without kernels."""
     qtype = int(qtype)
     bb = BLOCK_BYTES.get(qtype)
-    if bb is None or raw.dim() != 2 or raw.dtype != torch.uint8:
+    if bb is None or raw.dim() != 2 or raw.dtype != torch.uint8 or (qtype == MXFP4_R16 and raw.shape[0] % 16):
         raise ValueError(f"ggml_linear: need raw uint8 [out, bytes] of Q8_0 or MXFP4, got {raw.dtype} {raw.shape}")
     n = x.shape[-1]
     rows, row_bytes = raw.shape
@@ -1022,8 +999,7 @@ def ggml_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
     xk = x.float() if dtype == torch.float16 else x
     if not xk.is_contiguous():
         xk = xk.contiguous()
-    if raw.stride(1) != 1:
-        raw = raw.contiguous()
+    raw = contiguous_rows(raw, qtype)
     y = torch.empty((*x.shape[:-1], rows), dtype=xk.dtype)
     if T and rows:
         bf16 = int(xk.dtype == torch.bfloat16)
@@ -1167,21 +1143,6 @@ def repack16(raw: torch.Tensor, n: int, out: torch.Tensor | None = None) -> torc
     return out
 
 
-def r16_dequantize(raw: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """R16 rows uint8 [rows, n/32*17] -> [rows, n] float32 or bfloat16 (the values of the ggml rows they came from)."""
-    lib = _lib()
-    rows = raw.shape[0]
-    if lib is None or raw.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
-        return r16_dequantize_torch(raw, n).to(dtype)
-    raw = raw.contiguous()
-    out = torch.empty(rows, n, dtype=dtype)
-    if out.numel():
-        rc = lib.ds4py_mxfp4_r16_dequantize(raw.data_ptr(), rows, n, out.data_ptr(), int(dtype == torch.bfloat16))
-        if rc:
-            raise RuntimeError(f"ds4py_mxfp4_r16_dequantize failed ({rc})")
-    return out
-
-
 def r16_to_ggml(raw: torch.Tensor) -> torch.Tensor:
     """R16 rows uint8 [rows, bytes] -> the ggml MXFP4 rows they were repacked from (torch ops, any device)."""
     rows, rb = raw.shape
@@ -1199,28 +1160,3 @@ def r16_dequantize_torch(raw: torch.Tensor, n: int) -> torch.Tensor:
 
     return dequantize_mxfp4(r16_to_ggml(raw), n)
 
-
-def r16_linear(x: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ W.T for W given as R16 rows uint8 [out, in/32*17] -> [..., out] in x.dtype: the kernel
-    (activations quantized to Q8_0 per 32, as `ggml_linear`), or dequantize + F.linear without it."""
-    n = x.shape[-1]
-    rows = raw.shape[0]
-    dtype = x.dtype
-    lib = None
-    if x.is_cpu and raw.is_cpu and dtype in FLOAT_INPUTS and not (x.requires_grad and torch.is_grad_enabled()):
-        lib = _lib()
-    if lib is None:
-        return F.linear(x, r16_dequantize_torch(raw, n).to(dtype))
-    T = x.numel() // n if n else 0
-    if dtype == torch.bfloat16 and T >= BF16_GEMM_MIN_T:
-        return F.linear(x, r16_dequantize(raw, n, torch.bfloat16))
-    xk = x.float() if dtype == torch.float16 else x
-    xk = xk.contiguous()
-    y = torch.empty((*x.shape[:-1], rows), dtype=xk.dtype)
-    if T and rows:
-        bf16 = int(xk.dtype == torch.bfloat16)
-        raw = raw.contiguous()
-        rc = lib.ds4py_mxfp4_r16_linear(xk.data_ptr(), bf16, T, n, raw.data_ptr(), rows, y.data_ptr(), bf16)
-        if rc:
-            raise RuntimeError(f"ds4py_mxfp4_r16_linear failed ({rc})")
-    return y if y.dtype == dtype else y.to(dtype)

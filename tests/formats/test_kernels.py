@@ -218,6 +218,8 @@ def test_mxfp4_repacked_by_16_rows_keeps_values_and_products(lib, monkeypatch, g
         for dtype in (torch.float32, torch.bfloat16):
             assert torch.equal(packed.dequantize(dtype), w.dequantize(dtype))
         assert torch.equal(kernels.r16_dequantize_torch(packed.raw, n), w.dequantize())
+        x0 = torch.randn(2, n, generator=gen)
+        assert torch.equal(kernels.fallback_linear(x0, packed.raw, kernels.MXFP4_R16), F.linear(x0, w.dequantize()))
         for T in (1, 3, 9):
             x = torch.randn(T, n, generator=gen)
             assert rel_err(packed.linear(x), w.linear(x)) < 1e-5, (out, n, T)
