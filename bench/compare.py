@@ -8,8 +8,9 @@ llama.cpp: `llama-bench` from $LLAMA_BENCH, or PATH, or a local build of the ven
 /tmp/llbuild/bin (built outside this repository); skipped with a message when absent.
 transformers: DeepseekV4ForCausalLM with the same weights dequantized to bf16; skipped when those
 would not fit in half of this machine's memory.
-Each engine runs in its own process so peak RSS is its own. With --rounds N, ds4py and llama.cpp run
-alternately N times and the table gives the medians (the ratio: the median of the rounds' ratios).
+Each engine runs in its own process so peak RSS is its own. With --rounds N, ds4py, llama.cpp and
+transformers (where it fits) run in turn N times and the table gives the medians (each ratio: the median of
+the rounds' ratios).
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", choices=["tiny", "flash-slice"], default=None)
     ap.add_argument("--rounds", type=int, default=1,
-                    help="run ds4py and llama.cpp alternately this many times and report the median of the "
+                    help="run ds4py, llama.cpp and transformers in turn this many times and report the median of the "
                          "rounds' ratios (a shared machine's speed drifts over minutes; adjacent runs see the same)")
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -201,42 +202,47 @@ def main() -> int:
     except ImportError:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     print(f"ds4py from {ds4py_version()}", file=sys.stderr)
-    print(f"threads {args.threads}, pp{args.p}, tg{args.n}, median of {args.repeats} (transformers: one run)")
+    print(f"threads {args.threads}, pp{args.p}, tg{args.n}, median of {args.repeats} (transformers: one run per round)")
     print("| model | test | ds4py t/s | llama.cpp t/s | ds4py/llama.cpp | transformers t/s | ds4py/transformers |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for label, path in models:
-        rounds = []
+        hf_p, hf_n = min(args.p, 512), min(args.n, 32)
+        hf_fits = bf16_bytes(path) < mem / 2
+        rounds = []  # per round: ds4py, llama.cpp, transformers (each run in turn, so a round sees one speed)
         for _ in range(max(args.rounds, 1)):
             ours = run_ds4py(path, args.p, args.n, args.threads, args.repeats)
             theirs = run_llama(llama, path, args.p, args.n, args.threads, args.repeats) if llama else {}
-            rounds.append((ours, theirs))
-        ours, theirs = dict(rounds[0][0]), dict(rounds[0][1])
-        ratio = {}  # per test: the median of the rounds' ratios
+            if hf_fits:
+                hf = run_transformers(path, hf_p, hf_n, args.threads)
+            else:
+                hf = {"error": ["bf16 weights exceed half the machine's memory"]}
+            rounds.append((ours, theirs, hf))
+        ours, theirs, hf = (dict(r) for r in rounds[0])
+        ratio = {}  # (peer, test): the median of the rounds' ratios
+        sizes = {"pp": (args.p, hf_p), "tg": (args.n, hf_n)}  # ours, transformers'
         if len(rounds) > 1:
             for test in ("pp", "tg"):
                 mine = [r[0][test] for r in rounds if r[0].get(test)]
-                peer = [r[1][test] for r in rounds if r[1].get(test)]
-                ratios = [r[0][test] / r[1][test] for r in rounds if r[0].get(test) and r[1].get(test)]
                 if mine:
                     ours[test] = statistics.median(mine)
-                if peer:
-                    theirs[test] = statistics.median(peer)
-                if ratios:
-                    ratio[test] = statistics.median(ratios)
-                    print(f"  {label} {test}: ds4py/llama.cpp per round " + ", ".join(f"{r:.2f}x" for r in ratios)
-                          + f" (median {statistics.median(ratios):.2f}x); ds4py " + ", ".join(f"{v:.1f}" for v in mine)
-                          + "; llama.cpp " + ", ".join(f"{v:.1f}" for v in peer), file=sys.stderr)
-        hf_p, hf_n = min(args.p, 512), min(args.n, 32)
-        if bf16_bytes(path) < mem / 2:
-            hf = run_transformers(path, hf_p, hf_n, args.threads)
-        else:
-            hf = {"error": ["bf16 weights exceed half the machine's memory"]}
+                for i, (peer, res) in enumerate((("llama.cpp", theirs), ("transformers", hf)), start=1):
+                    if peer == "transformers" and sizes[test][0] != sizes[test][1]:
+                        continue  # transformers ran a shorter test: no ratio
+                    theirs_all = [r[i][test] for r in rounds if r[i].get(test)]
+                    if theirs_all:
+                        res[test] = statistics.median(theirs_all)
+                    ratios = [r[0][test] / r[i][test] for r in rounds if r[0].get(test) and r[i].get(test)]
+                    if ratios:
+                        ratio[peer, test] = statistics.median(ratios)
+                        print(f"  {label} {test}: ds4py/{peer} per round " + ", ".join(f"{r:.2f}x" for r in ratios)
+                              + f" (median {ratio[peer, test]:.2f}x); ds4py " + ", ".join(f"{v:.1f}" for v in mine)
+                              + f"; {peer} " + ", ".join(f"{v:.1f}" for v in theirs_all), file=sys.stderr)
         for test, n, hf_size in (("pp", args.p, hf_p), ("tg", args.n, hf_n)):
             a, b, c = ours.get(test), theirs.get(test), hf.get(test)
-            r1 = ratio.get(test) or (a / b if a and b else None)
+            r1 = ratio.get(("llama.cpp", test)) or (a / b if a and b else None)
             # transformers runs at most pp512/tg32: mark its number, and give no ratio, when sizes differ
             same = hf_size == n
-            r2 = a / c if a and c and same else None
+            r2 = (ratio.get(("transformers", test)) or a / c) if a and c and same else None
             c_txt = fmt(c) if same else fmt(c, f" ({test}{hf_size})")
             print(f"| {label} | {test}{n} | {fmt(a)} | {fmt(b)} | {fmt(r1, 'x')} | {c_txt} | {fmt(r2, 'x')} |")
         for name, res in (("ds4py", ours), ("llama.cpp", theirs), ("transformers", hf)):
