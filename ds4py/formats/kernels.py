@@ -238,15 +238,19 @@ void row_tile(const uint8_t* wr, const Acts& a, int64_t t0, int tt, float* y, in
   }
 }
 
+// y [T, rows] = rows of w times activations: row r times acts[r / rg] (groups of rg rows, each with its own
+// activations: the grouped output projection; one group: rg = rows).
 template <int QT>
-void linear(const Acts& a, const uint8_t* w, int64_t rows, int64_t wstride, float* y) {
+void linear(const Acts* acts, int64_t rg, const uint8_t* w, int64_t rows, int64_t wstride, float* y) {
+  const int64_t T = acts[0].T;
   int64_t grain = std::max<int64_t>(1, std::min<int64_t>(CHUNK, rows / (4 * at::get_num_threads())));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t c0 = r0; c0 < r1; c0 += CHUNK) {
       int64_t c1 = std::min(r1, c0 + CHUNK);
-      for (int64_t t0 = 0; t0 < a.T; t0 += TILE_T) {
-        int tt = (int)std::min<int64_t>(TILE_T, a.T - t0);
-        for (int64_t r = c0; r < c1; r++) row_tile<QT>(w + r * wstride, a, t0, tt, y + t0 * rows + r, rows);
+      for (int64_t t0 = 0; t0 < T; t0 += TILE_T) {
+        int tt = (int)std::min<int64_t>(TILE_T, T - t0);
+        for (int64_t r = c0; r < c1; r++)
+          row_tile<QT>(w + r * wstride, acts[r / rg], t0, tt, y + t0 * rows + r, rows);
       }
     }
   });
@@ -455,17 +459,20 @@ void r16_linear(const Acts16& a, const uint8_t* w, int64_t rows, float* y) {
 // blocks (row r at w + r*wstride; MXFP4_R16: contiguous groups of 16 rows, wstride unused), y [T, rows] float32
 // (ybf16 == 0) or the float32 results rounded to bfloat16 as torch rounds: the same values as computing in
 // float32 and converting with torch, one call from Python.
+// groups > 1: x [T, groups * n], rows % groups == 0, and row r takes the (r / (rows / groups))-th n values of each
+// x row (the grouped output projection in one call); Q8_0 / MXFP4 rows only.
 extern "C" int ds4py_ggml_linear(int qtype, const void* x, int xbf16, int64_t T, int64_t n, const uint8_t* w,
-                                 int64_t rows, int64_t wstride, void* y, int ybf16) {
+                                 int64_t rows, int64_t wstride, void* y, int ybf16, int64_t groups) {
   if (n % 32 || (qtype != Q8_0 && qtype != MXFP4 && qtype != MXFP4_R16) || (qtype == MXFP4_R16 && rows % 16))
     return 1;
+  if (groups < 1 || rows % groups || (groups > 1 && qtype == MXFP4_R16)) return 1;
   try {
     std::vector<float> xf, yf;
     const float* xp = (const float*)x;
     if (xbf16) {
-      xf.resize(T * n);
+      xf.resize(T * groups * n);
       const uint16_t* xb = (const uint16_t*)x;
-      for (int64_t i = 0; i < T * n; i++) xf[i] = bf16_to_float(xb[i]);
+      for (int64_t i = 0; i < T * groups * n; i++) xf[i] = bf16_to_float(xb[i]);
       xp = xf.data();
     }
     float* yp = (float*)y;
@@ -478,10 +485,18 @@ extern "C" int ds4py_ggml_linear(int qtype, const void* x, int xbf16, int64_t T,
       quantize_acts16(xp, T, n, a);
       r16_linear(a, w, rows, yp);
     } else {
-      Acts a;
-      quantize_acts(xp, T, n, a);
-      if (qtype == Q8_0) linear<Q8_0>(a, w, rows, wstride, yp);
-      else linear<MXFP4>(a, w, rows, wstride, yp);
+      std::vector<Acts> acts(groups);
+      std::vector<float> xg(groups > 1 ? T * n : 0);
+      for (int64_t g = 0; g < groups; g++) {
+        const float* src = xp;
+        if (groups > 1) {  // group g's columns of every x row, contiguous
+          for (int64_t t = 0; t < T; t++) std::memcpy(xg.data() + t * n, xp + (t * groups + g) * n, n * 4);
+          src = xg.data();
+        }
+        quantize_acts(src, T, n, acts[g]);
+      }
+      if (qtype == Q8_0) linear<Q8_0>(acts.data(), rows / groups, w, rows, wstride, yp);
+      else linear<MXFP4>(acts.data(), rows / groups, w, rows, wstride, yp);
     }
     if (ybf16) {
       uint16_t* yb = (uint16_t*)y;
@@ -915,7 +930,7 @@ def _compile(generic: bool) -> ctypes.CDLL:
     fn = lib.ds4py_ggml_linear
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
     lib.ds4py_kernels_simd.restype = ctypes.c_int
     fn = lib.ds4py_mxfp4_repack16
     fn.restype = ctypes.c_int
@@ -1038,10 +1053,39 @@ def ggml_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
     if T and rows:
         bf16 = int(xk.dtype == torch.bfloat16)
         rc = lib.ds4py_ggml_linear(qtype, xk.data_ptr(), bf16, T, n, raw.data_ptr(), rows, raw.stride(0),
-                                   y.data_ptr(), bf16)
+                                   y.data_ptr(), bf16, 1)
         if rc:
             raise RuntimeError(f"ds4py_ggml_linear failed ({rc})")
     return y if y.dtype == dtype else y.to(dtype)
+
+
+def ggml_grouped_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor | None:
+    """x [T, groups, in] and Q8_0 / MXFP4 rows raw [groups * r, in/32*block_bytes] -> [T, groups * r]: group g's
+    rows times x[:, g], in one compiled call (the values of `ggml_linear` on each group's rows and x[:, g]).
+    None where that call does not apply (no kernels, off the CPU, autograd, long bf16 prompts, R16 rows):
+    the caller multiplies group by group."""
+    qtype = int(qtype)
+    T, groups, n = x.shape
+    if (qtype not in (Q8_0, MXFP4) or raw.dim() != 2 or raw.dtype != torch.uint8 or raw.shape[0] % groups
+            or n % 32 or raw.shape[1] != n // 32 * BLOCK_BYTES[qtype]):
+        return None
+    if not (x.is_cpu and raw.is_cpu and x.dtype in (torch.float32, torch.bfloat16)) or (
+            x.requires_grad and torch.is_grad_enabled()) or (x.dtype == torch.bfloat16 and T >= BF16_GEMM_MIN_T):
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    x = x.contiguous()
+    raw = contiguous_rows(raw, qtype)
+    rows = raw.shape[0]
+    y = torch.empty(T, rows, dtype=x.dtype)
+    if T and rows:
+        bf16 = int(x.dtype == torch.bfloat16)
+        rc = lib.ds4py_ggml_linear(qtype, x.data_ptr(), bf16, T, n, raw.data_ptr(), rows, raw.stride(0),
+                                   y.data_ptr(), bf16, groups)
+        if rc:
+            raise RuntimeError(f"ds4py_ggml_linear (grouped) failed ({rc})")
+    return y
 
 
 def q8_0_linear(x: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:

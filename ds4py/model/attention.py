@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ds4py.cache import LayerCache
-from ds4py.formats import Weight
+from ds4py.formats import Weight, kernels
 from ds4py.model.compressor import Compressor
 from ds4py.model.indexer import Indexer
 from ds4py.model.norms import rms_norm, unweighted_rms_norm
@@ -132,8 +132,13 @@ class Attention:
         """[T, H, hd] -> [T, o_groups * o_lora_rank]: each group of heads has its own projection."""
         T, g = out.shape[0], self.o_groups
         if hasattr(self.wo_a, "rows"):  # packed: each group's rows multiply straight from their blocks
-            r = self.wo_a.shape[0] // g
             x = out.reshape(T, g, -1)
+            rows = self.wo_a.kernel_rows()
+            if rows is not None:  # all groups in one compiled call (decode: one instead of o_groups)
+                y = kernels.ggml_grouped_linear(x, *rows)
+                if y is not None:
+                    return y
+            r = self.wo_a.shape[0] // g
             return torch.cat([self.wo_a.rows(i * r, (i + 1) * r).linear(x[:, i]) for i in range(g)], dim=-1)
         w = self.wo_a.dequantize(out.dtype)  # [g * o_lora, in_g]
         w = w.view(g, -1, w.shape[-1])

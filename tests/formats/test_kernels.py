@@ -158,6 +158,29 @@ def test_outputs_are_bit_identical_to_the_saved_reference(lib, monkeypatch, gene
                     assert torch.equal(yb, ref.bfloat16())
 
 
+@pytest.mark.parametrize("generic", [False, True], ids=["simd", "portable"])
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.MXFP4], ids=["q8_0", "mxfp4"])
+def test_grouped_linear_equals_the_groups_one_by_one(lib, monkeypatch, qtype, generic):
+    """The grouped output projection in one call: bit-identical to `ggml_linear` on each group's rows and x slice."""
+    if generic:
+        monkeypatch.setenv("DS4PY_KERNELS_GENERIC", "1")
+    gen = torch.Generator().manual_seed(11 + int(qtype) + generic)
+    for groups, r, n in ((4, 24, 96), (2, 40, 256), (1, 8, 64)):
+        w = random_weight(qtype, groups * r, n, gen)
+        for T in (1, 3, 9):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(T, groups, n, generator=gen).to(dtype)
+                y = kernels.ggml_grouped_linear(x, w.raw, int(qtype))
+                loop = torch.cat([kernels.ggml_linear(x[:, g], w.raw[g * r:(g + 1) * r], int(qtype))
+                                  for g in range(groups)], dim=-1)
+                assert y.dtype == dtype and torch.equal(y, loop), (groups, r, n, T, dtype)
+    # not for it: long bf16 prompts (the bf16 GEMM path), rows that do not split into the groups
+    w = random_weight(qtype, 64, 64, gen)
+    long = torch.randn(kernels.BF16_GEMM_MIN_T, 2, 64, generator=gen).bfloat16()
+    assert kernels.ggml_grouped_linear(long, w.raw, int(qtype)) is None
+    assert kernels.ggml_grouped_linear(torch.randn(1, 3, 64), w.raw, int(qtype)) is None
+
+
 def test_experts_one_equals_the_kernel_matmuls_one_by_one(lib):
     """The fused one-token MoE call: the same activation quantization and int8 dot products as three
     `ggml_linear` calls per expert, so equal to them up to float32 rounding (swiglu, the sum's order)."""
