@@ -237,7 +237,7 @@ def main() -> int:
                         print(f"  {label} {test}: ds4py/{peer} per round " + ", ".join(f"{r:.2f}x" for r in ratios)
                               + f" (median {ratio[peer, test]:.2f}x); ds4py " + ", ".join(f"{v:.1f}" for v in mine)
                               + f"; {peer} " + ", ".join(f"{v:.1f}" for v in theirs_all), file=sys.stderr)
-        for test, n, hf_size in (("pp", args.p, hf_p), ("tg", args.n, hf_n)):
+        for test, (n, hf_size) in sizes.items():
             a, b, c = ours.get(test), theirs.get(test), hf.get(test)
             r1 = ratio.get(("llama.cpp", test)) or (a / b if a and b else None)
             # transformers runs at most pp512/tg32: mark its number, and give no ratio, when sizes differ

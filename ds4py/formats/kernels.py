@@ -111,7 +111,9 @@ inline float quantize_block(const float* v, int8_t* codes) {
   return d;
 }
 
-void quantize_acts(const float* x, int64_t T, int64_t n, Acts& a) {
+// x row t at x + t * xstride (xstride 0: n, rows back to back)
+void quantize_acts(const float* x, int64_t T, int64_t n, Acts& a, int64_t xstride = 0) {
+  if (xstride == 0) xstride = n;
   a.T = T;
   a.nb = n / 32;
   a.nbp = (a.nb + 1) / 2 * 2;
@@ -119,7 +121,7 @@ void quantize_acts(const float* x, int64_t T, int64_t n, Acts& a) {
   a.s.assign(T * a.nbp * 16, 0.0f);
   at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; t++) {
-      const float* xr = x + t * n;
+      const float* xr = x + t * xstride;
       uint8_t* q = a.q.data() + t * a.nbp * 32;
       float* s = a.s.data() + t * a.nbp * 16;
       for (int64_t b = 0; b < a.nb; b++) {
@@ -485,16 +487,8 @@ extern "C" int ds4py_ggml_linear(int qtype, const void* x, int xbf16, int64_t T,
       quantize_acts16(xp, T, n, a);
       r16_linear(a, w, rows, yp);
     } else {
-      std::vector<Acts> acts(groups);
-      std::vector<float> xg(groups > 1 ? T * n : 0);
-      for (int64_t g = 0; g < groups; g++) {
-        const float* src = xp;
-        if (groups > 1) {  // group g's columns of every x row, contiguous
-          for (int64_t t = 0; t < T; t++) std::memcpy(xg.data() + t * n, xp + (t * groups + g) * n, n * 4);
-          src = xg.data();
-        }
-        quantize_acts(src, T, n, acts[g]);
-      }
+      std::vector<Acts> acts(groups);  // group g: columns [g * n, (g + 1) * n) of every x row
+      for (int64_t g = 0; g < groups; g++) quantize_acts(xp + g * n, T, n, acts[g], groups * n);
       if (qtype == Q8_0) linear<Q8_0>(acts.data(), rows / groups, w, rows, wstride, yp);
       else linear<MXFP4>(acts.data(), rows / groups, w, rows, wstride, yp);
     }
@@ -736,8 +730,9 @@ void f32_dot(const float* w, int64_t wstride, int64_t k, const float* x, int64_t
     for (int t = 0; t < TT; t++) xv[t] = _mm512_loadu_ps(x + t * kp + i);
     for (int r = 0; r < R; r++) {
       const float* wp = w + r * wstride + i;
-      float pad[16] = {};
+      float pad[16];
       if (tail) {  // the last partial 16: weights through a zero-padded copy
+        std::memset(pad, 0, sizeof(pad));
         std::memcpy(pad, wp, (k - kf) * 4);
         wp = pad;
       } else {
@@ -1048,15 +1043,23 @@ def ggml_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
     xk = x.float() if dtype == torch.float16 else x
     if not xk.is_contiguous():
         xk = xk.contiguous()
-    raw = contiguous_rows(raw, qtype)
-    y = torch.empty((*x.shape[:-1], rows), dtype=xk.dtype)
-    if T and rows:
-        bf16 = int(xk.dtype == torch.bfloat16)
-        rc = lib.ds4py_ggml_linear(qtype, xk.data_ptr(), bf16, T, n, raw.data_ptr(), rows, raw.stride(0),
-                                   y.data_ptr(), bf16, 1)
-        if rc:
-            raise RuntimeError(f"ds4py_ggml_linear failed ({rc})")
+    y = _ggml_call(lib, qtype, xk, T, n, raw, 1).reshape(*x.shape[:-1], rows)
     return y if y.dtype == dtype else y.to(dtype)
+
+
+def _ggml_call(lib: ctypes.CDLL, qtype: int, x: torch.Tensor, T: int, n: int, raw: torch.Tensor,
+               groups: int) -> torch.Tensor:
+    """ds4py_ggml_linear on contiguous float32/bf16 x (T rows of groups * n) -> y [T, rows] in x's dtype."""
+    raw = contiguous_rows(raw, qtype)
+    rows = raw.shape[0]
+    y = torch.empty(T, rows, dtype=x.dtype)
+    if T and rows:
+        bf16 = int(x.dtype == torch.bfloat16)
+        rc = lib.ds4py_ggml_linear(qtype, x.data_ptr(), bf16, T, n, raw.data_ptr(), rows, raw.stride(0),
+                                   y.data_ptr(), bf16, groups)
+        if rc:
+            raise RuntimeError(f"ds4py_ggml_linear failed ({rc}; {groups} groups)")
+    return y
 
 
 def ggml_grouped_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor | None:
@@ -1075,17 +1078,7 @@ def ggml_grouped_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch
     lib = _lib()
     if lib is None:
         return None
-    x = x.contiguous()
-    raw = contiguous_rows(raw, qtype)
-    rows = raw.shape[0]
-    y = torch.empty(T, rows, dtype=x.dtype)
-    if T and rows:
-        bf16 = int(x.dtype == torch.bfloat16)
-        rc = lib.ds4py_ggml_linear(qtype, x.data_ptr(), bf16, T, n, raw.data_ptr(), rows, raw.stride(0),
-                                   y.data_ptr(), bf16, groups)
-        if rc:
-            raise RuntimeError(f"ds4py_ggml_linear (grouped) failed ({rc})")
-    return y
+    return _ggml_call(lib, qtype, x.contiguous(), T, n, raw, groups)
 
 
 def q8_0_linear(x: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
