@@ -36,15 +36,26 @@ class Indexer:
             return torch.empty(T, 0, dtype=torch.long, device=x.device)
         q = self.wq_b.linear(q_residual).view(T, self.n_heads, self.head_dim)
         q = rotate(q, self.rotary.rotation(positions))
-        scores = torch.relu(q.reshape(T * self.n_heads, -1).float() @ keys.float().T)  # [T * heads, n]
-        scores = scores.view(T, self.n_heads, n) * self.head_dim**-0.5
-        w = self.weights_proj.linear(x).float() * self.n_heads**-0.5  # [T, heads]
+        scores = (q.reshape(T * self.n_heads, -1).float() @ keys.float().T).clamp_(min=0)  # relu [T * heads, n]
+        scores = scores.view(T, self.n_heads, n).mul_(self.head_dim**-0.5)
+        w = self.weights_proj.linear(x).float().mul_(self.n_heads**-0.5)  # [T, heads]
         total = torch.bmm(w.unsqueeze(1), scores).squeeze(1)  # [T, n]
-        # a stable sort breaks ties (entries whose every head scores <= 0 tie at exactly 0) towards
-        # the earlier entry, so chunked prefill, decode and one full pass choose the same entries
         if T == 1:  # one token sees every entry emitted so far
-            return total.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+            return stable_topk(total, k)
         visible = (positions + 1) // self.compressor.ratio  # entries [0, visible) are closed
         future = torch.arange(n, device=x.device)[None, :] >= visible[:, None]
-        top = total.masked_fill(future, float("-inf")).sort(dim=-1, descending=True, stable=True).indices[:, :k]
+        top = stable_topk(total.masked_fill_(future, float("-inf")), k)
         return torch.where(top >= visible[:, None], -1, top)
+
+
+def stable_topk(values: torch.Tensor, k: int) -> torch.Tensor:
+    """values [T, n] float32 -> indices [T, k] of the k largest per row, largest first, ties broken
+    towards the earlier entry: what a stable descending sort's first k are. Ties are common (entries
+    whose every head scores <= 0 tie at exactly 0), and breaking them by position is what makes
+    chunked prefill, decode and one full pass choose the same entries. Each value becomes one int64
+    key, its float order in the high 32 bits and the reversed position in the low ones, so a plain
+    (unstable) top-k of distinct keys gives that order: a partial selection, not a sort of all n."""
+    bits = (values.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0: they are equal floats
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # int order = float order
+    reversed_pos = 0xFFFFFFFF - torch.arange(values.shape[-1], device=values.device)
+    return ((ordered << 32) | reversed_pos).topk(k, dim=-1).indices

@@ -103,3 +103,16 @@ def test_hca_compressor_streams_like_one_pass():
         parts = comp(x[a:b], state)
     assert whole.shape == (3, dim) and torch.allclose(parts, whole, atol=1e-6)
     assert state.buffer_kv.shape[0] == 400 - 3 * ratio
+
+
+def test_stable_topk_is_a_stable_sorts_first_k():
+    from ds4py.model.indexer import stable_topk
+
+    values = randn(6, 300)
+    values[:, ::3] = 0.0   # the indexer's common tie: every head's relu is 0
+    values[:, 1::7] = -0.0  # an equal float that orders below 0.0 bit-wise
+    values[:, -9:] = float("-inf")  # masked entries tie too
+    values[0] = 0.0
+    for k in (1, 5, 100, 300):
+        expected = values.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(stable_topk(values, k), expected)
