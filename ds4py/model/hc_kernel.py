@@ -1,12 +1,13 @@
-"""The hyper-connections of small token counts (decoding) in compiled calls. mHC's mixing weights apply
+"""The hyper-connections in compiled calls. mHC's mixing weights apply
 sigmoids, a softmax and ~20 Sinkhorn-Knopp iterations to tiny [hc, hc] matrices: ~90 torch ops of a few
 values each, twice per layer, whose dispatch cost (~0.35 ms per call) rivals the matmuls in decoding.
 `hc_weights` runs them as one C++ loop in float32 (same operations, same order; `expf` may differ from
 torch's vectorised exp in the last bit). For a few tokens `hc_collapse` also does the norm, the
-[(2 + hc) * hc, hc * D] projection and the weighted sum of the streams around it, and `hc_expand` the
-post/comb mixing after the sub-block, in float32 with one rounding to the streams' dtype at the end
-(torch rounds bf16 streams after each op): in decoding the torch ops of these two took ~3 ms of a
-64 ms flash-slice token (three layers), mostly small ops waking the thread pool.
+[(2 + hc) * hc, hc * D] projection and the weighted sum of the streams around it; `hc_expand` does
+the post/comb mixing after the sub-block for any number of tokens, in float32 with one rounding to the
+streams' dtype at the end (torch rounds bf16 streams after each op): in decoding the torch ops of
+these two took ~3 ms of a 64 ms flash-slice token (three layers), mostly small ops waking the thread
+pool.
 Compiled at first use like `ds4py.formats.kernels`; without a compiler, or with DS4PY_NO_KERNELS=1,
 callers use the torch code."""
 
@@ -30,7 +31,9 @@ _SOURCE = r"""
 extern "C" void ds4py_hc_weights(const float* mix, int64_t T, int hc, const float* base, const float* scale,
                                  int iters, float eps, float* pre, float* post, float* comb) {
   const int row = (2 + hc) * hc;
-  for (int64_t t = 0; t < T; t++) {
+  // tokens are independent: long inputs (prefill) split them over threads; one token runs inline
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; t++) {
     const float* m = mix + t * row;
     float* pr = pre + t * hc;
     float* po = post + t * hc;
@@ -65,6 +68,7 @@ extern "C" void ds4py_hc_weights(const float* mix, int64_t T, int hc, const floa
       }
     }
   }
+  });
 }
 
 template <bool BF>
@@ -132,8 +136,10 @@ void hc_collapse(const void* streams, int64_t T, int hc, int64_t D, const float*
 template <bool BF>
 void hc_expand(const void* out, const void* streams, int64_t T, int hc, int64_t D, const float* post,
                const float* comb, void* next) {
+  // tokens split over threads in chunks of ~64K values; one token (decoding) runs inline
+  at::parallel_for(0, T, std::max<int64_t>(1, 65536 / (hc * D)), [&](int64_t t0, int64_t t1) {
   std::vector<float> acc(D);
-  for (int64_t t = 0; t < T; t++) {
+  for (int64_t t = t0; t < t1; t++) {
     const float* po = post + t * hc;
     const float* c = comb + t * hc * hc;
     for (int k = 0; k < hc; k++) {
@@ -145,6 +151,7 @@ void hc_expand(const void* out, const void* streams, int64_t T, int hc, int64_t 
       for (int64_t d = 0; d < D; d++) store_value<BF>(next, (t * hc + k) * D + d, acc[d]);
     }
   }
+  });
 }
 
 // streams [T, hc, D] (float32, or bf16 bits when bf16) -> x [T, D] (same dtype) = sum_k pre_k * streams_k,
@@ -216,14 +223,15 @@ def hc_weights(mix: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc: i
     return pre, post, comb
 
 
-# up to this many tokens the compiled collapse/expand run (decoding, batched decoding); longer inputs are
-# better served by torch's matmuls
+# up to this many tokens the compiled collapse runs (decoding, batched decoding); on longer inputs its
+# per-token projection loses to torch's matmul. The compiled mixing weights and expand run for any T,
+# split over threads by token.
 FUSED_MAX_T = 16
 
 
-def _fusable(*tensors: torch.Tensor) -> bool:
+def _fusable(*tensors: torch.Tensor, max_t: int | None = FUSED_MAX_T) -> bool:
     t = tensors[0]
-    return (t.dim() >= 2 and t.shape[0] <= FUSED_MAX_T and t.dtype in (torch.float32, torch.bfloat16)
+    return (t.dim() >= 2 and (max_t is None or t.shape[0] <= max_t) and t.dtype in (torch.float32, torch.bfloat16)
             and all(x.device.type == "cpu" for x in tensors)
             and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)))
 
@@ -253,7 +261,7 @@ def hc_collapse(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, sca
 def hc_expand(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor,
               comb: torch.Tensor) -> torch.Tensor | None:
     """out [T, D], streams [T, hc, D] -> post_k * out + sum_j comb[j, k] * streams_j [T, hc, D], or None."""
-    if not _fusable(streams, out) or out.dtype != streams.dtype:
+    if not _fusable(streams, out, max_t=None) or out.dtype != streams.dtype:  # any T: no matmul to lose
         return None
     lib = _load()
     if lib is None:

@@ -65,7 +65,7 @@ class HyperConnection:
 
     @staticmethod
     def expand_torch(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-        """`expand` in torch ops (long inputs; the reference for the compiled one)."""
+        """`expand` in torch ops (without a compiler; the reference for the compiled one)."""
         dtype = streams.dtype
         mixed = torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
         return post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + mixed

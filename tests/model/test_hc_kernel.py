@@ -10,7 +10,7 @@ from ds4py.model.hc_kernel import FUSED_MAX_T, hc_collapse, hc_expand, hc_weight
 from ds4py.model.hyper_connection import HyperConnection
 
 
-@pytest.mark.parametrize("hc,T", [(4, 1), (4, 37), (2, 5)])
+@pytest.mark.parametrize("hc,T", [(4, 1), (4, 37), (2, 5), (4, 300)])
 def test_compiled_hc_weights_match_torch(hc, T):
     g = torch.Generator().manual_seed(hc * 100 + T)
     n = (2 + hc) * hc
@@ -52,10 +52,11 @@ def test_compiled_collapse_matches_torch(T, dtype):
     assert ((x.float() - rx.float()).abs() <= tol * rx.float().abs() + 1e-6).all()
 
 
+@pytest.mark.parametrize("T", [2, 300])  # 300: a prefill chunk, split over threads
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_compiled_expand_matches_float64(dtype):
+def test_compiled_expand_matches_float64(dtype, T):
     g = torch.Generator().manual_seed(8)
-    T, hc, D = 2, 4, 96
+    hc, D = 4, 96
     streams, out = torch.randn(T, hc, D, generator=g).to(dtype), torch.randn(T, D, generator=g).to(dtype)
     _, post, comb = random_hyper(hc, D, 9).weights(streams)
     exact = (comb.double().transpose(-1, -2) @ streams.double()
