@@ -15,6 +15,7 @@ from ds4py.model.compressor import Compressor
 from ds4py.model.indexer import Indexer
 from ds4py.model.norms import rms_norm, unweighted_rms_norm
 from ds4py.model.rope import Rotary, rotate
+from ds4py.model.sliding_window import WindowBlocks
 
 
 @dataclass
@@ -68,13 +69,10 @@ class Attention:
         if x.shape[0] == 1:
             return self.attend_one(x, q_residual, q, kv, positions, rot, cache)
         T, H, hd = x.shape[0], self.n_heads, self.head_dim
-        # sliding window: each query sees only its own `window` keys, a band of the cached keys + kv
-        band, hidden = self.window_band(self.update_window(kv, cache), T)  # [T, W, hd], [T, W]
+        # sliding window: each query sees only its own `window` keys (of the cached window + kv)
+        window = WindowBlocks.make(self.update_window(kv, cache), T, self.window)
         scale = hd**-0.5
-        logits = [torch.matmul(q, band.transpose(1, 2)).float().mul_(scale)]  # [T, H, W]
-        if hidden is not None:
-            logits[0].masked_fill_(hidden[:, None], float("-inf"))
-        values = [band]
+        logits = [window.logits(q).float().mul_(scale).masked_fill_(window.hidden, float("-inf"))]  # [T, H, L]
 
         if self.compressor is not None:
             entries = self.compressor(x, cache.compressor)  # [n, hd]
@@ -89,18 +87,17 @@ class Attention:
                 c_logits = torch.einsum("thd,nd->thn", q, entries).float() * scale
                 logits.append(c_logits.masked_fill_(~closed[:, None, :], float("-inf")))
                 chosen = entries
-            values.append(chosen)
 
         logits.append(self.sinks.float().view(1, H, 1).expand(T, H, 1))
-        probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1).to(x.dtype)  # [T, H, W + C + 1]
-        W = band.shape[1]
-        out = torch.matmul(probs[..., :W], band)  # [T, H, hd]
+        probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1).to(x.dtype)  # [T, H, L + C + 1]
+        L = logits[0].shape[-1]
+        out = window.values(probs[..., :L])  # [T, H, hd]
         if self.compressor is not None:
-            p_c = probs[..., W:-1]
+            p_c = probs[..., L:-1]
             if self.indexer is not None:
-                out = out + torch.einsum("thk,tkd->thd", p_c, values[1])
+                out = out + torch.einsum("thk,tkd->thd", p_c, chosen)
             else:
-                out = out + torch.einsum("thn,nd->thd", p_c, values[1])
+                out = out + torch.einsum("thn,nd->thd", p_c, chosen)
         return rotate(out, rot.conj())  # undo the rotation V picked up (K = V)
 
     def attend_one(self, x, q_residual, q, kv, positions, rot, cache: LayerCache) -> torch.Tensor:
@@ -119,22 +116,6 @@ class Attention:
         probs = torch.softmax(torch.cat([logits, self.sinks.view(H, 1)], dim=-1), dim=-1).to(x.dtype)
         out = torch.mm(probs[:, :-1], keys).view(1, H, hd)
         return rotate(out, rot.conj())  # undo the rotation V picked up (K = V)
-
-    def window_band(self, keys: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """keys [S, hd] (the cached window, then the chunk's T) -> the band [T, W, hd] whose row t holds the
-        `window` keys query t may see, oldest first (a strided view: no copy of the keys per query), and
-        the mask [T, W] of band slots before the first key (None when every slot holds one)."""
-        W = self.window
-        pad = W - (keys.shape[0] - T) - 1  # slots before the oldest cached key
-        if pad > 0:
-            keys = torch.cat([keys.new_zeros(pad, keys.shape[1]), keys])  # [T + W - 1, hd]
-        elif pad < 0:  # a cache holding more than the window: its oldest keys are out of reach
-            keys = keys[-pad:]
-        band = keys.unfold(0, W, 1).transpose(1, 2)  # [T, W, hd]: band[t, w] = keys[t + w]
-        if pad <= 0:
-            return band, None
-        hidden = torch.arange(T, device=keys.device)[:, None] + torch.arange(W, device=keys.device) < pad
-        return band, hidden
 
     def update_window(self, kv: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """kv [T, hd] -> the keys [S, hd] these T tokens attend over (cached window, then kv); keeps
