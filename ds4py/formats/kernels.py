@@ -795,6 +795,45 @@ inline float swiglu(float gate, float up, float limit) {  // clamped SwiGLU, as 
   return gate / (1.0f + std::exp(-gate)) * up;
 }
 
+#if DS4PY_AVX512
+// e^x for 16 floats: 2^k e^r with k = round(x log2 e), r = x - k ln 2 (ln 2 in two parts), e^r by Cephes' expf
+// polynomial: within 2 ulp of expf (std::exp does not vectorise: one call per value cost more than the matmuls
+// around it for a prompt's experts). Past 88.7 it overflows to inf and below -103.9 to 0, as expf.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(89.0f)), _mm512_set1_ps(-104.0f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, k);
+}
+#endif
+
+// h[i] = swiglu(h[i], up[i]) for i < n
+inline void swiglu_rows(float* h, const float* up, int64_t n, float limit) {
+  int64_t i = 0;
+#if DS4PY_AVX512
+  const __m512 lim = _mm512_set1_ps(limit), nlim = _mm512_set1_ps(-limit), one = _mm512_set1_ps(1.0f);
+  for (; i + 16 <= n; i += 16) {
+    __m512 g = _mm512_loadu_ps(h + i), u = _mm512_loadu_ps(up + i);
+    if (limit > 0) {
+      g = _mm512_min_ps(g, lim);
+      u = _mm512_min_ps(_mm512_max_ps(u, nlim), lim);
+    }
+    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    _mm512_storeu_ps(h + i, _mm512_mul_ps(silu, u));
+  }
+#endif
+  for (; i < n; i++) h[i] = swiglu(h[i], up[i], limit);
+}
+
 template <int QT>
 inline float one_dot(const uint8_t* row, const Acts& a) {
   float y;
@@ -845,7 +884,7 @@ extern "C" int ds4py_experts_one(const void* x, int xbf16, int64_t n, int E, con
         const int64_t a = std::max(u0 * 16, first[e]), b = std::min(u1 * 16, first[e + 1]);
         for (int m = 0; m < 2; m++)
           for (int64_t i = a; i < b; i += 16) rows16(e, m, i - first[e], n, ax, ax16, (m == 0 ? h : up).data() + i);
-        for (int64_t i = a; i < b; i++) h[i] = swiglu(h[i], up[i], limit);
+        if (b > a) swiglu_rows(h.data() + a, up.data() + a, b - a, limit);
       }
     });
     std::vector<Acts> ah(E);
@@ -867,6 +906,178 @@ extern "C" int ds4py_experts_one(const void* x, int xbf16, int64_t n, int E, con
       if (outbf16) ((uint16_t*)out)[d] = float_to_bf16(y[d]);
       else ((float*)out)[d] = y[d];
     }
+  } catch (...) {
+    return 2;
+  }
+  return 0;
+}
+
+namespace {
+constexpr int64_t MANY_T = 32;  // an expert with this many tokens runs through `linear`, one matrix at a time
+
+// 32 rows [r0, r0 + 32) of one matrix (ggml rows at w with row stride `stride`, or R16 groups of `cols` values)
+// against activation rows [t0, t0 + tt): y[t * ystride + r]. 32 rows, as `linear` keeps in cache while the tiles
+// of activations pass: with 16, a long expert's activations were streamed twice as often (1.5x slower at T=256).
+void rows32_tile(const uint8_t* w, int q, int64_t stride, int64_t r0, int64_t cols, const Acts& a, const Acts16& a16,
+                 int64_t t0, int tt, float* y, int64_t ystride) {
+  if (q == MXFP4_R16) {
+    for (int g = 0; g < 2; g++)
+      r16_tile(w + (r0 / 16 + g) * (cols / 32 * R16_BLOCK), a16, t0, tt, y + 16 * g, ystride);
+    return;
+  }
+  for (int r = 0; r < 32; r++) {
+    const uint8_t* row = w + (r0 + r) * stride;
+    if (q == Q8_0) row_tile<Q8_0>(row, a, t0, tt, y + r, ystride);
+    else row_tile<MXFP4>(row, a, t0, tt, y + r, ystride);
+  }
+}
+
+inline float* grow(std::vector<float>& v, int64_t n) {
+  if ((int64_t)v.size() < n) v.resize(n);
+  return v.data();
+}
+
+// All rows of one matrix against all activation rows, as one `ggml_linear` call: y [a.T, rows].
+void matrix_linear(const uint8_t* w, int q, int64_t stride, int64_t rows, const Acts& a, const Acts16& a16, float* y) {
+  if (q == MXFP4_R16) r16_linear(a16, w, rows, y);
+  else if (q == Q8_0) linear<Q8_0>(&a, rows, w, rows, stride, y);
+  else linear<MXFP4>(&a, rows, w, rows, stride, y);
+}
+
+// Units [0, first[E]) of E experts (unit u of expert e: first[e] <= u < first[e + 1]) costing cost[e] each, split
+// over the threads in ranges of about equal cost: fn(e, u - first[e]) for every unit.
+template <typename Fn>
+void balanced(const std::vector<int64_t>& first, const std::vector<int64_t>& cost, Fn fn) {
+  const int E = (int)first.size() - 1;
+  std::vector<int64_t> acc(E + 1, 0);  // cost before expert e's first unit
+  for (int e = 0; e < E; e++) acc[e + 1] = acc[e] + (first[e + 1] - first[e]) * cost[e];
+  const int64_t parts = 4 * (int64_t)at::get_num_threads(), total = acc[E];
+  if (total == 0) return;
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; p++) {
+      const int64_t c0 = total * p / parts, c1 = total * (p + 1) / parts;  // this part's cost range
+      for (int e = 0; e < E; e++) {
+        if (acc[e + 1] <= c0 || acc[e] >= c1 || cost[e] == 0) continue;
+        // the units of e whose start cost lies in [c0, c1)
+        const int64_t n = first[e + 1] - first[e];
+        const int64_t a = std::max<int64_t>(0, (c0 - acc[e] + cost[e] - 1) / cost[e]);
+        const int64_t b = std::min<int64_t>(n, (c1 - acc[e] + cost[e] - 1) / cost[e]);
+        for (int64_t i = a; i < b; i++) fn(e, i);
+      }
+    }
+  });
+}
+}  // namespace
+
+// T tokens x [T, n] (float32, or bf16 bits) through their experts, in one call: the E experts as in
+// ds4py_experts_one (mats, qtypes, strides, inter), run on P (token, expert) pairs grouped by expert: expert e on
+// pairs [pairs[e], pairs[e + 1]), pair p on token tok[p] with weight w[p]. out [T, D] = per token the sum over its
+// pairs, in pair order, of w * W2 swiglu(W1 x, W3 x); float32 inside, rounded once to bf16 if outbf16. Each
+// expert's matrices are read once for all its tokens (32 rows at a time against tiles of 8 of them), the tokens
+// quantized once for every expert, and the work of all experts with few tokens split over the threads by cost:
+// seven thread-pool rounds where calling the experts one by one took three per expert and Python's overhead
+// around each. An expert with many tokens (a shared one) runs as `linear`, matrix by matrix. accumulate: out is
+// a float32 [T, D] sum that the pairs are added to, so experts called in turns (streamed ones, read one by one)
+// give the same bits as one call: every value is computed the same way whatever else is in the call.
+extern "C" int ds4py_experts_many(const void* x, int xbf16, int64_t T, int64_t n, int E, const int64_t* mats,
+                                  const int32_t* qtypes, const int64_t* strides, const int64_t* inter,
+                                  const int64_t* pairs, const int64_t* tok, const float* w, float limit, int64_t D,
+                                  void* out, int outbf16, int accumulate) {
+  if (n % 32 || D % 32 || (accumulate && outbf16)) return 1;
+  for (int e = 0; e < E; e++) {
+    if (inter[e] % 32 || pairs[e + 1] < pairs[e]) return 1;
+    for (int m = 0; m < 3; m++)
+      if (qtypes[3 * e + m] != Q8_0 && qtypes[3 * e + m] != MXFP4 && qtypes[3 * e + m] != MXFP4_R16) return 1;
+  }
+  const int64_t P = pairs[E];
+  for (int64_t p = 0; p < P; p++)
+    if (tok[p] < 0 || tok[p] >= T) return 1;
+  try {
+    // buffers kept between calls (per thread): fresh ones of several MB were page-faulted in on every call
+    thread_local std::vector<float> s_xg, s_h, s_up, s_y, s_acc;
+    float* xg = grow(s_xg, P * n);  // the pairs' tokens, in pair order
+    at::parallel_for(0, P, 16, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; p++)
+        for (int64_t i = 0; i < n; i++) {
+          const int64_t k = tok[p] * n + i;
+          xg[p * n + i] = xbf16 ? bf16_to_float(((const uint16_t*)x)[k]) : ((const float*)x)[k];
+        }
+    });
+    std::vector<Acts> ax(E);  // expert e's tokens, quantized as its W1/W3 read them
+    std::vector<Acts16> ax16(E);
+    at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; e++) {
+        const int64_t cnt = pairs[e + 1] - pairs[e];
+        if (qtypes[3 * e] == MXFP4_R16 || qtypes[3 * e + 1] == MXFP4_R16)
+          quantize_acts16(xg + pairs[e] * n, cnt, n, ax16[e]);
+        if (qtypes[3 * e] != MXFP4_R16 || qtypes[3 * e + 1] != MXFP4_R16)
+          quantize_acts(xg + pairs[e] * n, cnt, n, ax[e]);
+      }
+    });
+    std::vector<int64_t> hbase(E + 1, 0), units(E + 1, 0), cost(E);
+    for (int e = 0; e < E; e++) {
+      const int64_t cnt = pairs[e + 1] - pairs[e];
+      hbase[e + 1] = hbase[e] + cnt * inter[e];
+      units[e + 1] = units[e] + 2 * (inter[e] / 32);  // W1's groups of 32 rows, then W3's
+      // ~ the tiles' work, and reading the rows; experts with many tokens go matrix by matrix through `linear`:
+      // the shared expert of a 256-token chunk ran 1.1x faster so (compute-bound, each thread on its own rows)
+      cost[e] = cnt && cnt < MANY_T ? cnt + 4 : 0;
+    }
+    float *h = grow(s_h, hbase[E]), *up = grow(s_up, hbase[E]);  // expert e: [cnt, inter[e]] from hbase[e]
+    for (int e = 0; e < E; e++)
+      if (pairs[e + 1] - pairs[e] >= MANY_T)
+        for (int m = 0; m < 2; m++)
+          matrix_linear((const uint8_t*)mats[3 * e + m], qtypes[3 * e + m], strides[3 * e + m], inter[e], ax[e],
+                        ax16[e], (m == 0 ? h : up) + hbase[e]);
+    balanced(units, cost, [&](int e, int64_t u) {
+      const int64_t I = inter[e], m = u < I / 32 ? 0 : 1, r0 = (u - m * (I / 32)) * 32, cnt = pairs[e + 1] - pairs[e];
+      float* dst = (m == 0 ? h : up) + hbase[e];
+      for (int64_t t0 = 0; t0 < cnt; t0 += TILE_T)
+        rows32_tile((const uint8_t*)mats[3 * e + m], qtypes[3 * e + m], strides[3 * e + m], r0, n, ax[e], ax16[e],
+                    t0, (int)std::min<int64_t>(TILE_T, cnt - t0), dst + t0 * I + r0, I);
+    });
+    at::parallel_for(0, hbase[E], 4096, [&](int64_t k0, int64_t k1) {
+      swiglu_rows(h + k0, up + k0, k1 - k0, limit);
+    });
+    std::vector<Acts> ah(E);  // expert e's hidden rows: the activations of its W2
+    std::vector<Acts16> ah16(E);
+    at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; e++) {
+        const int64_t cnt = pairs[e + 1] - pairs[e];
+        if (qtypes[3 * e + 2] == MXFP4_R16) quantize_acts16(h + hbase[e], cnt, inter[e], ah16[e]);
+        else quantize_acts(h + hbase[e], cnt, inter[e], ah[e]);
+      }
+    });
+    float* y = grow(s_y, P * D);  // pair p's expert output
+    for (int e = 0; e < E; e++)
+      if (pairs[e + 1] - pairs[e] >= MANY_T)
+        matrix_linear((const uint8_t*)mats[3 * e + 2], qtypes[3 * e + 2], strides[3 * e + 2], D, ah[e], ah16[e],
+                      y + pairs[e] * D);
+    std::vector<int64_t> dunits(E + 1, 0);
+    for (int e = 0; e < E; e++) dunits[e + 1] = dunits[e] + D / 32;
+    balanced(dunits, cost, [&](int e, int64_t u) {
+      const int64_t cnt = pairs[e + 1] - pairs[e];
+      for (int64_t t0 = 0; t0 < cnt; t0 += TILE_T)
+        rows32_tile((const uint8_t*)mats[3 * e + 2], qtypes[3 * e + 2], strides[3 * e + 2], u * 32, inter[e], ah[e],
+                    ah16[e], t0, (int)std::min<int64_t>(TILE_T, cnt - t0), y + (pairs[e] + t0) * D + u * 32, D);
+    });
+    float* acc = accumulate ? (float*)out : grow(s_acc, T * D);
+    at::parallel_for(0, D / 16, 1, [&](int64_t c0, int64_t c1) {  // every token's pairs in pair order
+      const int64_t d0 = c0 * 16, d1 = c1 * 16;
+      if (!accumulate)
+        for (int64_t t = 0; t < T; t++) std::fill(acc + t * D + d0, acc + t * D + d1, 0.0f);
+      for (int64_t p = 0; p < P; p++) {
+        float* o = acc + tok[p] * D;
+        const float* yp = y + p * D;
+        for (int64_t d = d0; d < d1; d++) o[d] += w[p] * yp[d];
+      }
+      if (!accumulate)
+        for (int64_t t = 0; t < T; t++)
+          for (int64_t d = d0; d < d1; d++) {
+            if (outbf16) ((uint16_t*)out)[t * D + d] = float_to_bf16(acc[t * D + d]);
+            else ((float*)out)[t * D + d] = acc[t * D + d];
+          }
+    });
   } catch (...) {
     return 2;
   }
@@ -939,6 +1150,11 @@ def _compile(generic: bool) -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p,
                    ctypes.c_int]
+    fn = lib.ds4py_experts_many
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     fn = lib.ds4py_ggml_dequantize
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
@@ -1190,6 +1406,54 @@ def experts_one(x: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor,
                                (ctypes.c_float * E)(*weights), limit, D, out.data_ptr(), bf16)
     if rc:
         raise RuntimeError(f"ds4py_experts_one failed ({rc})")
+    return out
+
+
+def experts_many(x: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                 qtypes: list[tuple[int, int, int]], counts: list[int], tokens: torch.Tensor, weights: torch.Tensor,
+                 limit: float, into: torch.Tensor | None = None) -> torch.Tensor | None:
+    """T tokens x [T, D] through their experts in one compiled call -> [T, D] in x.dtype. Expert e (raw ggml rows
+    and qtypes as in `experts_one`) runs on the next counts[e] (token, weight) pairs of `tokens` [P] and `weights`
+    [P]; each token's output is the sum of its pairs' weight * W2 swiglu(W1 x, W3 x) in pair order, float32 inside
+    (activations quantized to Q8_0 per 32 as `ggml_linear` does). `into`: a float32 [T, D] sum to add to (and
+    return), so experts run in several calls sum to the same bits as in one. None where the kernels do not apply."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2
+            or (x.requires_grad and torch.is_grad_enabled())):
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    T, D = x.shape
+    if D % 32 or any(raws[0].shape[0] % 32 for raws in experts) or len(counts) != len(experts):  # rows by 32
+        return None
+    mats, strides, inter = [], [], []
+    for raws in experts:
+        for raw in raws:
+            if raw.device.type != "cpu" or raw.dim() != 2 or raw.stride(1) != 1:
+                return None
+            mats.append(raw.data_ptr())
+            strides.append(raw.stride(0))
+        inter.append(raws[0].shape[0])
+    E = len(experts)
+    pairs = [0]
+    for c in counts:
+        pairs.append(pairs[-1] + c)
+    tokens = tokens.to(torch.int64).contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    if tokens.numel() != pairs[-1] or weights.numel() != pairs[-1]:
+        raise ValueError(f"experts_many: {pairs[-1]} pairs counted, {tokens.numel()} tokens, {weights.numel()} weights")
+    if into is not None and (into.dtype != torch.float32 or into.shape != (T, D) or not into.is_contiguous()):
+        raise ValueError(f"experts_many: into must be float32 [{T}, {D}], contiguous; got {into.dtype} {into.shape}")
+    x = x.contiguous()
+    out = into if into is not None else torch.empty(T, D, dtype=x.dtype)
+    bf16 = int(x.dtype == torch.bfloat16)
+    rc = lib.ds4py_experts_many(x.data_ptr(), bf16, T, D, E, (ctypes.c_int64 * (3 * E))(*mats),
+                                (ctypes.c_int32 * (3 * E))(*[q for t in qtypes for q in t]),
+                                (ctypes.c_int64 * (3 * E))(*strides), (ctypes.c_int64 * E)(*inter),
+                                (ctypes.c_int64 * (E + 1))(*pairs), tokens.data_ptr(), weights.data_ptr(), limit, D,
+                                out.data_ptr(), int(bf16 and into is None), int(into is not None))
+    if rc:
+        raise RuntimeError(f"ds4py_experts_many failed ({rc})")
     return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -63,10 +64,9 @@ class MoE:
         weights, ids = self.router(x, token_ids)
         if self.read_ahead is not None:
             self.read_ahead(x, ids, token_ids)
-        if x.shape[0] == 1:
-            fused = self.fused_one(x, weights, ids)
-            if fused is not None:
-                return fused
+        fused = self.fused_one(x, weights, ids) if x.shape[0] == 1 else self.fused_many(x, weights, ids)
+        if fused is not None:
+            return fused
         out = self.routed_one(x, weights, ids) if x.shape[0] == 1 else self.routed(x, weights, ids)
         if self.shared is not None:
             w1, w2, w3 = self.shared
@@ -93,6 +93,53 @@ class MoE:
             return None
         return kernels.experts_one(x, [tuple(r[0] for r in trio) for trio in rows],
                                    [tuple(r[1] for r in trio) for trio in rows], scales, self.swiglu_limit)
+
+    def fused_many(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        """T tokens' routed experts and shared experts in compiled calls: each expert chosen by any token runs once
+        on its tokens, in ascending id, then the shared ones on every token (the order `routed` adds them in).
+        Resident stacks: one call for all. Streamed experts are read one by one through their cache, which must not
+        hold a whole layer's: one call per expert, adding to one float32 sum (the same bits as one call). None
+        unless every matrix is one the CPU kernels multiply from its blocks."""
+        T = x.shape[0]
+        # an expert with as many tokens as a long bf16 prompt is faster as a bf16 GEMM (`kernels.ggml_linear`)
+        gemm = x.dtype == torch.bfloat16 and T >= kernels.BF16_GEMM_MIN_T
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)  # pairs by expert, tokens ascending within one
+        experts, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
+        if gemm and int(counts.max()) >= kernels.BF16_GEMM_MIN_T:
+            return None  # (a routed expert chosen by a whole chunk: rare; the loop takes it)
+        tokens, pair_weights = order // ids.shape[1], weights.flatten()[order]
+        jobs = [(partial(self.routed_trio, e), c) for e, c in zip(experts.tolist(), counts.tolist())]
+        if self.shared is not None and not gemm:
+            w1, w2, w3 = self.shared
+            jobs.append((lambda: (w1, w3, w2), T))
+            tokens = torch.cat([tokens, torch.arange(T)])
+            pair_weights = torch.cat([pair_weights, torch.ones(T)])
+        streamed = not all(w.nbytes > 0 for w in (self.w1, self.w2, self.w3))
+        acc = torch.zeros(T, x.shape[1]) if streamed else None
+        out, start = None, 0
+        for group in ([j] for j in jobs) if streamed else [jobs]:
+            rows = [[m.kernel_rows() for m in trio()] for trio, _ in group]
+            if any(r is None for trio in rows for r in trio):
+                return None
+            n = sum(c for _, c in group)
+            out = kernels.experts_many(x, [tuple(r[0] for r in trio) for trio in rows],
+                                       [tuple(r[1] for r in trio) for trio in rows], [c for _, c in group],
+                                       tokens[start:start + n], pair_weights[start:start + n], self.swiglu_limit,
+                                       into=acc)
+            if out is None:
+                return None
+            start += n
+        if streamed:
+            out = acc.to(x.dtype)
+        if self.shared is not None and gemm:
+            w1, w2, w3 = self.shared
+            out = out + w2.linear(swiglu(w1.linear(x), w3.linear(x), self.swiglu_limit))
+        return out
+
+    def routed_trio(self, e: int) -> tuple[Weight, Weight, Weight]:
+        """Expert e's W1, W3, W2 (read through the expert cache when streamed)."""
+        return self.w1.expert(e), self.w3.expert(e), self.w2.expert(e)
 
     def routed_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """One token x [1, D]: its k experts in ascending id order (the order `routed` adds them in)."""

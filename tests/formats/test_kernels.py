@@ -210,6 +210,53 @@ def test_experts_one_equals_the_kernel_matmuls_one_by_one(lib):
     assert kernels.experts_one(torch.randn(2, D), raws, qtypes, weights, limit) is None  # one token only
 
 
+@pytest.mark.parametrize("repacked", [False, True], ids=["ggml", "r16"])
+def test_experts_many_equals_the_kernel_matmuls_one_by_one(lib, repacked):
+    """T tokens through their experts in one call: each expert's tokens through three `ggml_linear` calls, summed
+    per token in pair order, up to float32 rounding. Experts with 0, 1, 3, 12 (tiles of 8) and 40 tokens."""
+    from ds4py.formats.ggml import MXFP4Rows16
+    from ds4py.model.moe import swiglu
+
+    gen = torch.Generator().manual_seed(12)
+    D, inter, limit, T = 128, 64, 3.0, 40  # the shared expert: 40 tokens, past MANY_T (32)
+    experts = []
+    for q in (Q.MXFP4, Q.MXFP4, Q.MXFP4, Q.MXFP4, Q.Q8_0):  # routed, then a shared expert
+        trio = (random_weight(q, inter, D, gen), random_weight(q, inter, D, gen), random_weight(q, D, inter, gen))
+        experts.append(tuple(MXFP4Rows16.repack(w) for w in trio) if repacked else trio)
+    rows = [[w.kernel_rows() for w in trio] for trio in experts]
+    counts = [3, 0, 1, 12, T]
+    tokens = torch.cat([torch.tensor([0, 5, 20]), torch.tensor([], dtype=torch.long), torch.tensor([7]),
+                        torch.randperm(T, generator=gen)[:12].sort().values, torch.arange(T)])
+    weights = torch.rand(tokens.numel(), generator=gen)
+
+    def loop(x: torch.Tensor) -> torch.Tensor:
+        out, start = torch.zeros(T, D), 0
+        for (w1, w3, w2), c in zip(experts, counts):
+            rows_t, w = tokens[start:start + c], weights[start:start + c]
+            start += c
+            if c:
+                h = x[rows_t]
+                out.index_add_(0, rows_t, w[:, None] * w2.linear(swiglu(w1.linear(h), w3.linear(h), limit)))
+        return out
+
+    x = torch.randn(T, D, generator=gen)
+    raws, qtypes = [tuple(r[0] for r in t) for t in rows], [tuple(r[1] for r in t) for t in rows]
+    y = kernels.experts_many(x, raws, qtypes, counts, tokens, weights, limit)
+    assert y.shape == (T, D) and y.dtype == torch.float32
+    assert rel_err(y, loop(x)) < 1e-5
+    yb = kernels.experts_many(x.bfloat16(), raws, qtypes, counts, tokens, weights, limit)
+    # bf16 in (widened exactly) and the float32 result rounded once: within bf16's half ulp (2^-9) of the loop
+    assert yb.dtype == torch.bfloat16 and rel_err(yb, loop(x.bfloat16().float())) < 2**-9
+    # experts in turns (streamed ones), adding to one float32 sum: the same bits as one call
+    acc, start = torch.zeros(T, D), 0
+    for raw, q, c in zip(raws, qtypes, counts):
+        kernels.experts_many(x, [raw], [q], [c], tokens[start:start + c], weights[start:start + c], limit, into=acc)
+        start += c
+    assert torch.equal(acc, y)
+    with pytest.raises(ValueError, match="pairs"):
+        kernels.experts_many(x, raws, qtypes, counts, tokens[:-1], weights[:-1], limit)
+
+
 def test_f32_linear_matches_float64_and_falls_back_for_long_inputs(lib):
     gen = torch.Generator().manual_seed(7)
     for T, k, rows in ((1, 4096, 256), (3, 100, 7), (4, 48, 9)):  # k not a multiple of 16, rows not of 4
