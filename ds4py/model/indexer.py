@@ -13,6 +13,8 @@ from ds4py.formats import Weight
 from ds4py.model.compressor import Compressor
 from ds4py.model.rope import Rotary, rotate
 
+SCORE_BUDGET = 1 << 24  # float32 scores held at once in prefill (64 MiB)
+
 
 @dataclass
 class Indexer:
@@ -36,17 +38,29 @@ class Indexer:
             return torch.empty(T, 0, dtype=torch.long, device=x.device)
         q = self.wq_b.linear(q_residual).view(T, self.n_heads, self.head_dim)
         q = rotate(q, self.rotary.rotation(positions))
-        scores = (q.reshape(T * self.n_heads, -1).float() @ keys.float().T).clamp_(min=0)  # relu [T * heads, n]
-        scores = scores.view(T, self.n_heads, n).mul_(self.head_dim**-0.5)
         w = self.weights_proj.linear(x).float().mul_(self.n_heads**-0.5)  # [T, heads]
-        total = torch.bmm(w.unsqueeze(1), scores).squeeze(1)  # [T, n]
+        keys_t = keys.float().T  # [head_dim, n]
         if T == 1:  # one token sees every entry emitted so far
-            return stable_topk(total, k)
+            return stable_topk(self.totals(q, w, keys_t), k)
         visible = (positions + 1) // self.compressor.ratio  # entries [0, visible) are closed
-        future = torch.arange(n, device=x.device)[None, :] >= visible[:, None]
-        top = stable_topk(total.masked_fill_(future, float("-inf")), k)
+        # a long prompt's scores are [queries * heads, n]: V4 Flash at 128K tokens, 2 GiB for a 256-token chunk, so
+        # the queries go in blocks of at most SCORE_BUDGET scores (each row's sums are the same either way)
+        rows = max(1, SCORE_BUDGET // (self.n_heads * n))
+        tops = []
+        for r0 in range(0, T, rows):
+            total = self.totals(q[r0:r0 + rows], w[r0:r0 + rows], keys_t)  # [rows, n]
+            future = torch.arange(n, device=x.device)[None, :] >= visible[r0:r0 + rows, None]
+            tops.append(stable_topk(total.masked_fill_(future, float("-inf")), k))
+        top = torch.cat(tops) if len(tops) > 1 else tops[0]
         return torch.where(top >= visible[:, None], -1, top)
 
+    def totals(self, q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
+        """q [R, heads, head_dim], w [R, heads], keys_t [head_dim, n] -> sum_h w * relu(q_h . k) / sqrt(head_dim)
+        [R, n]."""
+        R, n = q.shape[0], keys_t.shape[1]
+        scores = (q.reshape(R * self.n_heads, -1).float() @ keys_t).clamp_(min=0)  # relu [R * heads, n]
+        scores = scores.view(R, self.n_heads, n).mul_(self.head_dim**-0.5)
+        return torch.bmm(w.unsqueeze(1), scores).squeeze(1)
 
 def stable_topk(values: torch.Tensor, k: int) -> torch.Tensor:
     """values [T, n] float32 -> indices [T, k] of the k largest per row, largest first, ties broken

@@ -122,3 +122,21 @@ def test_fused_prefill_moe_equals_the_expert_loop(model, monkeypatch, dtype):
             exact = block.ffn(x.float(), token_ids)
             assert rel(fused.float(), exact) < 1e-2 and rel(fused.float(), exact) <= rel(loop.float(), exact)
     assert len(calls) == len(model.transformer.blocks) * (1 if dtype == torch.float32 else 2)
+
+
+def test_indexer_query_blocks_choose_the_same_entries(model, monkeypatch):
+    """A long prompt's indexer scores go in blocks of queries (indexer.SCORE_BUDGET): the same entries chosen, the
+    same logits up to the matmuls' rounding, whatever the block."""
+    from ds4py.model import indexer
+
+    chosen = []
+    real = indexer.Indexer.__call__
+    monkeypatch.setattr(indexer.Indexer, "__call__", lambda self, *a: chosen.append(real(self, *a)) or chosen[-1])
+    prompt = torch.randint(0, model.config.vocab_size, (300,), generator=torch.Generator().manual_seed(13)).tolist()
+    whole = model.logits(prompt)
+    one_block, chosen[:] = list(chosen), []
+    monkeypatch.setattr(indexer, "SCORE_BUDGET", 7 * model.config.index_n_heads * 64)  # blocks of a few rows
+    blocked = model.logits(prompt)
+    assert len(chosen) == len(one_block) > 0
+    assert all(torch.equal(a, b) for a, b in zip(chosen, one_block))
+    assert rel(blocked, whole) < 1e-5
