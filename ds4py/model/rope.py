@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ds4py.model import row_kernels
+
 
 def inv_freq(dim: int, base: float, yarn: dict | None = None) -> torch.Tensor:
     """[dim // 2] inverse frequencies, YaRN-corrected when `yarn` is given (truncated correction range)."""
@@ -61,6 +63,9 @@ def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate the trailing rope slice of x [T, ..., head_dim] by `rotation` [T, rope_dim // 2]
     (complex cos + i sin; its conjugate is the inverse rotation): channel pairs (2i, 2i+1) are the
     real and imaginary parts of one complex number, multiplied in float32."""
+    compiled = row_kernels.rotate(x, rotation)  # a few rows (decoding): one call
+    if compiled is not None:
+        return compiled
     half = rotation.shape[-1]
     rope_dim = 2 * half
     rotation = rotation.reshape((x.shape[0],) + (1,) * (x.dim() - 2) + (half,))
