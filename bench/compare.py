@@ -209,7 +209,8 @@ def main() -> int:
     except ImportError:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     print(f"ds4py from {ds4py_version()}", file=sys.stderr)
-    print(f"threads {args.threads}, pp{args.p}, tg{args.n}, median of {args.repeats} (transformers: warmed up, pp the median of 3 per round)")
+    print(f"threads {args.threads}, pp{args.p}, tg{args.n}, median of {args.repeats} "
+          "(transformers: warmed up, pp the median of 3 per round)")
     print("| model | test | ds4py t/s | llama.cpp t/s | ds4py/llama.cpp | transformers t/s | ds4py/transformers |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for label, path in models:

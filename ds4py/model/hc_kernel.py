@@ -98,8 +98,11 @@ void hc_collapse(const void* streams, int64_t T, int hc, int64_t D, const float*
                  float* comb) {
   const int rows = (2 + hc) * hc;
   const int64_t n = hc * D;
+  // several tokens: split over the threads (each token's projection then runs on one); one token: its projection's
+  // rows split over the threads. Every value is computed the same way either way.
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
   std::vector<float> flat(n), mix(rows), acc(D);
-  for (int64_t t = 0; t < T; t++) {
+  for (int64_t t = t0; t < t1; t++) {
     const int64_t off = t * n;
     double lanes[8] = {};  // the mean of squares, in float64 so the order of the sum does not matter
     for (int64_t i = 0; i < n; i++) flat[i] = load_value<BF>(streams, off + i);
@@ -131,6 +134,7 @@ void hc_collapse(const void* streams, int64_t T, int hc, int64_t D, const float*
       for (int64_t d = 0; d < D; d++) acc[d] += p[k] * load_value<BF>(streams, off + k * D + d);
     for (int64_t d = 0; d < D; d++) store_value<BF>(x, t * D + d, acc[d]);
   }
+  });
 }
 
 template <bool BF>
@@ -224,9 +228,11 @@ def hc_weights(mix: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc: i
 
 
 # up to this many tokens the compiled collapse runs (decoding, batched decoding); on longer inputs its
-# per-token projection loses to torch's matmul. The compiled mixing weights and expand run for any T,
-# split over threads by token.
+# per-token projection loses to torch's matmul, unless the streams are as small as FUSED_SMALL_N values per
+# token (the projection then stays in cache). The compiled mixing weights and expand run for any T, split
+# over threads by token.
 FUSED_MAX_T = 16
+FUSED_SMALL_N = 4096
 
 
 def _fusable(*tensors: torch.Tensor, max_t: int | None = FUSED_MAX_T) -> bool:
@@ -240,7 +246,9 @@ def hc_collapse(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, sca
                 hc_eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """streams [T, hc, D] -> (x [T, D] in streams' dtype, post [T, hc], comb [T, hc, hc]) in one compiled call,
     or None where it does not apply (long inputs, other devices or dtypes, no compiler)."""
-    if not _fusable(streams, fn) or not all(t.dtype == torch.float32 and t.is_contiguous() for t in (fn, base, scale)):
+    small = streams.dim() == 3 and streams.shape[1] * streams.shape[2] <= FUSED_SMALL_N
+    if (not _fusable(streams, fn, max_t=None if small else FUSED_MAX_T)
+            or not all(t.dtype == torch.float32 and t.is_contiguous() for t in (fn, base, scale))):
         return None
     lib = _load()
     if lib is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds4py.model.hc_kernel import FUSED_MAX_T, hc_collapse, hc_expand, hc_weights
+from ds4py.model.hc_kernel import FUSED_MAX_T, FUSED_SMALL_N, hc_collapse, hc_expand, hc_weights
 from ds4py.model.hyper_connection import HyperConnection
 
 
@@ -36,7 +36,7 @@ def torch_collapse(h: HyperConnection, streams: torch.Tensor):
     return (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype), post, comb
 
 
-@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("T", [1, 3, 300])  # 300: small streams (the tiny model's) keep it for a prefill chunk
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_compiled_collapse_matches_torch(T, dtype):
     h = random_hyper(4, 96, T)
@@ -46,10 +46,13 @@ def test_compiled_collapse_matches_torch(T, dtype):
     x, post, comb = fused
     rx, rpost, rcomb = torch_collapse(h, streams)
     assert x.dtype == dtype and x.shape == (T, 96)
-    assert (post - rpost).abs().max() < 1e-6 and (comb - rcomb).abs().max() < 1e-6
+    # the projection's float32 sums in another order than torch's matmul, through sigmoids and 20 Sinkhorn steps:
+    # ~1e-6 per token, up to 2.3e-6 over 300 tokens
+    assert (post - rpost).abs().max() < 5e-6 and (comb - rcomb).abs().max() < 5e-6
     # float32: the same sums in another order; bf16: the same float32 value rounded (ties may round apart)
-    tol = 1e-6 if dtype == torch.float32 else 2**-8
-    assert ((x.float() - rx.float()).abs() <= tol * rx.float().abs() + 1e-6).all()
+    # (plus pre's own difference, above, times the streams)
+    tol, atol = (1e-6 if dtype == torch.float32 else 2**-7), 5e-6 * streams.float().abs().max()  # bf16: one step
+    assert ((x.float() - rx.float()).abs() <= tol * rx.float().abs() + atol).all()
 
 
 @pytest.mark.parametrize("T", [2, 300])  # 300: a prefill chunk, split over threads
@@ -71,7 +74,9 @@ def test_compiled_expand_matches_float64(dtype, T):
 
 
 def test_long_inputs_and_autograd_use_torch():
+    D = FUSED_SMALL_N // 4 + 32  # past the streams small enough to keep the compiled collapse at any T
+    h = random_hyper(4, D, 1)
+    assert hc_collapse(torch.randn(FUSED_MAX_T + 1, 4, D), h.fn, h.base, h.scale, 20, 1e-6, 1e-6) is None
     h = random_hyper(4, 32, 1)
-    assert hc_collapse(torch.randn(FUSED_MAX_T + 1, 4, 32), h.fn, h.base, h.scale, 20, 1e-6, 1e-6) is None
     s = torch.randn(1, 4, 32, requires_grad=True)
     assert hc_collapse(s, h.fn, h.base, h.scale, 20, 1e-6, 1e-6) is None

@@ -19,8 +19,9 @@ def torch_path(monkeypatch, fn, *args):
 
 
 def close(ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
-    tol = 2e-6 if dtype == torch.float32 else 2**-8  # bf16: a tie may round the other way
-    return ours.dtype == ref.dtype and bool(((ours.float() - ref.float()).abs() <= tol * ref.float().abs() + 1e-6).all())
+    tol = 2e-6 if dtype == torch.float32 else 2**-7  # bf16: one step (a tie may round the other way)
+    err = (ours.float() - ref.float()).abs()
+    return ours.dtype == ref.dtype and bool((err <= tol * ref.float().abs() + 1e-6).all())
 
 
 @DTYPES
