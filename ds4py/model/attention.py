@@ -17,6 +17,8 @@ from ds4py.model.norms import rms_norm, unweighted_rms_norm
 from ds4py.model.rope import Rotary, rotate
 from ds4py.model.sliding_window import WindowBlocks
 
+ATTENTION_BUDGET = 1 << 24  # float32 logits of a prefill chunk's queries held at once (64 MiB)
+
 
 @dataclass
 class Attention:
@@ -69,36 +71,50 @@ class Attention:
         if x.shape[0] == 1:
             return self.attend_one(x, q_residual, q, kv, positions, rot, cache)
         T, H, hd = x.shape[0], self.n_heads, self.head_dim
-        # sliding window: each query sees only its own `window` keys (of the cached window + kv)
-        window = WindowBlocks.make(self.update_window(kv, cache), T, self.window)
-        scale = hd**-0.5
-        logits = [window.logits(q).float().mul_(scale).masked_fill_(window.hidden, float("-inf"))]  # [T, H, L]
-
+        keys = self.update_window(kv, cache)  # [S, hd]: the cached window, then the chunk's T
+        entries = top = None
+        per_row = H * (self.window + 16)  # logits of a query: its window block's slots ...
         if self.compressor is not None:
             entries = self.compressor(x, cache.compressor)  # [n, hd]
             if self.indexer is not None:
                 top = self.indexer(x, q_residual, positions, cache.indexer)  # [T, k]
-                chosen = entries[top.clamp(min=0)]  # [T, k, hd]
-                c_logits = torch.einsum("thd,tkd->thk", q, chosen).float() * scale
-                logits.append(c_logits.masked_fill_((top < 0)[:, None, :], float("-inf")))
+                per_row = max(per_row + H * top.shape[1], top.shape[1] * hd)  # ... + top-k (and their keys)
             else:
-                visible = (positions + 1) // self.compressor.ratio
-                closed = torch.arange(entries.shape[0], device=x.device)[None, :] < visible[:, None]
-                c_logits = torch.einsum("thd,nd->thn", q, entries).float() * scale
-                logits.append(c_logits.masked_fill_(~closed[:, None, :], float("-inf")))
-                chosen = entries
-
-        logits.append(self.sinks.float().view(1, H, 1).expand(T, H, 1))
-        probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1).to(x.dtype)  # [T, H, L + C + 1]
-        L = logits[0].shape[-1]
-        out = window.values(probs[..., :L])  # [T, H, hd]
-        if self.compressor is not None:
-            p_c = probs[..., L:-1]
-            if self.indexer is not None:
-                out = out + torch.einsum("thk,tkd->thd", p_c, chosen)
-            else:
-                out = out + torch.einsum("thn,nd->thd", p_c, chosen)
+                per_row += H * entries.shape[0]  # ... + every entry (ratio 128: 8192 of them at 1M tokens)
+        # a long prompt's queries go in blocks of at most ATTENTION_BUDGET logits (each row's are the same)
+        rows = max(16, ATTENTION_BUDGET // per_row)
+        S = keys.shape[0]
+        outs = [self.attend_rows(q[r0:r0 + rows], keys[:S - T + min(T, r0 + rows)], positions[r0:r0 + rows],
+                                 entries, None if top is None else top[r0:r0 + rows]) for r0 in range(0, T, rows)]
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
         return rotate(out, rot.conj())  # undo the rotation V picked up (K = V)
+
+    def attend_rows(self, q, keys, positions, entries, top) -> torch.Tensor:
+        """R consecutive queries q [R, H, hd] at `positions`, the last R of `keys` [S, hd] their own (before them
+        the window's), over their window, the compressed `entries` [n, hd] (ratio 128: those closed before each
+        query) or their indexer's `top` [R, k] of them (ratio 4) and the sink -> [R, H, hd], still rotated."""
+        R, H, hd = q.shape[0], self.n_heads, self.head_dim
+        window = WindowBlocks.make(keys, R, self.window)  # each query sees only its own `window` keys
+        scale = hd**-0.5
+        logits = [window.logits(q).float().mul_(scale).masked_fill_(window.hidden, float("-inf"))]  # [R, H, L]
+        if top is not None:
+            chosen = entries[top.clamp(min=0)]  # [R, k, hd]
+            c_logits = torch.einsum("thd,tkd->thk", q, chosen).float() * scale
+            logits.append(c_logits.masked_fill_((top < 0)[:, None, :], float("-inf")))
+        elif entries is not None:
+            visible = (positions + 1) // self.compressor.ratio
+            closed = torch.arange(entries.shape[0], device=q.device)[None, :] < visible[:, None]
+            c_logits = torch.einsum("thd,nd->thn", q, entries).float() * scale
+            logits.append(c_logits.masked_fill_(~closed[:, None, :], float("-inf")))
+        logits.append(self.sinks.float().view(1, H, 1).expand(R, H, 1))
+        probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1).to(q.dtype)  # [R, H, L + C + 1]
+        L = logits[0].shape[-1]
+        out = window.values(probs[..., :L])  # [R, H, hd]
+        if top is not None:
+            out = out + torch.einsum("thk,tkd->thd", probs[..., L:-1], chosen)
+        elif entries is not None:
+            out = out + torch.einsum("thn,nd->thd", probs[..., L:-1], entries)
+        return out
 
     def attend_one(self, x, q_residual, q, kv, positions, rot, cache: LayerCache) -> torch.Tensor:
         """`attend` for one token (T = 1): every cached window key and every compressed entry

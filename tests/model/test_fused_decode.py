@@ -141,3 +141,19 @@ def test_indexer_query_blocks_choose_the_same_entries(model, monkeypatch):
     assert len(chosen) == len(one_block) > 0
     assert all(torch.equal(a, b) for a, b in zip(chosen, one_block))
     assert rel(blocked, whole) < 1e-5
+
+
+def test_attention_query_blocks_equal_the_whole_chunk(model, monkeypatch):
+    """A long prompt's attention goes in blocks of queries (attention.ATTENTION_BUDGET), each over its own window
+    and compressed entries: the same logits up to the matmuls' rounding, whatever the block."""
+    from ds4py.model import attention
+
+    prompt = torch.randint(0, model.config.vocab_size, (300,), generator=torch.Generator().manual_seed(14)).tolist()
+    whole = model.logits(prompt)  # past a ratio-128 entry and many ratio-4 ones, 256-token chunks
+    calls = []
+    real = attention.Attention.attend_rows
+    monkeypatch.setattr(attention.Attention, "attend_rows", lambda self, *a: calls.append(1) or real(self, *a))
+    monkeypatch.setattr(attention, "ATTENTION_BUDGET", 1)  # blocks of 16 queries
+    blocked = model.logits(prompt)
+    assert len(calls) > 2 * model.config.num_hidden_layers  # several blocks per layer and chunk
+    assert rel(blocked, whole) < 1e-5
