@@ -1427,13 +1427,19 @@ def experts_many(x: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor
     if D % 32 or any(raws[0].shape[0] % 32 for raws in experts) or len(counts) != len(experts):  # rows by 32
         return None
     mats, strides, inter = [], [], []
-    for raws in experts:
+    for raws, qts in zip(experts, qtypes):
         for raw in raws:
             if raw.device.type != "cpu" or raw.dim() != 2 or raw.stride(1) != 1:
                 return None
             mats.append(raw.data_ptr())
             strides.append(raw.stride(0))
         inter.append(raws[0].shape[0])
+        # W1, W3 [inter, D values], W2 [D, inter values]: the C code reads rows of these lengths
+        want = ((inter[-1], D), (inter[-1], D), (D, inter[-1]))
+        if any(q not in BLOCK_BYTES or tuple(raw.shape) != (r, c // 32 * BLOCK_BYTES[q])
+               for raw, q, (r, c) in zip(raws, qts, want)):
+            raise ValueError(f"experts_many: an expert's matrices {[tuple(r.shape) for r in raws]} do not match "
+                             f"D={D} and its {inter[-1]} rows")
     E = len(experts)
     pairs = [0]
     for c in counts:

@@ -255,6 +255,9 @@ def test_experts_many_equals_the_kernel_matmuls_one_by_one(lib, repacked):
     assert torch.equal(acc, y)
     with pytest.raises(ValueError, match="pairs"):
         kernels.experts_many(x, raws, qtypes, counts, tokens[:-1], weights[:-1], limit)
+    with pytest.raises(ValueError, match="do not match"):  # W2 given as W1: rows of the wrong length
+        kernels.experts_many(x, [(raws[0][0], raws[0][1], raws[0][0])], [qtypes[0]], [3], tokens[:3], weights[:3],
+                             limit)
 
 
 def test_f32_linear_matches_float64_and_falls_back_for_long_inputs(lib):
