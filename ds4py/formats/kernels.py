@@ -834,11 +834,21 @@ inline void swiglu_rows(float* h, const float* up, int64_t n, float limit) {
   for (; i < n; i++) h[i] = swiglu(h[i], up[i], limit);
 }
 
-template <int QT>
-inline float one_dot(const uint8_t* row, const Acts& a) {
-  float y;
-  row_tile<QT>(row, a, 0, 1, &y, 1);
-  return y;
+// N rows [r0, r0 + N) of one matrix (ggml rows at w with row stride `stride`, or R16 groups of `cols` values;
+// N a multiple of 16) against activation rows [t0, t0 + tt): y[t * ystride + r].
+template <int N>
+void rows_tile(const uint8_t* w, int q, int64_t stride, int64_t r0, int64_t cols, const Acts& a, const Acts16& a16,
+               int64_t t0, int tt, float* y, int64_t ystride) {
+  if (q == MXFP4_R16) {
+    for (int g = 0; g < N / 16; g++)
+      r16_tile(w + (r0 / 16 + g) * (cols / 32 * R16_BLOCK), a16, t0, tt, y + 16 * g, ystride);
+    return;
+  }
+  for (int r = 0; r < N; r++) {
+    const uint8_t* row = w + (r0 + r) * stride;
+    if (q == Q8_0) row_tile<Q8_0>(row, a, t0, tt, y + r, ystride);
+    else row_tile<MXFP4>(row, a, t0, tt, y + r, ystride);
+  }
 }
 }  // namespace
 
@@ -868,13 +878,8 @@ extern "C" int ds4py_experts_one(const void* x, int xbf16, int64_t n, int E, con
     quantize_acts16(xf.data(), 1, n, ax16);
     // 16 rows of matrix m of expert e from row r0 against a (x or h), into dst[0..16)
     auto rows16 = [&](int e, int m, int64_t r0, int64_t cols, const Acts& a, const Acts16& a16, float* dst) {
-      const int q = qtypes[3 * e + m];
-      const uint8_t* w = (const uint8_t*)mats[3 * e + m];
-      if (q == MXFP4_R16) return r16_tile(w + r0 / 16 * (cols / 32 * R16_BLOCK), a16, 0, 1, dst, 1);
-      for (int r = 0; r < 16; r++) {
-        const uint8_t* row = w + (r0 + r) * strides[3 * e + m];
-        dst[r] = q == Q8_0 ? one_dot<Q8_0>(row, a) : one_dot<MXFP4>(row, a);
-      }
+      rows_tile<16>((const uint8_t*)mats[3 * e + m], qtypes[3 * e + m], strides[3 * e + m], r0, cols, a, a16, 0, 1,
+                    dst, 1);
     };
     std::vector<int64_t> first(E + 1, 0);  // expert e's gate/up rows are [first[e], first[e + 1]) of all
     for (int e = 0; e < E; e++) first[e + 1] = first[e] + inter[e];
@@ -914,23 +919,8 @@ extern "C" int ds4py_experts_one(const void* x, int xbf16, int64_t n, int E, con
 
 namespace {
 constexpr int64_t MANY_T = 32;  // an expert with this many tokens runs through `linear`, one matrix at a time
-
-// 32 rows [r0, r0 + 32) of one matrix (ggml rows at w with row stride `stride`, or R16 groups of `cols` values)
-// against activation rows [t0, t0 + tt): y[t * ystride + r]. 32 rows, as `linear` keeps in cache while the tiles
-// of activations pass: with 16, a long expert's activations were streamed twice as often (1.5x slower at T=256).
-void rows32_tile(const uint8_t* w, int q, int64_t stride, int64_t r0, int64_t cols, const Acts& a, const Acts16& a16,
-                 int64_t t0, int tt, float* y, int64_t ystride) {
-  if (q == MXFP4_R16) {
-    for (int g = 0; g < 2; g++)
-      r16_tile(w + (r0 / 16 + g) * (cols / 32 * R16_BLOCK), a16, t0, tt, y + 16 * g, ystride);
-    return;
-  }
-  for (int r = 0; r < 32; r++) {
-    const uint8_t* row = w + (r0 + r) * stride;
-    if (q == Q8_0) row_tile<Q8_0>(row, a, t0, tt, y + r, ystride);
-    else row_tile<MXFP4>(row, a, t0, tt, y + r, ystride);
-  }
-}
+// ds4py_experts_many reads rows 32 at a time (rows_tile<32>), as `linear` keeps them in cache while the tiles of
+// activations pass: with 16, a long expert's activations were streamed twice as often (1.5x slower at T=256).
 
 inline float* grow(std::vector<float>& v, int64_t n) {
   if ((int64_t)v.size() < n) v.resize(n);
@@ -1033,8 +1023,8 @@ extern "C" int ds4py_experts_many(const void* x, int xbf16, int64_t T, int64_t n
       const int64_t I = inter[e], m = u < I / 32 ? 0 : 1, r0 = (u - m * (I / 32)) * 32, cnt = pairs[e + 1] - pairs[e];
       float* dst = (m == 0 ? h : up) + hbase[e];
       for (int64_t t0 = 0; t0 < cnt; t0 += TILE_T)
-        rows32_tile((const uint8_t*)mats[3 * e + m], qtypes[3 * e + m], strides[3 * e + m], r0, n, ax[e], ax16[e],
-                    t0, (int)std::min<int64_t>(TILE_T, cnt - t0), dst + t0 * I + r0, I);
+        rows_tile<32>((const uint8_t*)mats[3 * e + m], qtypes[3 * e + m], strides[3 * e + m], r0, n, ax[e], ax16[e],
+                      t0, (int)std::min<int64_t>(TILE_T, cnt - t0), dst + t0 * I + r0, I);
     });
     at::parallel_for(0, hbase[E], 4096, [&](int64_t k0, int64_t k1) {
       swiglu_rows(h + k0, up + k0, k1 - k0, limit);
@@ -1058,8 +1048,9 @@ extern "C" int ds4py_experts_many(const void* x, int xbf16, int64_t T, int64_t n
     balanced(dunits, cost, [&](int e, int64_t u) {
       const int64_t cnt = pairs[e + 1] - pairs[e];
       for (int64_t t0 = 0; t0 < cnt; t0 += TILE_T)
-        rows32_tile((const uint8_t*)mats[3 * e + 2], qtypes[3 * e + 2], strides[3 * e + 2], u * 32, inter[e], ah[e],
-                    ah16[e], t0, (int)std::min<int64_t>(TILE_T, cnt - t0), y + (pairs[e] + t0) * D + u * 32, D);
+        rows_tile<32>((const uint8_t*)mats[3 * e + 2], qtypes[3 * e + 2], strides[3 * e + 2], u * 32, inter[e],
+                      ah[e], ah16[e], t0, (int)std::min<int64_t>(TILE_T, cnt - t0), y + (pairs[e] + t0) * D + u * 32,
+                      D);
     });
     float* acc = accumulate ? (float*)out : grow(s_acc, T * D);
     at::parallel_for(0, D / 16, 1, [&](int64_t c0, int64_t c1) {  // every token's pairs in pair order
