@@ -1364,6 +1364,20 @@ def f32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], rows)
 
 
+def _expert_pointers(experts: list[tuple[torch.Tensor, ...]]) -> tuple[list[int], list[int], list[int]] | None:
+    """The experts' raw matrices (W1, W3, W2 each) as the C calls take them: their addresses and row strides in
+    order, and each expert's inter size (W1's rows); None unless every one is a CPU matrix with contiguous rows."""
+    mats, strides, inter = [], [], []
+    for raws in experts:
+        for raw in raws:
+            if raw.device.type != "cpu" or raw.dim() != 2 or raw.stride(1) != 1:
+                return None
+            mats.append(raw.data_ptr())
+            strides.append(raw.stride(0))
+        inter.append(raws[0].shape[0])
+    return mats, strides, inter
+
+
 def experts_one(x: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                 qtypes: list[tuple[int, int, int]], weights: list[float], limit: float) -> torch.Tensor | None:
     """One token x [1, D] through several experts: sum_e weights[e] * W2 swiglu(W1 x, W3 x) -> [1, D] in x.dtype,
@@ -1379,14 +1393,10 @@ def experts_one(x: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor,
     D = x.shape[-1]
     if D % 16 or any(raws[0].shape[0] % 16 for raws in experts):  # the call works in groups of 16 rows
         return None
-    mats, strides, inter = [], [], []
-    for raws in experts:
-        for raw in raws:
-            if raw.device.type != "cpu" or raw.dim() != 2 or raw.stride(1) != 1:
-                return None
-            mats.append(raw.data_ptr())
-            strides.append(raw.stride(0))
-        inter.append(raws[0].shape[0])
+    pointers = _expert_pointers(experts)
+    if pointers is None:
+        return None
+    mats, strides, inter = pointers
     x = x.contiguous()
     E = len(experts)
     out = torch.empty(1, D, dtype=x.dtype)
@@ -1417,20 +1427,17 @@ def experts_many(x: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor
     T, D = x.shape
     if D % 32 or any(raws[0].shape[0] % 32 for raws in experts) or len(counts) != len(experts):  # rows by 32
         return None
-    mats, strides, inter = [], [], []
-    for raws, qts in zip(experts, qtypes):
-        for raw in raws:
-            if raw.device.type != "cpu" or raw.dim() != 2 or raw.stride(1) != 1:
-                return None
-            mats.append(raw.data_ptr())
-            strides.append(raw.stride(0))
-        inter.append(raws[0].shape[0])
+    pointers = _expert_pointers(experts)
+    if pointers is None:
+        return None
+    mats, strides, inter = pointers
+    for raws, qts, i in zip(experts, qtypes, inter):
         # W1, W3 [inter, D values], W2 [D, inter values]: the C code reads rows of these lengths
-        want = ((inter[-1], D), (inter[-1], D), (D, inter[-1]))
+        want = ((i, D), (i, D), (D, i))
         if any(q not in BLOCK_BYTES or tuple(raw.shape) != (r, c // 32 * BLOCK_BYTES[q])
                for raw, q, (r, c) in zip(raws, qts, want)):
             raise ValueError(f"experts_many: an expert's matrices {[tuple(r.shape) for r in raws]} do not match "
-                             f"D={D} and its {inter[-1]} rows")
+                             f"D={D} and its {i} rows")
     E = len(experts)
     pairs = [0]
     for c in counts:
