@@ -26,6 +26,7 @@ import hashlib
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -1119,6 +1120,30 @@ def build_library(prefix: str, source: str, cflags: list[str], ldflags: list[str
     path = load_inline(name, source, extra_cflags=cflags, extra_ldflags=ldflags or [], build_directory=str(build),
                        is_python_module=False, no_implicit_headers=True)
     return ctypes.CDLL(path)
+
+
+def lazy_library(prefix: str, source: str, cflags: list[str], ldflags: list[str] | None = None,
+                 declare: Callable[[ctypes.CDLL], None] = lambda lib: None) -> Callable[[], ctypes.CDLL | None]:
+    """A loader of a small compiled library (hyper-connections, row ops): built with `build_library` at its first
+    call, `declare` then setting its functions' types, and kept; None when the kernels are disabled or the build
+    failed (the callers run their torch code; `_lib` warns about compilers once)."""
+    lock, built = threading.Lock(), []
+
+    def load() -> ctypes.CDLL | None:
+        if disabled():
+            return None
+        if not built:
+            with lock:
+                if not built:
+                    try:
+                        lib = build_library(prefix, source, cflags, ldflags)
+                        declare(lib)
+                        built.append(lib)
+                    except Exception:
+                        built.append(None)
+        return built[0]
+
+    return load
 
 
 def _compile(generic: bool) -> ctypes.CDLL:

@@ -14,7 +14,6 @@ callers use the torch code."""
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 
@@ -181,32 +180,18 @@ extern "C" void ds4py_hc_expand(const void* out, const void* streams, int bf16, 
 }
 """
 
-_lock = threading.Lock()
-_lib: list = []
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.ds4py_hc_weights.restype = None
+    lib.ds4py_hc_weights.argtypes = [p, i64, i32, p, p, i32, f32, p, p, p]
+    lib.ds4py_hc_collapse.restype = ctypes.c_int
+    lib.ds4py_hc_collapse.argtypes = [p, i32, i64, i32, i64, p, p, p, i32, f32, f32, p, p, p, p]
+    lib.ds4py_hc_expand.restype = None
+    lib.ds4py_hc_expand.argtypes = [p, p, i32, i64, i32, i64, p, p, p]
 
 
-def _load() -> ctypes.CDLL | None:
-    if kernels.disabled():
-        return None
-    if _lib:
-        return _lib[0]
-    with _lock:
-        if not _lib:
-            try:
-                lib = kernels.build_library("ds4py_hc", _SOURCE, ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"])
-                lib.ds4py_hc_weights.restype = None
-                lib.ds4py_hc_weights.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
-                                                 ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_void_p,
-                                                 ctypes.c_void_p, ctypes.c_void_p]
-                p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-                lib.ds4py_hc_collapse.restype = ctypes.c_int
-                lib.ds4py_hc_collapse.argtypes = [p, i32, i64, i32, i64, p, p, p, i32, f32, f32, p, p, p, p]
-                lib.ds4py_hc_expand.restype = None
-                lib.ds4py_hc_expand.argtypes = [p, p, i32, i64, i32, i64, p, p, p]
-                _lib.append(lib)
-            except Exception:  # the torch code is the fallback; ds4py.formats.kernels warns about compilers
-                _lib.append(None)
-    return _lib[0]
+_load = kernels.lazy_library("ds4py_hc", _SOURCE, ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"], _declare)
 
 
 def hc_weights(mix: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc: int, iters: int,

@@ -9,7 +9,6 @@ apply (more than MAX_T rows, not the CPU, other dtypes, autograd, no compiler) a
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 
@@ -93,28 +92,16 @@ extern "C" void ds4py_rope_rows(const void* x, int bf, int64_t T, int64_t per_t,
 }
 """
 
-_lock = threading.Lock()
-_lib: list = []
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.ds4py_rms_rows.restype = None
+    lib.ds4py_rms_rows.argtypes = [p, i32, i64, i64, p, i32, f32, i32, p]
+    lib.ds4py_rope_rows.restype = None
+    lib.ds4py_rope_rows.argtypes = [p, i32, i64, i64, i64, i64, p, i32, p]
 
 
-def _load() -> ctypes.CDLL | None:
-    if kernels.disabled():
-        return None
-    if _lib:
-        return _lib[0]
-    with _lock:
-        if not _lib:
-            try:
-                lib = kernels.build_library("ds4py_rows", _SOURCE, ["-O3", "-march=native"])
-                p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-                lib.ds4py_rms_rows.restype = None
-                lib.ds4py_rms_rows.argtypes = [p, i32, i64, i64, p, i32, f32, i32, p]
-                lib.ds4py_rope_rows.restype = None
-                lib.ds4py_rope_rows.argtypes = [p, i32, i64, i64, i64, i64, p, i32, p]
-                _lib.append(lib)
-            except Exception:  # the torch code is the fallback; ds4py.formats.kernels warns about compilers
-                _lib.append(None)
-    return _lib[0]
+_load = kernels.lazy_library("ds4py_rows", _SOURCE, ["-O3", "-march=native"], declare=_declare)
 
 
 def _applies(x: torch.Tensor) -> bool:
