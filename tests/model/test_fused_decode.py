@@ -26,46 +26,40 @@ def test_fused_moe_equals_the_expert_loop(model, monkeypatch):
     """Each decode step from the same cache, once with the fused call and once with the loop."""
     prompt = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     calls = []
-    real_fused, real_kernel = MoE.fused_one, kernels.experts_one
+    real_kernel = kernels.experts_one
     monkeypatch.setattr(kernels, "experts_one", lambda *a: calls.append(1) or real_kernel(*a))
+
+    def loop(ids, cache):
+        with monkeypatch.context() as m:
+            m.setattr(MoE, "fused_one", lambda self, x, w, ids: None)
+            return model.prefill(ids, cache)
+
     cache = model.new_cache()
-    logits = model.prefill(prompt, cache)
-    rel = []
-    for _ in range(12):
-        token = int(logits.argmax())
-        monkeypatch.setattr(MoE, "fused_one", real_fused)
-        fused = model.prefill([token], cache.clone())
-        monkeypatch.setattr(MoE, "fused_one", lambda self, x, w, ids: None)
-        logits = model.prefill([token], cache)
-        assert fused.argmax() == logits.argmax()
-        rel.append(((fused - logits).abs().max() / logits.abs().max()).item())
+    steps = paired_steps(model.prefill, loop, cache, model.prefill(prompt, cache), 12)
     assert len(calls) == 12 * model.config.num_hidden_layers  # every layer of every decoded token
     # Equal to float rounding unless an activation lands on a Q8_0 rounding boundary on one side only
     # (swiglu's exp differs from torch's in the last bit), which moves that step's logits by a quantization
     # step (<1% of the largest logit); a wrong expert, weight or order would move every step by far more.
-    assert sum(r < 1e-5 for r in rel) >= 9, rel
-    assert max(rel) < 2e-2, rel
+    assert sum(r < 1e-5 for r in steps) >= 9, steps
+    assert max(steps) < 2e-2, steps
 
 
 def test_fused_hyper_connections_equal_torch(model, monkeypatch):
     """Each decode step from the same cache, with the compiled hyper-connections and with torch's."""
     prompt = list(range(3, 140))  # past a ratio-128 block
-    cache = model.new_cache()
-    logits = model.prefill(prompt, cache)
-    rel = []
-    for _ in range(8):
-        token = int(logits.argmax())
-        fused = model.prefill([token], cache.clone())
+
+    def torch_ops(ids, cache):
         with monkeypatch.context() as m:
             m.setattr(hc_kernel, "FUSED_MAX_T", 0)
             m.setattr(hc_kernel, "FUSED_SMALL_N", 0)
             m.setattr(hyper_connection, "hc_expand", lambda *a: None)  # expand is compiled at any T
-            logits = model.prefill([token], cache)
-        assert fused.argmax() == logits.argmax()
-        rel.append(((fused - logits).abs().max() / logits.abs().max()).item())
+            return model.prefill(ids, cache)
+
+    cache = model.new_cache()
+    steps = paired_steps(model.prefill, torch_ops, cache, model.prefill(prompt, cache), 8)
     # equal to float rounding but where an activation lands on a Q8_0 rounding boundary on one side only (see
     # test_fused_moe_equals_the_expert_loop); a wrong weight or mixing would move every step far more
-    assert sum(r < 1e-4 for r in rel) >= 6 and max(rel) < 2e-2, rel
+    assert sum(r < 1e-4 for r in steps) >= 6 and max(steps) < 2e-2, steps
 
 
 def test_repacked_experts_equal_the_file_layout(model, tmp_path, monkeypatch):
@@ -85,19 +79,26 @@ def test_repacked_experts_equal_the_file_layout(model, tmp_path, monkeypatch):
     assert rel(repacked, plain_logits) < 2e-2
     assert (repacked.argmax(-1) == plain_logits.argmax(-1)).float().mean() >= 0.9
     cache = plain.new_cache()
-    logits = plain.prefill(prompt, cache)
-    steps = []
-    for _ in range(10):
-        token = int(logits.argmax())
-        repacked = model.prefill([token], cache.clone())
-        logits = plain.prefill([token], cache)
-        assert repacked.argmax() == logits.argmax()
-        steps.append(rel(repacked, logits))
+    steps = paired_steps(model.prefill, plain.prefill, cache, plain.prefill(prompt, cache), 10)
     assert sum(r < 1e-5 for r in steps) >= 8 and max(steps) < 2e-2, steps  # see test_fused_moe_equals_the_expert_loop
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def paired_steps(fast, plain, cache, logits: torch.Tensor, steps: int) -> list[float]:
+    """`steps` decode steps from the same cache, each once through `fast(ids, cache)` (on a copy of the cache) and
+    once through `plain`, which the sequence goes on with; both must pick the same next token. -> each step's
+    largest difference relative to plain's largest logit."""
+    out = []
+    for _ in range(steps):
+        token = int(logits.argmax())
+        fast_logits = fast([token], cache.clone())
+        logits = plain([token], cache)
+        assert fast_logits.argmax() == logits.argmax()
+        out.append(rel(fast_logits, logits))
+    return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
