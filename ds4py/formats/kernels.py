@@ -47,6 +47,23 @@ BF16_KERNEL_MAX_T = 16
 # with 8192-row tiles (fresh 128 MB buffers); T=256: 1.85 s, the old resident float32 copy 1.99 s.
 BF16_TILE_ROWS = 1024
 
+# bf16 <-> float32 as torch converts, for every compiled library's source (needs <cmath>, <cstdint>, <cstring>)
+BF16_C = r"""
+inline float bf16_to_float(uint16_t b) {
+  uint32_t u = (uint32_t)b << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN -> 0x7FC0: what torch's .to(bfloat16) does
+  if (std::isnan(f)) return 0x7FC0;
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+"""
+
 _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -261,20 +278,7 @@ void linear(const Acts* acts, int64_t rg, const uint8_t* w, int64_t rows, int64_
 
 }  // namespace
 
-inline float bf16_to_float(uint16_t b) {
-  uint32_t u = (uint32_t)b << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN -> 0x7FC0: what torch's .to(bfloat16) does
-  if (std::isnan(f)) return 0x7FC0;
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
+""" + BF16_C + r"""
 namespace {
 // MXFP4 repacked by 16 rows ("R16"): for each group of 16 rows and each block b (32 values), 272 bytes: the 16
 // rows' scale bytes, then their 16 bytes of nibbles interleaved 4 bytes at a time: byte 16 + 64v + 4r + k is

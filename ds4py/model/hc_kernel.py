@@ -26,7 +26,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cstring>
 #include <vector>
-
+""" + kernels.BF16_C + r"""
 extern "C" void ds4py_hc_weights(const float* mix, int64_t T, int hc, const float* base, const float* scale,
                                  int iters, float eps, float* pre, float* post, float* comb) {
   const int row = (2 + hc) * hc;
@@ -72,23 +72,13 @@ extern "C" void ds4py_hc_weights(const float* mix, int64_t T, int hc, const floa
 
 template <bool BF>
 inline float load_value(const void* p, int64_t i) {
-  if (!BF) return ((const float*)p)[i];
-  uint32_t u = (uint32_t)((const uint16_t*)p)[i] << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+  return BF ? bf16_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
 }
 
 template <bool BF>
 inline void store_value(void* p, int64_t i, float f) {
-  if (!BF) {
-    ((float*)p)[i] = f;
-    return;
-  }
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  // round to nearest even; NaN -> 0x7FC0 as torch rounds it
-  ((uint16_t*)p)[i] = f != f ? (uint16_t)0x7FC0 : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  if (BF) ((uint16_t*)p)[i] = float_to_bf16(f);
+  else ((float*)p)[i] = f;
 }
 
 template <bool BF>

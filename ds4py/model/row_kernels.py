@@ -20,34 +20,17 @@ _SOURCE = r"""
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-
+""" + kernels.BF16_C + r"""
 namespace {
 inline float load(const void* p, int64_t i, int bf) {
-  if (!bf) return ((const float*)p)[i];
-  uint32_t u = (uint32_t)((const uint16_t*)p)[i] << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+  return bf ? bf16_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
 }
 
-inline float round_bf16(float f) {  // to the nearest bf16, ties to even, NaN kept: as torch's .to(bfloat16)
-  if (f != f) return f;
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }  // as torch's .to(bfloat16) rounds
 
 inline void store(void* p, int64_t i, float f, int bf) {
-  if (!bf) {
-    ((float*)p)[i] = f;
-    return;
-  }
-  f = round_bf16(f);
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  ((uint16_t*)p)[i] = f != f ? (uint16_t)0x7FC0 : (uint16_t)(u >> 16);
+  if (bf) ((uint16_t*)p)[i] = float_to_bf16(f);
+  else ((float*)p)[i] = f;
 }
 }  // namespace
 
