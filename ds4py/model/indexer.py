@@ -62,6 +62,7 @@ class Indexer:
         scores = scores.view(R, self.n_heads, n).mul_(self.head_dim**-0.5)
         return torch.bmm(w.unsqueeze(1), scores).squeeze(1)
 
+
 def stable_topk(values: torch.Tensor, k: int) -> torch.Tensor:
     """values [T, n] float32 -> indices [T, k] of the k largest per row, largest first, ties broken
     towards the earlier entry: what a stable descending sort's first k are. Ties are common (entries
