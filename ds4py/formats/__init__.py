@@ -36,6 +36,11 @@ class Weight:
         blocks (Q8_0, MXFP4), else None."""
         return None
 
+    def stack_rows(self) -> tuple[torch.Tensor, int] | None:
+        """(raw uint8 [experts, rows, bytes], qtype) of a resident 3-D stack whose experts the compiled CPU kernels
+        multiply straight from their blocks (Q8_0, MXFP4, MXFP4_R16), else None."""
+        return None
+
     def to(self, device: torch.device | str) -> Weight:
         raise NotImplementedError
 

@@ -82,6 +82,11 @@ class GGMLWeight(Weight):
             return self.raw, int(self.qtype)
         return None
 
+    def stack_rows(self) -> tuple[torch.Tensor, int] | None:
+        if self.qtype in (Q.Q8_0, Q.MXFP4) and len(self.shape) == 3:
+            return self.raw, int(self.qtype)
+        return None
+
     def expert(self, e: int) -> GGMLWeight:
         """Expert e of a 3-D weight, sharing the packed storage (the view is kept: it is asked for per token)."""
         part = self.parts.get(("expert", e))
@@ -141,6 +146,9 @@ class MXFP4Rows16(Weight):
 
     def kernel_rows(self) -> tuple[torch.Tensor, int] | None:
         return (self.raw, kernels.MXFP4_R16) if len(self.shape) == 2 else None
+
+    def stack_rows(self) -> tuple[torch.Tensor, int] | None:
+        return (self.raw, kernels.MXFP4_R16) if len(self.shape) == 3 else None
 
     def expert(self, e: int) -> MXFP4Rows16:
         part = self.parts.get(e)

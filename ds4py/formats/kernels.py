@@ -865,6 +865,104 @@ void rows_tile(const uint8_t* w, int q, int64_t stride, int64_t r0, int64_t cols
 // One parallel pass over all gate/up rows of all experts, then one over the output rows: two thread-pool
 // rounds where the matmuls one by one took 3E. Work is split in units of 16 rows (an R16 group); each thread
 // reads its rows of one matrix after the other (one stream at a time).
+namespace {
+// ds4py_experts_one on x already float32 (xf [n]); throws std::bad_alloc
+void experts_one_impl(const float* xf, int64_t n, int E, const int64_t* mats, const int32_t* qtypes,
+                      const int64_t* strides, const int64_t* inter, const float* weights, float limit, int64_t D,
+                      void* out, int outbf16) {
+  Acts ax;  // x for ggml rows and for R16 groups
+  Acts16 ax16;
+  quantize_acts(xf, 1, n, ax);
+  quantize_acts16(xf, 1, n, ax16);
+  // 16 rows of matrix m of expert e from row r0 against a (x or h), into dst[0..16)
+  auto rows16 = [&](int e, int m, int64_t r0, int64_t cols, const Acts& a, const Acts16& a16, float* dst) {
+    rows_tile<16>((const uint8_t*)mats[3 * e + m], qtypes[3 * e + m], strides[3 * e + m], r0, cols, a, a16, 0, 1,
+                  dst, 1);
+  };
+  std::vector<int64_t> first(E + 1, 0);  // expert e's gate/up rows are [first[e], first[e + 1]) of all
+  for (int e = 0; e < E; e++) first[e + 1] = first[e] + inter[e];
+  std::vector<float> h(first[E]), up(first[E]);
+  at::parallel_for(0, first[E] / 16, 2, [&](int64_t u0, int64_t u1) {
+    for (int e = 0; e < E; e++) {
+      const int64_t a = std::max(u0 * 16, first[e]), b = std::min(u1 * 16, first[e + 1]);
+      for (int m = 0; m < 2; m++)
+        for (int64_t i = a; i < b; i += 16) rows16(e, m, i - first[e], n, ax, ax16, (m == 0 ? h : up).data() + i);
+      if (b > a) swiglu_rows(h.data() + a, up.data() + a, b - a, limit);
+    }
+  });
+  std::vector<Acts> ah(E);
+  std::vector<Acts16> ah16(E);
+  for (int e = 0; e < E; e++) {
+    if (qtypes[3 * e + 2] == MXFP4_R16) quantize_acts16(h.data() + first[e], 1, inter[e], ah16[e]);
+    else quantize_acts(h.data() + first[e], 1, inter[e], ah[e]);
+  }
+  std::vector<float> y(D, 0.0f);
+  at::parallel_for(0, D / 16, 2, [&](int64_t u0, int64_t u1) {
+    float part[16];
+    for (int e = 0; e < E; e++)  // the experts in order for every row
+      for (int64_t u = u0; u < u1; u++) {
+        rows16(e, 2, u * 16, inter[e], ah[e], ah16[e], part);
+        for (int r = 0; r < 16; r++) y[u * 16 + r] += weights[e] * part[r];
+      }
+  });
+  for (int64_t d = 0; d < D; d++) {
+    if (outbf16) ((uint16_t*)out)[d] = float_to_bf16(y[d]);
+    else ((float*)out)[d] = y[d];
+  }
+}
+
+bool expert_qtype(int32_t q) { return q == Q8_0 || q == MXFP4 || q == MXFP4_R16; }
+
+enum Score { SQRTSOFTPLUS = 0, SIGMOID = 1, SOFTMAX = 2 };
+
+// One token's routing from its router logits [E] (scores [E] scratch): the scores (sqrt(softplus), sigmoid or
+// softmax, as torch computes them up to the last bit of exp / log1p), the k experts of the largest scores + bias
+// (ties to the lower id), or the k given hash ids; ids[k] ascending and w[k] their scores / (sum + 1e-20) *
+// scaling, summed in that order.
+void route_row(const float* logits, int64_t E, const float* bias, int score, int k, float scaling,
+               const int64_t* hash_ids, float* scores, float* w, int64_t* ids) {
+  if (score == SOFTMAX) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (int64_t e = 0; e < E; e++) mx = std::max(mx, logits[e]);
+    for (int64_t e = 0; e < E; e++) sum += scores[e] = std::exp(logits[e] - mx);
+    for (int64_t e = 0; e < E; e++) scores[e] /= sum;
+  } else {
+    for (int64_t e = 0; e < E; e++) {
+      const float v = logits[e];
+      scores[e] = score == SIGMOID ? 1.0f / (1.0f + std::exp(-v))
+                                   : std::sqrt(v > 20.0f ? v : (float)std::log1p(std::exp((double)v)));
+    }
+  }
+  if (hash_ids) {
+    for (int j = 0; j < k; j++) ids[j] = hash_ids[j];
+  } else {  // k passes over E: E = 256, k = 6 in V4
+    for (int j = 0; j < k; j++) {
+      int64_t best = -1;
+      float bv = -INFINITY;
+      for (int64_t e = 0; e < E; e++) {
+        bool taken = false;
+        for (int i = 0; i < j; i++) taken |= ids[i] == e;
+        const float v = bias ? scores[e] + bias[e] : scores[e];
+        if (!taken && (best < 0 || v > bv)) best = e, bv = v;
+      }
+      ids[j] = best;
+    }
+  }
+  std::sort(ids, ids + k);
+  float sum = 0.0f;
+  for (int j = 0; j < k; j++) sum += w[j] = scores[ids[j]];
+  for (int j = 0; j < k; j++) w[j] = w[j] / (sum + 1e-20f) * scaling;
+}
+}  // namespace
+
+// One token x [n] (float32, or bf16 bits) through E experts (the routed ones it chose, then the shared ones):
+// out [D] = sum_e weights[e] * W2_e swiglu(W1_e x, W3_e x), float32 inside, rounded once to bf16 if outbf16.
+// Expert e's matrices are mats[3e + m] for m = W1, W3, W2, with qtypes[3e + m] (Q8_0, MXFP4 or MXFP4_R16) and
+// row strides strides[3e + m] bytes (ggml rows; R16 matrices are contiguous groups); W1/W3 have inter[e] rows of
+// n values, W2 has D rows of inter[e] values; inter[e] and D are multiples of 16.
+// One parallel pass over all gate/up rows of all experts, then one over the output rows: two thread-pool
+// rounds where the matmuls one by one took 3E. Work is split in units of 16 rows (an R16 group); each thread
+// reads its rows of one matrix after the other (one stream at a time).
 extern "C" int ds4py_experts_one(const void* x, int xbf16, int64_t n, int E, const int64_t* mats,
                                  const int32_t* qtypes, const int64_t* strides, const int64_t* inter,
                                  const float* weights, float limit, int64_t D, void* out, int outbf16) {
@@ -872,50 +970,97 @@ extern "C" int ds4py_experts_one(const void* x, int xbf16, int64_t n, int E, con
   for (int e = 0; e < E; e++) {
     if (inter[e] % 32) return 1;
     for (int m = 0; m < 3; m++)
-      if (qtypes[3 * e + m] != Q8_0 && qtypes[3 * e + m] != MXFP4 && qtypes[3 * e + m] != MXFP4_R16) return 1;
+      if (!expert_qtype(qtypes[3 * e + m])) return 1;
   }
   try {
     std::vector<float> xf(n);
     for (int64_t i = 0; i < n; i++) xf[i] = xbf16 ? bf16_to_float(((const uint16_t*)x)[i]) : ((const float*)x)[i];
-    Acts ax;  // x for ggml rows and for R16 groups
-    Acts16 ax16;
-    quantize_acts(xf.data(), 1, n, ax);
-    quantize_acts16(xf.data(), 1, n, ax16);
-    // 16 rows of matrix m of expert e from row r0 against a (x or h), into dst[0..16)
-    auto rows16 = [&](int e, int m, int64_t r0, int64_t cols, const Acts& a, const Acts16& a16, float* dst) {
-      rows_tile<16>((const uint8_t*)mats[3 * e + m], qtypes[3 * e + m], strides[3 * e + m], r0, cols, a, a16, 0, 1,
-                    dst, 1);
-    };
-    std::vector<int64_t> first(E + 1, 0);  // expert e's gate/up rows are [first[e], first[e + 1]) of all
-    for (int e = 0; e < E; e++) first[e + 1] = first[e] + inter[e];
-    std::vector<float> h(first[E]), up(first[E]);
-    at::parallel_for(0, first[E] / 16, 2, [&](int64_t u0, int64_t u1) {
-      for (int e = 0; e < E; e++) {
-        const int64_t a = std::max(u0 * 16, first[e]), b = std::min(u1 * 16, first[e + 1]);
-        for (int m = 0; m < 2; m++)
-          for (int64_t i = a; i < b; i += 16) rows16(e, m, i - first[e], n, ax, ax16, (m == 0 ? h : up).data() + i);
-        if (b > a) swiglu_rows(h.data() + a, up.data() + a, b - a, limit);
+    experts_one_impl(xf.data(), n, E, mats, qtypes, strides, inter, weights, limit, D, out, outbf16);
+  } catch (...) {
+    return 2;
+  }
+  return 0;
+}
+
+// T rows of router logits [T, E] -> w [T, k] float32 and ids [T, k] int64, as route_row (hash_ids: [T, k] or null).
+extern "C" int ds4py_route(const float* logits, int64_t T, int64_t E, const float* bias, int score, int k,
+                           float scaling, const int64_t* hash_ids, float* w, int64_t* ids) {
+  if (k < 1 || k > E || score < SQRTSOFTPLUS || score > SOFTMAX) return 1;
+  if (hash_ids)
+    for (int64_t i = 0; i < T * k; i++)
+      if (hash_ids[i] < 0 || hash_ids[i] >= E) return 1;
+  try {
+    std::vector<float> scores(E);
+    for (int64_t t = 0; t < T; t++)
+      route_row(logits + t * E, E, bias, score, k, scaling, hash_ids ? hash_ids + t * k : nullptr, scores.data(),
+                w + t * k, ids + t * k);
+  } catch (...) {
+    return 2;
+  }
+  return 0;
+}
+
+// What one token's whole MoE needs, fixed for a layer (built once in Python, `kernels.MoEPlan`).
+struct MoEPlan {
+  int64_t n, E;                  // model width; routed experts
+  const float* router;           // [E, n] float32 rows, router_stride floats apart
+  int64_t router_stride;
+  const float* bias;             // [E] or null
+  int32_t score, k;              // Score; experts per token
+  float scaling, limit;          // routed weights' scaling; SwiGLU clamp
+  int64_t inter;                 // the routed experts' inter size
+  int64_t stacks[3];             // W1, W3, W2 stacks: expert e's matrix m at stacks[m] + e * expert_bytes[m]
+  int64_t expert_bytes[3];
+  int64_t strides[3];            // row strides (bytes)
+  int32_t qtypes[3];
+  int32_t shared;                // shared experts (at most 4), run after the routed ones with weight 1
+  int64_t shared_mats[12], shared_strides[12], shared_inter[4];
+  int32_t shared_qtypes[12];
+};
+
+// One token x [n] (float32, or bf16 bits) through a layer's MoE in one call: router logits (the float32 products
+// of ds4py_f32_linear, the same bits), route_row (hash_ids: the token's k ids, or null), then experts_one on the
+// chosen experts in ascending id and the shared ones. out [n] (bf16 if outbf16); w [k], ids [k] the routing.
+extern "C" int ds4py_moe_one(const MoEPlan* p, const void* x, int xbf16, const int64_t* hash_ids, void* out,
+                             int outbf16, float* w, int64_t* ids) {
+  const int64_t n = p->n;
+  if (n % 32 || p->inter % 32 || p->k < 1 || p->k > p->E || p->shared < 0 || p->shared > 4) return 1;
+  for (int m = 0; m < 3; m++)
+    if (!expert_qtype(p->qtypes[m])) return 1;
+  for (int s = 0; s < 3 * p->shared; s++)
+    if (!expert_qtype(p->shared_qtypes[s]) || p->shared_inter[s / 3] % 32) return 1;
+  if (hash_ids)
+    for (int j = 0; j < p->k; j++)
+      if (hash_ids[j] < 0 || hash_ids[j] >= p->E) return 1;
+  try {
+    const int64_t kp = (n + 15) / 16 * 16;  // as ds4py_f32_linear pads x
+    std::vector<float> xf(kp, 0.0f), logits(p->E), scores(p->E);
+    for (int64_t i = 0; i < n; i++) xf[i] = xbf16 ? bf16_to_float(((const uint16_t*)x)[i]) : ((const float*)x)[i];
+    row_blocks(F32_DOTS, p->router, p->router_stride, n, xf.data(), kp, 1, p->E, logits.data());
+    route_row(logits.data(), p->E, p->bias, p->score, p->k, p->scaling, hash_ids, scores.data(), w, ids);
+    const int E = p->k + p->shared;
+    std::vector<int64_t> mats(3 * E), strides(3 * E), inter(E);
+    std::vector<int32_t> qtypes(3 * E);
+    std::vector<float> weights(E, 1.0f);
+    for (int j = 0; j < p->k; j++) {
+      for (int m = 0; m < 3; m++) {
+        mats[3 * j + m] = p->stacks[m] + ids[j] * p->expert_bytes[m];
+        strides[3 * j + m] = p->strides[m];
+        qtypes[3 * j + m] = p->qtypes[m];
       }
-    });
-    std::vector<Acts> ah(E);
-    std::vector<Acts16> ah16(E);
-    for (int e = 0; e < E; e++) {
-      if (qtypes[3 * e + 2] == MXFP4_R16) quantize_acts16(h.data() + first[e], 1, inter[e], ah16[e]);
-      else quantize_acts(h.data() + first[e], 1, inter[e], ah[e]);
+      inter[j] = p->inter;
+      weights[j] = w[j];
     }
-    std::vector<float> y(D, 0.0f);
-    at::parallel_for(0, D / 16, 2, [&](int64_t u0, int64_t u1) {
-      float part[16];
-      for (int e = 0; e < E; e++)  // the experts in order for every row
-        for (int64_t u = u0; u < u1; u++) {
-          rows16(e, 2, u * 16, inter[e], ah[e], ah16[e], part);
-          for (int r = 0; r < 16; r++) y[u * 16 + r] += weights[e] * part[r];
-        }
-    });
-    for (int64_t d = 0; d < D; d++) {
-      if (outbf16) ((uint16_t*)out)[d] = float_to_bf16(y[d]);
-      else ((float*)out)[d] = y[d];
+    for (int s = 0; s < p->shared; s++) {
+      for (int m = 0; m < 3; m++) {
+        mats[3 * (p->k + s) + m] = p->shared_mats[3 * s + m];
+        strides[3 * (p->k + s) + m] = p->shared_strides[3 * s + m];
+        qtypes[3 * (p->k + s) + m] = p->shared_qtypes[3 * s + m];
+      }
+      inter[p->k + s] = p->shared_inter[s];
     }
+    experts_one_impl(xf.data(), n, E, mats.data(), qtypes.data(), strides.data(), inter.data(), weights.data(),
+                     p->limit, n, out, outbf16);
   } catch (...) {
     return 2;
   }
@@ -1103,13 +1248,26 @@ def _build_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "ds4py" / "kernels"
 
 
+# os.environ's own dict of bytes keys (CPython on POSIX), which its setters keep current: these flags are read
+# on every compiled call (~100 per decoded token), and os.environ.get took 0.6 us a read (the key's encoding
+# through the Mapping methods), a dict lookup 0.05 us
+_ENVIRON_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def _env_flag(name: str) -> bool:
+    """Whether environment variable `name` is set to something other than "" or "0"."""
+    if _ENVIRON_BYTES is not None:
+        return _ENVIRON_BYTES.get(name.encode(), b"") not in (b"", b"0")
+    return os.environ.get(name, "") not in ("", "0")
+
+
 def _generic() -> bool:
-    return os.environ.get("DS4PY_KERNELS_GENERIC", "") not in ("", "0")
+    return _env_flag("DS4PY_KERNELS_GENERIC")
 
 
 def disabled() -> bool:
     """DS4PY_NO_KERNELS=1: every compiled path off, the torch code runs instead."""
-    return os.environ.get("DS4PY_NO_KERNELS", "") not in ("", "0")
+    return _env_flag("DS4PY_NO_KERNELS")
 
 
 def build_library(prefix: str, source: str, cflags: list[str], ldflags: list[str] | None = None) -> ctypes.CDLL:
@@ -1175,6 +1333,14 @@ def _compile(generic: bool) -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    fn = lib.ds4py_route
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                   ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    fn = lib.ds4py_moe_one
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.POINTER(MoEPlan), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     fn = lib.ds4py_ggml_dequantize
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
@@ -1256,16 +1422,18 @@ def ggml_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
     """x [..., in] @ W.T for W = raw ggml Q8_0 / MXFP4 rows [out, in/32*block_bytes] (or MXFP4_R16 groups) ->
     [..., out] in x.dtype (computed in float32). Falls back to `fallback_linear` off the CPU, with autograd, or
     without kernels."""
+    # this runs ~100 times per decoded token, where Python's own time is most of a small matrix's: cheap checks
+    # first (a tensor made, even a view, costs ~1 us), no conversions or copies the C code can do (it reads bf16
+    # x and writes bf16 y itself)
     qtype = int(qtype)
     bb = BLOCK_BYTES.get(qtype)
     if bb is None or raw.dim() != 2 or raw.dtype != torch.uint8 or (qtype == MXFP4_R16 and raw.shape[0] % 16):
         raise ValueError(f"ggml_linear: need raw uint8 [out, bytes] of Q8_0 or MXFP4, got {raw.dtype} {raw.shape}")
-    n = x.shape[-1]
+    shape = x.shape
+    n = shape[-1]
     rows, row_bytes = raw.shape
     if n % 32 or row_bytes != n // 32 * bb:
         raise ValueError(f"ggml_linear: x [..., {n}] does not match raw rows of {row_bytes} bytes")
-    # this runs ~100 times per decoded token: cheap checks first, no conversions or copies that the C code
-    # can do (it reads bf16 x and writes bf16 y itself)
     dtype = x.dtype
     lib = None
     if x.is_cpu and raw.is_cpu and dtype in FLOAT_INPUTS and not (x.requires_grad and torch.is_grad_enabled()):
@@ -1279,16 +1447,17 @@ def ggml_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
     xk = x.float() if dtype == torch.float16 else x
     if not xk.is_contiguous():
         xk = xk.contiguous()
-    y = _ggml_call(lib, qtype, xk, T, n, raw, 1).reshape(*x.shape[:-1], rows)
-    return y if y.dtype == dtype else y.to(dtype)
+    y = _ggml_call(lib, qtype, xk, T, n, raw, 1, (*shape[:-1], rows))
+    return y if dtype != torch.float16 else y.to(dtype)
 
 
 def _ggml_call(lib: ctypes.CDLL, qtype: int, x: torch.Tensor, T: int, n: int, raw: torch.Tensor,
-               groups: int) -> torch.Tensor:
-    """ds4py_ggml_linear on contiguous float32/bf16 x (T rows of groups * n) -> y [T, rows] in x's dtype."""
+               groups: int, out_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """ds4py_ggml_linear on contiguous float32/bf16 x (T rows of groups * n) -> y `out_shape` (default [T, rows])
+    in x's dtype."""
     raw = contiguous_rows(raw, qtype)
     rows = raw.shape[0]
-    y = torch.empty(T, rows, dtype=x.dtype)
+    y = torch.empty(out_shape or (T, rows), dtype=x.dtype)
     if T and rows:
         bf16 = int(x.dtype == torch.bfloat16)
         rc = lib.ds4py_ggml_linear(qtype, x.data_ptr(), bf16, T, n, raw.data_ptr(), rows, raw.stride(0),
@@ -1488,6 +1657,125 @@ def experts_many(x: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor
     if rc:
         raise RuntimeError(f"ds4py_experts_many failed ({rc})")
     return out
+
+
+SCORES = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}  # the C code's score functions
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor | None, score_func: str, k: int, scaling: float,
+          hash_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Router logits [T, E] float32 -> (weights [T, k] float32, expert ids [T, k] int64 ascending), in one compiled
+    call: the scores `score_func(logits)`, the k largest of scores + bias (ties to the lower id) or the given
+    hash_ids [T, k], weights = their scores / (sum + 1e-20) * scaling. `moe_one` routes decode tokens with the same
+    code. None where the kernels do not apply."""
+    score = SCORES.get(score_func)
+    if score is None or not logits.is_cpu or logits.dtype != torch.float32 or logits.dim() != 2:
+        return None
+    if bias is not None and (not bias.is_cpu or bias.dtype != torch.float32 or bias.numel() != logits.shape[1]):
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    T, E = logits.shape
+    logits = logits.contiguous()
+    if hash_ids is not None:
+        hash_ids = hash_ids.to(torch.int64).contiguous()
+        if tuple(hash_ids.shape) != (T, k):
+            raise ValueError(f"route: hash ids {tuple(hash_ids.shape)} for {T} tokens of {k} experts each")
+    bias = None if bias is None else bias.contiguous()
+    weights = torch.empty(T, k, dtype=torch.float32)
+    ids = torch.empty(T, k, dtype=torch.int64)
+    if T:
+        rc = lib.ds4py_route(logits.data_ptr(), T, E, None if bias is None else bias.data_ptr(), score, k, scaling,
+                             None if hash_ids is None else hash_ids.data_ptr(), weights.data_ptr(), ids.data_ptr())
+        if rc:
+            raise ValueError(f"ds4py_route failed ({rc}): {k} of {E} experts, or a hash id out of range")
+    return weights, ids
+
+
+class MoEPlan(ctypes.Structure):
+    """A layer's MoE as `ds4py_moe_one` reads it (the C struct MoEPlan): addresses into tensors that the plan
+    keeps alive in `keep`."""
+
+    _fields_ = [("n", ctypes.c_int64), ("E", ctypes.c_int64), ("router", ctypes.c_void_p),
+                ("router_stride", ctypes.c_int64), ("bias", ctypes.c_void_p), ("score", ctypes.c_int32),
+                ("k", ctypes.c_int32), ("scaling", ctypes.c_float), ("limit", ctypes.c_float),
+                ("inter", ctypes.c_int64), ("stacks", ctypes.c_int64 * 3), ("expert_bytes", ctypes.c_int64 * 3),
+                ("strides", ctypes.c_int64 * 3), ("qtypes", ctypes.c_int32 * 3), ("shared", ctypes.c_int32),
+                ("shared_mats", ctypes.c_int64 * 12), ("shared_strides", ctypes.c_int64 * 12),
+                ("shared_inter", ctypes.c_int64 * 4), ("shared_qtypes", ctypes.c_int32 * 12)]
+
+
+def moe_plan(router: torch.Tensor, bias: torch.Tensor | None, score_func: str, k: int, scaling: float,
+             stacks: list[tuple[torch.Tensor, int]], shared: list[tuple[tuple[torch.Tensor, int], ...]],
+             limit: float) -> MoEPlan | None:
+    """The plan of a resident MoE for `moe_one`: router [E, n] float32, bias [E] or None, the routed experts' W1,
+    W3, W2 stacks as (raw uint8 [E, rows, bytes], qtype) with contiguous rows, and each shared expert's (W1, W3, W2)
+    as (raw [rows, bytes], qtype). None where the call does not apply (not CPU, other dtypes or layouts)."""
+    score = SCORES.get(score_func)
+    E, n = router.shape
+    w1, w3, w2 = stacks
+    inter = w1[0].shape[1]
+    mats = [raw for raw, _ in stacks] + [raw for trio in shared for raw, _ in trio]
+    if (score is None or router.dtype != torch.float32 or not router.is_cpu or router.stride(1) != 1
+            or (bias is not None and (bias.dtype != torch.float32 or not bias.is_cpu or bias.numel() != E))
+            or len(shared) > 4 or not 0 < k <= E or n % 32 or inter % 32
+            or any(not m.is_cpu or m.dtype != torch.uint8 or m.stride(-1) != 1 for m in mats)
+            or any(raw.dim() != 3 or raw.shape[0] != E for raw, _ in stacks)
+            or any(q not in BLOCK_BYTES for _, q in [*stacks, *(m for trio in shared for m in trio)])):
+        return None
+    want = ((inter, n), (inter, n), (n, inter))  # W1, W3 [inter, n values], W2 [n, inter values]
+    for (raw, q), (r, c) in zip(stacks, want):
+        if tuple(raw.shape[1:]) != (r, c // 32 * BLOCK_BYTES[q]):
+            return None
+    for trio in shared:
+        i = trio[0][0].shape[0]
+        for (raw, q), (r, c) in zip(trio, ((i, n), (i, n), (n, i))):
+            if raw.dim() != 2 or tuple(raw.shape) != (r, c // 32 * BLOCK_BYTES[q]) or i % 32:
+                return None
+    if bias is not None:
+        bias = bias.contiguous()
+    plan = MoEPlan(n=n, E=E, router=router.data_ptr(), router_stride=router.stride(0),
+                   bias=None if bias is None else bias.data_ptr(), score=score, k=k, scaling=scaling, limit=limit,
+                   inter=inter, shared=len(shared))
+    for m, (raw, q) in enumerate(stacks):
+        plan.stacks[m], plan.expert_bytes[m], plan.strides[m], plan.qtypes[m] = (
+            raw.data_ptr(), raw.stride(0), raw.stride(1), q)
+    for s, trio in enumerate(shared):
+        for m, (raw, q) in enumerate(trio):
+            plan.shared_mats[3 * s + m], plan.shared_strides[3 * s + m] = raw.data_ptr(), raw.stride(0)
+            plan.shared_qtypes[3 * s + m] = q
+        plan.shared_inter[s] = trio[0][0].shape[0]
+    plan.keep = (router, bias, mats)
+    return plan
+
+
+def moe_one(plan: MoEPlan, x: torch.Tensor, hash_ids: torch.Tensor | None) -> tuple[torch.Tensor, ...] | None:
+    """One token x [1, n] through the MoE of `plan` in one compiled call -> (out [1, n] in x.dtype, weights [1, k],
+    ids [1, k]): `route` on the router's float32 logits (the bits of `f32_linear`), then `experts_one` on the
+    chosen experts in ascending id and the shared ones. hash_ids: the token's [1, k] ids (hash-routed layers).
+    None where the kernels do not apply."""
+    if not x.is_cpu or x.dtype not in (torch.float32, torch.bfloat16) or x.shape != (1, plan.n) or (
+            x.requires_grad and torch.is_grad_enabled()):
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if hash_ids is not None:
+        hash_ids = hash_ids.to(torch.int64).contiguous()
+        if hash_ids.numel() != plan.k:
+            raise ValueError(f"moe_one: {hash_ids.numel()} hash ids for {plan.k} experts per token")
+    bf16 = int(x.dtype == torch.bfloat16)
+    out = torch.empty(1, plan.n, dtype=x.dtype)
+    weights = torch.empty(1, plan.k, dtype=torch.float32)
+    ids = torch.empty(1, plan.k, dtype=torch.int64)
+    rc = lib.ds4py_moe_one(plan, x.data_ptr(), bf16, None if hash_ids is None else hash_ids.data_ptr(),
+                           out.data_ptr(), bf16, weights.data_ptr(), ids.data_ptr())
+    if rc:
+        raise RuntimeError(f"ds4py_moe_one failed ({rc})")
+    return out, weights, ids
 
 
 def repack16(raw: torch.Tensor, n: int, out: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -5,7 +5,7 @@ shared experts, all clamped SwiGLU."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -37,8 +37,13 @@ class Router:
     scaling: float
 
     def __call__(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, D] -> (weights [T, k] float32, expert ids [T, k])."""
-        scores = SCORE_FUNCS[self.score_func](kernels.f32_linear(x, self.weight))
+        """x [T, D] -> (weights [T, k] float32, expert ids [T, k]; ascending per token where compiled)."""
+        logits = kernels.f32_linear(x, self.weight)
+        hash_ids = None if self.tid2eid is None else self.tid2eid[token_ids]
+        routed = kernels.route(logits, self.bias, self.score_func, self.top_k, self.scaling, hash_ids)
+        if routed is not None:  # the code `MoE.whole_one` routes decode tokens with
+            return routed
+        scores = SCORE_FUNCS[self.score_func](logits)
         if self.tid2eid is not None:
             ids = self.tid2eid[token_ids].long()
         else:
@@ -59,8 +64,14 @@ class MoE:
     swiglu_limit: float
     # streaming with read-ahead: told (x, ids, token_ids) once routed, before the experts run
     read_ahead: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    # (the weights it was made from, kernels.MoEPlan or None): `whole_one`'s plan, made again if a weight changes
+    plan: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __call__(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 and self.read_ahead is None:
+            out = self.whole_one(x, token_ids)
+            if out is not None:
+                return out
         weights, ids = self.router(x, token_ids)
         if self.read_ahead is not None:
             self.read_ahead(x, ids, token_ids)
@@ -77,6 +88,32 @@ class MoE:
         return self.w2.expert(e).linear(
             swiglu(self.w1.expert(e).linear(h), self.w3.expert(e).linear(h), self.swiglu_limit)
         )
+
+    def whole_one(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor | None:
+        """One token through the router, its routed experts (ascending id) and the shared ones in one compiled call
+        (`kernels.moe_one`: the values of `router` then `fused_one`), when the expert stacks are resident in a
+        format the CPU kernels multiply from its blocks; else None."""
+        made_from = (self.router.weight, self.router.bias, self.w1, self.w2, self.w3, self.shared)
+        if self.plan is None or any(a is not b for a, b in zip(self.plan[0], made_from)):
+            self.plan = (made_from, self.make_plan())
+        plan = self.plan[1]
+        if plan is None:
+            return None
+        hash_ids = None if self.router.tid2eid is None else self.router.tid2eid[token_ids]
+        done = kernels.moe_one(plan, x, hash_ids)
+        return None if done is None else done[0]
+
+    def make_plan(self) -> kernels.MoEPlan | None:
+        stacks = [w.stack_rows() for w in (self.w1, self.w3, self.w2)]
+        shared = []
+        if self.shared is not None:
+            w1, w2, w3 = self.shared
+            shared.append(tuple(w.kernel_rows() for w in (w1, w3, w2)))
+        if any(r is None for r in stacks) or any(r is None for trio in shared for r in trio):
+            return None
+        r = self.router
+        return kernels.moe_plan(r.weight, r.bias, r.score_func, r.top_k, r.scaling, stacks, shared,
+                                self.swiglu_limit)
 
     def fused_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
         """One token's routed experts (ascending id) and shared experts in one compiled call, when every matrix

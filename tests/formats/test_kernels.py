@@ -319,3 +319,34 @@ def test_experts_one_takes_repacked_experts(lib):
                             weights, 5.0)
     assert all(r[1] == kernels.MXFP4_R16 for t in rows for r in t)
     assert rel_err(y, plain) < 1e-5
+
+
+@pytest.mark.parametrize("score_func", ["sqrtsoftplus", "sigmoid", "softmax"])
+def test_route_chooses_and_weighs_as_torch(lib, score_func):
+    """The compiled routing against the router's torch ops on the same logits: the same experts (ascending), the
+    same weights up to exp / log1p's last bit; with a selection bias, with hash ids, and with tied scores (the
+    lower id wins)."""
+    from ds4py.model.moe import SCORE_FUNCS
+
+    gen = torch.Generator().manual_seed(21)
+    T, E, k, scaling = 9, 64, 6, 1.5
+    logits = torch.randn(T, E, generator=gen) * 4
+    logits[:, 30:] = logits[:, :34].clone()  # ties: experts 30..63 repeat 0..33
+    logits[0, :3] = 25.0  # softplus past its threshold (the identity)
+    bias = torch.randn(E, generator=gen) * 0.1
+    bias[30:] = bias[:34].clone()
+    hash_ids = torch.randint(0, E, (T, k), generator=gen)
+    for b, h in [(None, None), (bias, None), (None, hash_ids)]:
+        weights, ids = kernels.route(logits, b, score_func, k, scaling, h)
+        scores = SCORE_FUNCS[score_func](logits)
+        if h is not None:
+            want = h.sort(dim=-1).values
+        else:  # the k largest of scores + bias, ties to the lower id: a stable descending sort's first k
+            want = (scores if b is None else scores + b).sort(dim=-1, descending=True, stable=True).indices[:, :k]
+            want = want.sort(dim=-1).values
+        assert torch.equal(ids, want)
+        chosen = scores.gather(1, want)
+        torch.testing.assert_close(weights, chosen / (chosen.sum(-1, keepdim=True) + 1e-20) * scaling,
+                                   rtol=2e-6, atol=0)
+    with pytest.raises(ValueError, match="hash id"):
+        kernels.route(logits, None, score_func, k, scaling, hash_ids + E)

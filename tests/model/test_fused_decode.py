@@ -26,11 +26,12 @@ def test_fused_moe_equals_the_expert_loop(model, monkeypatch):
     """Each decode step from the same cache, once with the fused call and once with the loop."""
     prompt = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     calls = []
-    real_kernel = kernels.experts_one
-    monkeypatch.setattr(kernels, "experts_one", lambda *a: calls.append(1) or real_kernel(*a))
+    real_kernel = kernels.moe_one
+    monkeypatch.setattr(kernels, "moe_one", lambda *a: calls.append(1) or real_kernel(*a))
 
     def loop(ids, cache):
         with monkeypatch.context() as m:
+            m.setattr(MoE, "whole_one", lambda self, x, token_ids: None)
             m.setattr(MoE, "fused_one", lambda self, x, w, ids: None)
             return model.prefill(ids, cache)
 
@@ -42,6 +43,29 @@ def test_fused_moe_equals_the_expert_loop(model, monkeypatch):
     # step (<1% of the largest logit); a wrong expert, weight or order would move every step by far more.
     assert sum(r < 1e-5 for r in steps) >= 9, steps
     assert max(steps) < 2e-2, steps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_whole_moe_call_equals_router_then_experts(model, monkeypatch, dtype):
+    """A decode token's MoE in one call (router, routing and experts: `kernels.moe_one`) against the router's call
+    then the experts' call, on every layer (hash-routed and routed): the same products in the same order, so the
+    same bits; and the routing the same experts and weights as torch's ops on the same logits."""
+    gen = torch.Generator().manual_seed(12)
+    for block in model.transformer.blocks:
+        moe = block.ffn
+        for _ in range(4):
+            x = torch.randn(1, model.config.hidden_size, generator=gen).to(dtype)
+            token_ids = torch.randint(0, model.config.vocab_size, (1,), generator=gen)
+            whole = moe.whole_one(x, token_ids)
+            weights, ids = moe.router(x, token_ids)
+            assert whole is not None and whole.dtype == dtype
+            assert torch.equal(whole, moe.fused_one(x, weights, ids))
+            with monkeypatch.context() as m:
+                m.setattr(kernels, "route", lambda *a: None)  # torch's ops
+                torch_weights, torch_ids = moe.router(x, token_ids)
+            order = torch_ids.argsort(dim=-1)
+            assert torch.equal(ids, torch_ids.gather(1, order))
+            torch.testing.assert_close(weights, torch_weights.gather(1, order), rtol=1e-6, atol=0)
 
 
 def test_fused_hyper_connections_equal_torch(model, monkeypatch):
