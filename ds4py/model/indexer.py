@@ -11,6 +11,7 @@ import torch
 from ds4py.cache import CompressorState
 from ds4py.formats import Weight
 from ds4py.model.compressor import Compressor
+from ds4py.model.indexer_kernel import index_one
 from ds4py.model.rope import Rotary, rotate
 
 SCORE_BUDGET = 1 << 24  # float32 scores held at once in prefill (64 MiB)
@@ -39,9 +40,10 @@ class Indexer:
         q = self.wq_b.linear(q_residual).view(T, self.n_heads, self.head_dim)
         q = rotate(q, self.rotary.rotation(positions))
         w = self.weights_proj.linear(x).float().mul_(self.n_heads**-0.5)  # [T, heads]
-        keys_t = keys.float().T  # [head_dim, n]
         if T == 1:  # one token sees every entry emitted so far
-            return stable_topk(self.totals(q, w, keys_t), k)
+            done = index_one(q[0], w[0], keys, self.head_dim**-0.5, k)
+            return done[0] if done is not None else stable_topk(self.totals(q, w, keys.float().T), k)
+        keys_t = keys.float().T  # [head_dim, n]
         visible = (positions + 1) // self.compressor.ratio  # entries [0, visible) are closed
         # a long prompt's scores are [queries * heads, n]: V4 Flash at 128K tokens, 2 GiB for a 256-token chunk, so
         # the queries go in blocks of at most SCORE_BUDGET scores (each row's sums are the same either way)

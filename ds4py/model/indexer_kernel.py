@@ -1,0 +1,169 @@
+"""The lightning indexer's step for one token (decoding) in one compiled call: every compressed entry's score
+`sum_h w[h] * relu(q_h . k) / sqrt(head_dim)` and the top k of them. In torch these are ~20 ops (a matmul, the
+relu, the head sum, the int64 keys of `indexer.stable_topk`, a top-k): ~35 us of dispatch per layer and token
+on the tiny model, where the arithmetic takes ~1 us.
+
+Each score is summed in float32 in a fixed order (the heads 16 at a time over head_dim, then across them),
+whatever the number of entries, so it can differ from torch's matmul in the last bits; the top k are chosen as
+`stable_topk` chooses (largest first, ties to the earlier entry; -0.0 equals 0.0). Compiled at first use like
+`ds4py.formats.kernels`; `index_one` returns None where it does not apply (not the CPU, other dtypes, more than
+MAX_HEADS heads, autograd, no compiler) and the caller runs torch's ops."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from ds4py.formats import kernels
+
+MAX_HEADS = 128  # the AVX-512 code keeps one accumulator per 16 heads in registers
+
+_SOURCE = r"""
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+""" + kernels.BF16_C + r"""
+namespace {
+inline float load(const void* p, int64_t i, int bf) {
+  return bf ? bf16_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+}
+
+// totals of entries [j0, j1) (keys kf: their rows widened to float32, hd apart) from qt [hd, 16 G] and wp [16 G]
+template <int G>
+void score_rows(const float* qt, const float* wp, const float* kf, int64_t hd, int64_t rows, float scale,
+                float* totals) {
+#if defined(__AVX512F__)
+  const __m512 zero = _mm512_setzero_ps(), sc = _mm512_set1_ps(scale);
+  auto finish = [&](const __m512* acc) {  // sum_h w[h] * (max(dot_h, 0) * scale), in this order
+    __m512 sum = zero;
+    for (int g = 0; g < G; g++)
+      sum = _mm512_fmadd_ps(_mm512_loadu_ps(wp + 16 * g), _mm512_mul_ps(_mm512_max_ps(acc[g], zero), sc), sum);
+    return _mm512_reduce_add_ps(sum) + 0.0f;  // + 0.0: -0.0 becomes 0.0, as stable_topk's keys
+  };
+  int64_t j = 0;
+  for (; j + 2 <= rows; j += 2) {  // two entries at a time: 2 G independent sums, each q load used twice
+    __m512 a[G], b[G];
+    for (int g = 0; g < G; g++) a[g] = b[g] = zero;
+    const float* k0 = kf + j * hd;
+    const float* k1 = k0 + hd;
+    for (int64_t d = 0; d < hd; d++) {
+      const __m512 v0 = _mm512_set1_ps(k0[d]), v1 = _mm512_set1_ps(k1[d]);
+      for (int g = 0; g < G; g++) {
+        const __m512 qv = _mm512_loadu_ps(qt + d * 16 * G + 16 * g);
+        a[g] = _mm512_fmadd_ps(qv, v0, a[g]);
+        b[g] = _mm512_fmadd_ps(qv, v1, b[g]);
+      }
+    }
+    totals[j] = finish(a);
+    totals[j + 1] = finish(b);
+  }
+  for (; j < rows; j++) {
+    __m512 a[G];
+    for (int g = 0; g < G; g++) a[g] = zero;
+    for (int64_t d = 0; d < hd; d++) {
+      const __m512 v0 = _mm512_set1_ps(kf[j * hd + d]);
+      for (int g = 0; g < G; g++) a[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qt + d * 16 * G + 16 * g), v0, a[g]);
+    }
+    totals[j] = finish(a);
+  }
+#else
+  for (int64_t j = 0; j < rows; j++) {  // the same operations, lane by lane
+    float lanes[16] = {};
+    for (int64_t h = 0; h < 16 * G; h++) {
+      float dot = 0.0f;
+      for (int64_t d = 0; d < hd; d++) dot = std::fma(qt[d * 16 * G + h], kf[j * hd + d], dot);
+      lanes[h % 16] = std::fma(wp[h], std::max(dot, 0.0f) * scale, lanes[h % 16]);
+    }
+    float s = 0.0f;
+    for (int l = 0; l < 16; l++) s += lanes[l];
+    totals[j] = s + 0.0f;
+  }
+#endif
+}
+
+using ScoreRows = void (*)(const float*, const float*, const float*, int64_t, int64_t, float, float*);
+const ScoreRows SCORE_ROWS[8] = {score_rows<1>, score_rows<2>, score_rows<3>, score_rows<4>,
+                                 score_rows<5>, score_rows<6>, score_rows<7>, score_rows<8>};
+}  // namespace
+
+// q [H, hd] (float32 or bf16 bits), w [H] float32, keys: n rows of hd values kstride apart (float32 or bf16
+// bits) -> totals[j] = sum_h w[h] * (max(q_h . k_j, 0) * scale), and top[0..k) the indices of the k largest
+// totals, largest first, ties to the lower index. H <= 128. Returns 0, 1 for bad sizes, 2 out of memory.
+extern "C" int ds4py_index_one(const void* q, int qbf, int64_t H, int64_t hd, const float* w, const void* keys,
+                               int kbf, int64_t n, int64_t kstride, float scale, int64_t k, float* totals,
+                               int64_t* top) {
+  if (H < 1 || H > 128 || hd < 1 || k < 0 || k > n) return 1;
+  try {
+    const int64_t G = (H + 15) / 16, Hp = G * 16;
+    std::vector<float> qt(hd * Hp, 0.0f), wp(Hp, 0.0f);  // q transposed [hd, Hp], heads zero-padded
+    for (int64_t h = 0; h < H; h++) {
+      wp[h] = w[h];
+      for (int64_t d = 0; d < hd; d++) qt[d * Hp + h] = load(q, h * hd + d, qbf);
+    }
+    constexpr int64_t BLOCK = 64;  // entries widened to float32 at a time (32 KB at hd = 128)
+    at::parallel_for(0, (n + BLOCK - 1) / BLOCK, 4, [&](int64_t b0, int64_t b1) {
+      std::vector<float> kf(BLOCK * hd);
+      for (int64_t b = b0; b < b1; b++) {
+        const int64_t j0 = b * BLOCK, rows = std::min(BLOCK, n - j0);
+        for (int64_t r = 0; r < rows; r++)
+          for (int64_t d = 0; d < hd; d++) kf[r * hd + d] = load(keys, (j0 + r) * kstride + d, kbf);
+        SCORE_ROWS[G - 1](qt.data(), wp.data(), kf.data(), hd, rows, scale, totals + j0);
+      }
+    });
+    std::vector<int64_t> order(n);
+    for (int64_t j = 0; j < n; j++) order[j] = j;
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
+      return totals[a] > totals[b] || (totals[a] == totals[b] && a < b);
+    });
+    std::memcpy(top, order.data(), k * sizeof(int64_t));
+  } catch (...) {
+    return 2;
+  }
+  return 0;
+}
+"""
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.ds4py_index_one.restype = i32
+    lib.ds4py_index_one.argtypes = [p, i32, i64, i64, p, p, i32, i64, i64, f32, i64, p, p]
+
+
+_load = kernels.lazy_library("ds4py_index", _SOURCE, ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"],
+                             declare=_declare)
+
+
+def index_one(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: float,
+              k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One query's q [H, hd] (rotated), head weights w [H] float32 and the compressed keys [n, hd] -> (top [1, k]
+    int64, the k best entries as `stable_topk` orders them; totals [n] float32, every entry's score), or None."""
+    if (not (q.is_cpu and w.is_cpu and keys.is_cpu) or q.dim() != 2 or keys.dim() != 2 or q.shape[1] != keys.shape[1]
+            or q.dtype not in (torch.float32, torch.bfloat16) or keys.dtype not in (torch.float32, torch.bfloat16)
+            or w.dtype != torch.float32 or w.numel() != q.shape[0] or q.shape[0] > MAX_HEADS
+            or not 0 <= k <= keys.shape[0] or (q.requires_grad and torch.is_grad_enabled())):
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    if not q.is_contiguous():
+        q = q.contiguous()
+    if keys.stride(1) != 1:
+        keys = keys.contiguous()
+    w = w.contiguous()
+    n = keys.shape[0]
+    totals = torch.empty(n, dtype=torch.float32)
+    top = torch.empty(1, k, dtype=torch.int64)
+    rc = lib.ds4py_index_one(q.data_ptr(), int(q.dtype == torch.bfloat16), q.shape[0], q.shape[1], w.data_ptr(),
+                             keys.data_ptr(), int(keys.dtype == torch.bfloat16), n, keys.stride(0), scale, k,
+                             totals.data_ptr(), top.data_ptr())
+    if rc:
+        raise RuntimeError(f"ds4py_index_one failed ({rc})")
+    return top, totals
