@@ -87,32 +87,39 @@ def _declare(lib: ctypes.CDLL) -> None:
 _load = kernels.lazy_library("ds4py_rows", _SOURCE, ["-O3", "-march=native"], declare=_declare)
 
 
+_FLOATS = (torch.float32, torch.bfloat16)
+
+
 def _applies(x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dim() >= 1 and x.dtype in (torch.float32, torch.bfloat16)
-            and (x.dim() == 1 or x.shape[0] <= MAX_T) and x.numel() > 0
-            and not (x.requires_grad and torch.is_grad_enabled()))
+    # cheap checks only: these wrappers run ~35 times per decoded token, where each us counts
+    return (x.is_cpu and x.dtype in _FLOATS and x.dim() >= 1 and (x.dim() == 1 or x.shape[0] <= MAX_T)
+            and x.numel() > 0 and not (x.requires_grad and torch.is_grad_enabled()))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor | None:
     """`norms.rms_norm` (weight given) or `norms.unweighted_rms_norm` (None) of x [..., n] in one call, or None."""
-    if not _applies(x) or (weight is not None and (weight.dtype not in (torch.float32, torch.bfloat16)
-                                                   or weight.device.type != "cpu" or weight.numel() != x.shape[-1])):
+    if not _applies(x) or (weight is not None and (weight.dtype not in _FLOATS or not weight.is_cpu
+                                                   or weight.numel() != x.shape[-1])):
         return None
     lib = _load()
     if lib is None:
         return None
-    x = x.contiguous()
+    if not x.is_contiguous():
+        x = x.contiguous()
     bf = int(x.dtype == torch.bfloat16)
     y = torch.empty_like(x)
-    w = weight.contiguous() if weight is not None else None
-    lib.ds4py_rms_rows(x.data_ptr(), bf, x.numel() // x.shape[-1], x.shape[-1], w.data_ptr() if w is not None else None,
-                       int(w is not None and w.dtype == torch.bfloat16), eps, int(bf and w is None), y.data_ptr())
+    if weight is not None and not weight.is_contiguous():
+        weight = weight.contiguous()
+    n = x.shape[-1]
+    lib.ds4py_rms_rows(x.data_ptr(), bf, x.numel() // n, n, None if weight is None else weight.data_ptr(),
+                       int(weight is not None and weight.dtype == torch.bfloat16), eps, int(bf and weight is None),
+                       y.data_ptr())
     return y
 
 
 def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor | None:
     """`rope.rotate` of x [T, ..., hd] by rotation [T, half] (complex64, or its conjugate) in one call, or None."""
-    if not _applies(x) or x.dim() < 2 or rotation.dtype != torch.complex64 or rotation.device.type != "cpu":
+    if not _applies(x) or x.dim() < 2 or rotation.dtype != torch.complex64 or not rotation.is_cpu:
         return None
     T, half = x.shape[0], rotation.shape[-1]
     if rotation.numel() != T * half or 2 * half > x.shape[-1]:
@@ -120,10 +127,13 @@ def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor | None:
     lib = _load()
     if lib is None:
         return None
+    # complex64 memory is (cos, sin) float pairs; a conjugate view shares its input's memory (is_conj marks it)
+    if not rotation.is_contiguous():
+        rotation = rotation.contiguous()  # (may resolve the conjugation: read is_conj after)
     conj = rotation.is_conj()
-    rot = torch.view_as_real((rotation.conj() if conj else rotation).reshape(T, half).contiguous())  # [T, half, 2]
-    x = x.contiguous()
+    if not x.is_contiguous():
+        x = x.contiguous()
     y = torch.empty_like(x)
     lib.ds4py_rope_rows(x.data_ptr(), int(x.dtype == torch.bfloat16), T, x.numel() // (T * x.shape[-1]), x.shape[-1],
-                        half, rot.data_ptr(), int(conj), y.data_ptr())
+                        half, rotation.data_ptr(), int(conj), y.data_ptr())
     return y
