@@ -11,6 +11,7 @@ import torch
 
 from ds4py.cache import LayerCache
 from ds4py.formats import Weight, kernels
+from ds4py.model.attention_kernel import attend_one
 from ds4py.model.compressor import Compressor
 from ds4py.model.indexer import Indexer
 from ds4py.model.norms import rms_norm, unweighted_rms_norm
@@ -122,12 +123,16 @@ class Attention:
         are one [S + C, hd] matrix read by two plain matmuls."""
         H, hd = self.n_heads, self.head_dim
         keys = self.update_window(kv, cache)  # [S, hd]
+        entries = top = None
         if self.compressor is not None:
             entries = self.compressor(x, cache.compressor)  # [n, hd]
             if self.indexer is not None:
-                top = self.indexer(x, q_residual, positions, cache.indexer)  # [1, k], none -1 at T = 1
-                entries = entries[top[0]]  # [k, hd]
-            keys = torch.cat([keys, entries])  # [S + C, hd]
+                top = self.indexer(x, q_residual, positions, cache.indexer)[0]  # [k], none -1 at T = 1
+        out = attend_one(q.view(H, hd), keys, entries, top, self.sinks, hd**-0.5, rot.conj())  # small: one call
+        if out is not None:
+            return out
+        if entries is not None:
+            keys = torch.cat([keys, entries if top is None else entries[top]])  # [S + C, hd]
         logits = torch.mm(q.view(H, hd), keys.T).float().mul_(hd**-0.5)  # [H, S + C]
         probs = torch.softmax(torch.cat([logits, self.sinks.view(H, 1)], dim=-1), dim=-1).to(x.dtype)
         out = torch.mm(probs[:, :-1], keys).view(1, H, hd)
