@@ -32,6 +32,19 @@ inline float load(const void* p, int64_t i, int bf) {
   return bf ? bf16_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
 }
 
+// n values (float32, or bf16 bits) -> float32; the two loops vectorize
+inline void widen(const void* src, int64_t n, int bf, float* dst) {
+  if (!bf) {
+    std::memcpy(dst, src, n * 4);
+    return;
+  }
+  const uint16_t* b = (const uint16_t*)src;
+  for (int64_t i = 0; i < n; i++) {
+    const uint32_t u = (uint32_t)b[i] << 16;
+    std::memcpy(dst + i, &u, 4);
+  }
+}
+
 inline float round_to(float f, int bf) { return bf ? bf16_to_float(float_to_bf16(f)) : f; }
 }  // namespace
 
@@ -51,16 +64,22 @@ extern "C" int ds4py_attend_one(const void* q, int64_t H, int64_t hd, const void
   const size_t es = bf ? 2 : 4;
   for (int64_t j = 0; j < S; j++) rows[j] = (const char*)win + j * hd * es;
   for (int64_t c = 0; c < C; c++) rows[S + c] = (const char*)entries + (idx ? idx[c] : c) * hd * es;
-  std::vector<float> kf(L * hd), qf(hd), p(L + 1), o(hd);
+  // the keys as rows [L, hd] (for the weighted sum) and transposed [hd, L] (for the logits: the loops over keys
+  // vectorize, each key's dot product summed over d in order)
+  std::vector<float> kf(L * hd), kt(hd * L), p(L + 1), o(hd);
+  for (int64_t j = 0; j < L; j++) widen(rows[j], hd, bf, kf.data() + j * hd);
   for (int64_t j = 0; j < L; j++)
-    for (int64_t d = 0; d < hd; d++) kf[j * hd + d] = load(rows[j], d, bf);
+    for (int64_t d = 0; d < hd; d++) kt[d * L + j] = kf[j * hd + d];
   for (int64_t h = 0; h < H; h++) {
-    for (int64_t d = 0; d < hd; d++) qf[d] = load(q, h * hd + d, bf);
+    std::fill(p.begin(), p.end(), 0.0f);
+    for (int64_t d = 0; d < hd; d++) {
+      const float qd = load(q, h * hd + d, bf);
+      const float* kd = kt.data() + d * L;
+      for (int64_t j = 0; j < L; j++) p[j] += qd * kd[j];
+    }
     float mx = sinks[h];
     for (int64_t j = 0; j < L; j++) {
-      float dot = 0.0f;
-      for (int64_t d = 0; d < hd; d++) dot += qf[d] * kf[j * hd + d];
-      p[j] = round_to(dot, bf) * scale;  // torch: the bf16 matmul's output, then .float() * scale
+      p[j] = round_to(p[j], bf) * scale;  // torch: the bf16 matmul's output, then .float() * scale
       mx = std::max(mx, p[j]);
     }
     p[L] = sinks[h];
