@@ -660,7 +660,8 @@ void bf16_rows16(const uint16_t* w, int64_t wstride, int64_t k, const float* x, 
     q[m] = _mm512_add_ps(_mm512_shuffle_f32x4(p[2 * m], p[2 * m + 1], 0xDD),
                          _mm512_shuffle_f32x4(p[2 * m], p[2 * m + 1], 0x88));
   for (int n = 0; n < 2; n++)  // block g: rows 8n + g, 8n + 4 + g, two lanes each: i + i+2
-    t[n] = _mm512_add_ps(_mm512_shuffle_ps(q[2 * n], q[2 * n + 1], 0xEE), _mm512_shuffle_ps(q[2 * n], q[2 * n + 1], 0x44));
+    t[n] = _mm512_add_ps(_mm512_shuffle_ps(q[2 * n], q[2 * n + 1], 0xEE),
+                         _mm512_shuffle_ps(q[2 * n], q[2 * n + 1], 0x44));
   // block g: rows g, 4 + g, 8 + g, 12 + g: i + i+1
   const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(t[0], t[1], 0xDD), _mm512_shuffle_ps(t[0], t[1], 0x88));
   const __m512i lane_of_row = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);

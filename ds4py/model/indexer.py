@@ -11,7 +11,7 @@ import torch
 from ds4py.cache import CompressorState
 from ds4py.formats import Weight
 from ds4py.model.compressor import Compressor
-from ds4py.model.indexer_kernel import index_one
+from ds4py.model.indexer_kernel import index_one, index_rows
 from ds4py.model.rope import Rotary, rotate
 
 SCORE_BUDGET = 1 << 24  # float32 scores held at once in prefill (64 MiB)
@@ -40,13 +40,25 @@ class Indexer:
         q = self.wq_b.linear(q_residual).view(T, self.n_heads, self.head_dim)
         q = rotate(q, self.rotary.rotation(positions))
         w = self.weights_proj.linear(x).float().mul_(self.n_heads**-0.5)  # [T, heads]
+        scale = self.head_dim**-0.5
         if T == 1:  # one token sees every entry emitted so far
-            done = index_one(q[0], w[0], keys, self.head_dim**-0.5, k)
+            done = index_one(q[0], w[0], keys, scale, k)
             return done[0] if done is not None else stable_topk(self.totals(q, w, keys.float().T), k)
-        keys_t = keys.float().T  # [head_dim, n]
         visible = (positions + 1) // self.compressor.ratio  # entries [0, visible) are closed
-        # a long prompt's scores are [queries * heads, n]: V4 Flash at 128K tokens, 2 GiB for a 256-token chunk, so
-        # the queries go in blocks of at most SCORE_BUDGET scores (each row's sums are the same either way)
+        # the compiled scores are [queries, n] (no heads dimension), torch's [queries * heads, n]: V4 Flash at 128K
+        # tokens, 2 GiB for a 256-token chunk, so the queries go in blocks of at most SCORE_BUDGET scores (each
+        # row's sums are the same either way)
+        compiled_rows = max(1, SCORE_BUDGET // n)
+        tops = []
+        for r0 in range(0, T, compiled_rows):
+            done = index_rows(q[r0:r0 + compiled_rows], w[r0:r0 + compiled_rows], keys,
+                              visible[r0:r0 + compiled_rows], scale, k)
+            if done is None:
+                break
+            tops.append(done[0])
+        else:
+            return torch.cat(tops) if len(tops) > 1 else tops[0]  # -1 past what a query sees
+        keys_t = keys.float().T  # [head_dim, n]
         rows = max(1, SCORE_BUDGET // (self.n_heads * n))
         tops = []
         for r0 in range(0, T, rows):

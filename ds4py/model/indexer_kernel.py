@@ -93,36 +93,55 @@ const ScoreRows SCORE_ROWS[8] = {score_rows<1>, score_rows<2>, score_rows<3>, sc
                                  score_rows<5>, score_rows<6>, score_rows<7>, score_rows<8>};
 }  // namespace
 
-// q [H, hd] (float32 or bf16 bits), w [H] float32, keys: n rows of hd values kstride apart (float32 or bf16
-// bits) -> totals[j] = sum_h w[h] * (max(q_h . k_j, 0) * scale), and top[0..k) the indices of the k largest
-// totals, largest first, ties to the lower index. H <= 128. Returns 0, 1 for bad sizes, 2 out of memory.
-extern "C" int ds4py_index_one(const void* q, int qbf, int64_t H, int64_t hd, const float* w, const void* keys,
-                               int kbf, int64_t n, int64_t kstride, float scale, int64_t k, float* totals,
-                               int64_t* top) {
+// T queries q [T, H, hd] (float32 or bf16 bits) with head weights w [T, H] float32 over the compressed keys: n
+// rows of hd values kstride apart (float32 or bf16 bits), query t seeing entries [0, visible[t]) (all n when
+// visible is null) -> totals [T, n]: totals[t, j] = sum_h w[t, h] * (max(q_th . k_j, 0) * scale) for the
+// visible j (the rest not written), and top [T, k]: the indices of each query's k largest visible totals,
+// largest first, ties to the lower index, then -1 where it sees fewer than k. H <= 128. Returns 0, 1 for bad
+// sizes, 2 out of memory.
+extern "C" int ds4py_index_rows(const void* q, int qbf, int64_t T, int64_t H, int64_t hd, const float* w,
+                                const void* keys, int kbf, int64_t n, int64_t kstride, const int64_t* visible,
+                                float scale, int64_t k, float* totals, int64_t* top) {
   if (H < 1 || H > 128 || hd < 1 || k < 0 || k > n) return 1;
+  if (visible)
+    for (int64_t t = 0; t < T; t++)
+      if (visible[t] < 0 || visible[t] > n) return 1;
   try {
     const int64_t G = (H + 15) / 16, Hp = G * 16;
-    std::vector<float> qt(hd * Hp, 0.0f), wp(Hp, 0.0f);  // q transposed [hd, Hp], heads zero-padded
-    for (int64_t h = 0; h < H; h++) {
-      wp[h] = w[h];
-      for (int64_t d = 0; d < hd; d++) qt[d * Hp + h] = load(q, h * hd + d, qbf);
-    }
+    // per query: q transposed [hd, Hp] and w [Hp], heads zero-padded
+    std::vector<float> qt(T * hd * Hp, 0.0f), wp(T * Hp, 0.0f);
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t h = 0; h < H; h++) {
+        wp[t * Hp + h] = w[t * H + h];
+        for (int64_t d = 0; d < hd; d++) qt[(t * hd + d) * Hp + h] = load(q, (t * H + h) * hd + d, qbf);
+      }
     constexpr int64_t BLOCK = 64;  // entries widened to float32 at a time (32 KB at hd = 128)
-    at::parallel_for(0, (n + BLOCK - 1) / BLOCK, 4, [&](int64_t b0, int64_t b1) {
+    const int64_t nb = (n + BLOCK - 1) / BLOCK;
+    auto seen = [&](int64_t t) { return visible ? visible[t] : n; };
+    at::parallel_for(0, T * nb, 4, [&](int64_t u0, int64_t u1) {  // units: (query, block of entries)
       std::vector<float> kf(BLOCK * hd);
-      for (int64_t b = b0; b < b1; b++) {
-        const int64_t j0 = b * BLOCK, rows = std::min(BLOCK, n - j0);
+      for (int64_t u = u0; u < u1; u++) {
+        const int64_t t = u / nb, j0 = u % nb * BLOCK, rows = std::min(BLOCK, seen(t) - j0);
+        if (rows <= 0) continue;
         for (int64_t r = 0; r < rows; r++)
           for (int64_t d = 0; d < hd; d++) kf[r * hd + d] = load(keys, (j0 + r) * kstride + d, kbf);
-        SCORE_ROWS[G - 1](qt.data(), wp.data(), kf.data(), hd, rows, scale, totals + j0);
+        SCORE_ROWS[G - 1](qt.data() + t * hd * Hp, wp.data() + t * Hp, kf.data(), hd, rows, scale,
+                          totals + t * n + j0);
       }
     });
-    std::vector<int64_t> order(n);
-    for (int64_t j = 0; j < n; j++) order[j] = j;
-    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
-      return totals[a] > totals[b] || (totals[a] == totals[b] && a < b);
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<int64_t> order;
+      for (int64_t t = t0; t < t1; t++) {
+        const int64_t v = seen(t), kk = std::min(k, v);
+        const float* tot = totals + t * n;
+        order.resize(v);
+        for (int64_t j = 0; j < v; j++) order[j] = j;
+        std::partial_sort(order.begin(), order.begin() + kk, order.end(), [&](int64_t a, int64_t b) {
+          return tot[a] > tot[b] || (tot[a] == tot[b] && a < b);
+        });
+        for (int64_t i = 0; i < k; i++) top[t * k + i] = i < kk ? order[i] : -1;
+      }
     });
-    std::memcpy(top, order.data(), k * sizeof(int64_t));
   } catch (...) {
     return 2;
   }
@@ -133,8 +152,8 @@ extern "C" int ds4py_index_one(const void* q, int qbf, int64_t H, int64_t hd, co
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.ds4py_index_one.restype = i32
-    lib.ds4py_index_one.argtypes = [p, i32, i64, i64, p, p, i32, i64, i64, f32, i64, p, p]
+    lib.ds4py_index_rows.restype = i32
+    lib.ds4py_index_rows.argtypes = [p, i32, i64, i64, i64, p, p, i32, i64, i64, p, f32, i64, p, p]
 
 
 _load = kernels.lazy_library("ds4py_index", _SOURCE, ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"],
@@ -145,10 +164,23 @@ def index_one(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: float
               k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One query's q [H, hd] (rotated), head weights w [H] float32 and the compressed keys [n, hd] -> (top [1, k]
     int64, the k best entries as `stable_topk` orders them; totals [n] float32, every entry's score), or None."""
-    if (not (q.is_cpu and w.is_cpu and keys.is_cpu) or q.dim() != 2 or keys.dim() != 2 or q.shape[1] != keys.shape[1]
+    done = index_rows(q[None], w[None], keys, None, scale, k) if q.dim() == 2 and w.dim() == 1 else None
+    return None if done is None else (done[0], done[1][0])
+
+
+def index_rows(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor | None, scale: float,
+               k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """T queries q [T, H, hd] (rotated) with head weights w [T, H] float32 over the compressed keys [n, hd], query
+    t seeing entries [0, visible[t]) (None: all) -> (top [T, k] int64: each query's k best visible entries as
+    `stable_topk` orders them, then -1 where it sees fewer than k; totals [T, n] float32, the visible entries'
+    scores, the rest undefined), or None where the call does not apply."""
+    if (not (q.is_cpu and w.is_cpu and keys.is_cpu) or q.dim() != 3 or keys.dim() != 2 or q.shape[2] != keys.shape[1]
             or q.dtype not in (torch.float32, torch.bfloat16) or keys.dtype not in (torch.float32, torch.bfloat16)
-            or w.dtype != torch.float32 or w.numel() != q.shape[0] or q.shape[0] > MAX_HEADS
+            or w.dtype != torch.float32 or tuple(w.shape) != tuple(q.shape[:2]) or q.shape[1] > MAX_HEADS
             or not 0 <= k <= keys.shape[0] or (q.requires_grad and torch.is_grad_enabled())):
+        return None
+    T, n = q.shape[0], keys.shape[0]
+    if visible is not None and (visible.numel() != T or not visible.is_cpu):
         return None
     lib = _load()
     if lib is None:
@@ -158,12 +190,14 @@ def index_one(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: float
     if keys.stride(1) != 1:
         keys = keys.contiguous()
     w = w.contiguous()
-    n = keys.shape[0]
-    totals = torch.empty(n, dtype=torch.float32)
-    top = torch.empty(1, k, dtype=torch.int64)
-    rc = lib.ds4py_index_one(q.data_ptr(), int(q.dtype == torch.bfloat16), q.shape[0], q.shape[1], w.data_ptr(),
-                             keys.data_ptr(), int(keys.dtype == torch.bfloat16), n, keys.stride(0), scale, k,
-                             totals.data_ptr(), top.data_ptr())
+    if visible is not None:
+        visible = visible.to(torch.int64).contiguous()
+    totals = torch.empty(T, n, dtype=torch.float32)
+    top = torch.empty(T, k, dtype=torch.int64)
+    rc = lib.ds4py_index_rows(q.data_ptr(), int(q.dtype == torch.bfloat16), T, q.shape[1], q.shape[2], w.data_ptr(),
+                              keys.data_ptr(), int(keys.dtype == torch.bfloat16), n, keys.stride(0),
+                              None if visible is None else visible.data_ptr(), scale, k, totals.data_ptr(),
+                              top.data_ptr())
     if rc:
-        raise RuntimeError(f"ds4py_index_one failed ({rc})")
+        raise ValueError(f"ds4py_index_rows failed ({rc}): a visible count outside [0, {n}]?")
     return top, totals

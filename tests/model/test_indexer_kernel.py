@@ -39,3 +39,30 @@ def test_index_one_declines_what_it_does_not_cover():
     q, w, keys = torch.randn(200, 16), torch.randn(200), torch.randn(10, 16)
     assert indexer_kernel.index_one(q, w, keys, 0.25, 3) is None  # more than MAX_HEADS heads
     assert indexer_kernel.index_one(q[:4], w[:4].double(), keys, 0.25, 3) is None  # float64 weights
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_index_rows_equals_the_masked_torch_ops(dtype):
+    """A prefill block's queries, each seeing its own closed entries (none, fewer than k, all): the torch path's
+    masked scores, stable top k and -1 past what a query sees."""
+    gen = torch.Generator().manual_seed(5)
+    T, H, hd, n, k = 23, 16, 16, 40, 6
+    q = torch.randn(T, H, hd, generator=gen).abs().to(dtype)
+    w = torch.randn(T, H, generator=gen)
+    keys = torch.randn(n, hd, generator=gen)
+    keys[::4] = -keys[::4].abs()  # exact-zero ties
+    keys = keys.to(dtype)
+    visible = torch.tensor([0, 1, 3, 5, 6, 7] + list(range(10, 27)))[:T].clamp(max=n)
+    visible[-1] = n
+    scale = hd**-0.5
+    done = indexer_kernel.index_rows(q, w, keys, visible, scale, k)
+    if done is None:
+        pytest.skip("the indexer kernel could not be built here")
+    top, totals = done
+    want = torch.cat([torch_totals(q[t], w[t], keys, scale) for t in range(T)])  # [T, n]
+    seen = torch.arange(n)[None, :] < visible[:, None]
+    torch.testing.assert_close(totals[seen], want[seen], rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    ref = stable_topk(want.masked_fill(~seen, float("-inf")), k)
+    ref = torch.where(ref >= visible[:, None], -1, ref)
+    assert torch.equal(top, ref)
+    assert (top[0] == -1).all() and (top[1, 1:] == -1).all() and (top[-1] >= 0).all()
