@@ -47,6 +47,63 @@ BF16_KERNEL_MAX_T = 16
 # with 8192-row tiles (fresh 128 MB buffers); T=256: 1.85 s, the old resident float32 copy 1.99 s.
 BF16_TILE_ROWS = 1024
 
+# RMS norms and the rotary rotation of a few rows, for `ds4py.model.row_kernels` and the one-token projection
+# here (needs BF16_C before it)
+ROW_OPS_C = r"""
+namespace rowops {
+inline float load(const void* p, int64_t i, int bf) {
+  return bf ? bf16_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+}
+
+inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }  // as torch's .to(bfloat16) rounds
+
+inline void store(void* p, int64_t i, float f, int bf) {
+  if (bf) ((uint16_t*)p)[i] = float_to_bf16(f);
+  else ((float*)p)[i] = f;
+}
+}  // namespace
+
+// x [R, n] -> y [R, n] = x * rsqrt(mean(x^2) + eps), times w [n] when given, in float32, rounded to x's dtype.
+// round_scale (the unweighted bf16 norm): the scale is rounded to bf16 first and x * scale rounded after, as
+// torch computes `x * scale.to(bfloat16)` in bf16.
+extern "C" void ds4py_rms_rows(const void* x, int bf, int64_t R, int64_t n, const void* w, int wbf, float eps,
+                               int round_scale, void* y) {
+  for (int64_t r = 0; r < R; r++) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+      const float v = rowops::load(x, r * n + i, bf);
+      ss += (double)v * v;
+    }
+    float s = 1.0f / std::sqrt((float)(ss / n) + eps);
+    if (round_scale) s = rowops::round_bf16(s);
+    for (int64_t i = 0; i < n; i++) {
+      float v = rowops::load(x, r * n + i, bf) * s;
+      if (w) v *= rowops::load(w, i, wbf);
+      rowops::store(y, r * n + i, v, bf);
+    }
+  }
+}
+
+// x [T, per_t, hd] -> y: each row's last 2 * half channels, as (re, im) pairs, times row t's rotation
+// rot [T, half] (cos, sin) pairs, or its conjugate; in float32, rounded to x's dtype; the other channels copied.
+extern "C" void ds4py_rope_rows(const void* x, int bf, int64_t T, int64_t per_t, int64_t hd, int64_t half,
+                                const float* rot, int conj, void* y) {
+  const int64_t first = hd - 2 * half;
+  const size_t esize = bf ? 2 : 4;
+  for (int64_t t = 0; t < T; t++)
+    for (int64_t h = 0; h < per_t; h++) {
+      const int64_t row = (t * per_t + h) * hd;
+      std::memcpy((char*)y + row * esize, (const char*)x + row * esize, first * esize);
+      for (int64_t j = 0; j < half; j++) {
+        const float a = rowops::load(x, row + first + 2 * j, bf), b = rowops::load(x, row + first + 2 * j + 1, bf);
+        const float c = rot[(t * half + j) * 2], s = conj ? -rot[(t * half + j) * 2 + 1] : rot[(t * half + j) * 2 + 1];
+        rowops::store(y, row + first + 2 * j, a * c - b * s, bf);
+        rowops::store(y, row + first + 2 * j + 1, a * s + b * c, bf);
+      }
+    }
+}
+"""
+
 # bf16 <-> float32 as torch converts, for every compiled library's source (needs <cmath>, <cstdint>, <cstring>)
 BF16_C = r"""
 inline float bf16_to_float(uint16_t b) {
@@ -278,7 +335,7 @@ void linear(const Acts* acts, int64_t rg, const uint8_t* w, int64_t rows, int64_
 
 }  // namespace
 
-""" + BF16_C + r"""
+""" + BF16_C + ROW_OPS_C + r"""
 namespace {
 // MXFP4 repacked by 16 rows ("R16"): for each group of 16 rows and each block b (32 values), 272 bytes: the 16
 // rows' scale bytes, then their 16 bytes of nibbles interleaved 4 bytes at a time: byte 16 + 64v + 4r + k is
@@ -1282,6 +1339,67 @@ extern "C" int ds4py_experts_many(const void* x, int xbf16, int64_t T, int64_t n
   return 0;
 }
 
+// What one token's attention projections need, fixed for a layer (built once in Python, `kernels.ProjectPlan`).
+struct ProjectPlan {
+  int64_t D, q_lora, H, hd;             // model width, q_lora_rank, heads, head_dim
+  const uint8_t* w[3];                  // wq_a [q_lora, D], wq_b [H * hd, q_lora], wkv [hd, D]: ggml rows
+  int64_t strides[3];                   // their row strides (bytes)
+  int32_t qtypes[3];                    // Q8_0 or MXFP4
+  const void* q_norm;                   // [q_lora], float32 or bf16 bits (q_norm_bf)
+  const void* kv_norm;                  // [hd], likewise
+  int32_t q_norm_bf, kv_norm_bf;
+  float eps;
+};
+
+namespace {
+// x [n] float32 times the ggml rows of w -> y [rows]: ds4py_ggml_linear's values for one row (float32, or rounded
+// to bf16 bits when bf)
+void linear_row(int q, const float* x, int64_t n, const uint8_t* w, int64_t rows, int64_t wstride, void* y, int bf) {
+  Acts a;
+  quantize_acts(x, 1, n, a);
+  std::vector<float> yf(bf ? rows : 0);
+  float* yp = bf ? yf.data() : (float*)y;
+  if (q == Q8_0) linear<Q8_0>(&a, rows, w, rows, wstride, yp);
+  else linear<MXFP4>(&a, rows, w, rows, wstride, yp);
+  if (bf)
+    for (int64_t i = 0; i < rows; i++) ((uint16_t*)y)[i] = float_to_bf16(yf[i]);
+}
+
+void widen(const void* x, int bf, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i++) out[i] = rowops::load(x, i, bf);
+}
+}  // namespace
+
+// One token's attention projections in one call, the values of Attention.project's calls one by one
+// (ggml_linear, row_kernels' norms and rotation): q_residual [q_lora] = rms_norm(wq_a x) * q_norm; per head
+// q = rms_norm(wq_b q_residual) (unweighted); kv = rms_norm(wkv x) * kv_norm; then q's heads and kv, as
+// qkv [H + 1, hd], rotated by rot [half] (cos, sin) pairs. x and the outputs float32, or bf16 bits when bf.
+extern "C" int ds4py_project_one(const ProjectPlan* p, const void* x, int bf, const float* rot, int64_t half,
+                                 void* q_residual, void* qkv) {
+  const int64_t D = p->D, ql = p->q_lora, H = p->H, hd = p->hd;
+  if (D % 32 || ql % 32 || 2 * half > hd) return 1;
+  for (int m = 0; m < 3; m++)
+    if (p->qtypes[m] != Q8_0 && p->qtypes[m] != MXFP4) return 1;
+  try {
+    const size_t es = bf ? 2 : 4;
+    std::vector<float> xf(std::max(D, ql));
+    std::vector<char> a(ql * es), b(H * hd * es), c((H + 1) * hd * es);  // x's dtype, as the torch tensors are
+    widen(x, bf, D, xf.data());
+    linear_row(p->qtypes[0], xf.data(), D, p->w[0], ql, p->strides[0], a.data(), bf);
+    ds4py_rms_rows(a.data(), bf, 1, ql, p->q_norm, p->q_norm_bf, p->eps, 0, q_residual);
+    widen(q_residual, bf, ql, xf.data());
+    linear_row(p->qtypes[1], xf.data(), ql, p->w[1], H * hd, p->strides[1], b.data(), bf);
+    ds4py_rms_rows(b.data(), bf, H, hd, nullptr, 0, p->eps, bf, c.data());  // c: q's heads, then kv
+    widen(x, bf, D, xf.data());
+    linear_row(p->qtypes[2], xf.data(), D, p->w[2], hd, p->strides[2], a.data(), bf);
+    ds4py_rms_rows(a.data(), bf, 1, hd, p->kv_norm, p->kv_norm_bf, p->eps, 0, c.data() + H * hd * es);
+    ds4py_rope_rows(c.data(), bf, 1, H + 1, hd, half, rot, 0, qkv);
+  } catch (...) {
+    return 2;
+  }
+  return 0;
+}
+
 extern "C" int ds4py_kernels_simd() { return DS4PY_AVX512; }
 """
 
@@ -1398,6 +1516,10 @@ def _compile(generic: bool) -> ctypes.CDLL:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.POINTER(MoEPlan), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    fn = lib.ds4py_project_one
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.POINTER(ProjectPlan), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_void_p, ctypes.c_void_p]
     fn = lib.ds4py_ggml_dequantize
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
@@ -1833,6 +1955,67 @@ def moe_one(plan: MoEPlan, x: torch.Tensor, hash_ids: torch.Tensor | None) -> tu
     if rc:
         raise RuntimeError(f"ds4py_moe_one failed ({rc})")
     return out, weights, ids
+
+
+class ProjectPlan(ctypes.Structure):
+    """A layer's attention projections as `ds4py_project_one` reads them (the C struct ProjectPlan): addresses into
+    tensors that the plan keeps alive in `keep`."""
+
+    _fields_ = [("D", ctypes.c_int64), ("q_lora", ctypes.c_int64), ("H", ctypes.c_int64), ("hd", ctypes.c_int64),
+                ("w", ctypes.c_void_p * 3), ("strides", ctypes.c_int64 * 3), ("qtypes", ctypes.c_int32 * 3),
+                ("q_norm", ctypes.c_void_p), ("kv_norm", ctypes.c_void_p), ("q_norm_bf", ctypes.c_int32),
+                ("kv_norm_bf", ctypes.c_int32), ("eps", ctypes.c_float)]
+
+
+def project_plan(wq_a: tuple[torch.Tensor, int], q_norm: torch.Tensor, wq_b: tuple[torch.Tensor, int],
+                 wkv: tuple[torch.Tensor, int], kv_norm: torch.Tensor, heads: int, head_dim: int,
+                 eps: float) -> ProjectPlan | None:
+    """The plan of a layer's attention projections for `project_one`: wq_a, wq_b, wkv as (raw ggml rows, qtype)
+    (Q8_0 or MXFP4, contiguous rows), the q and kv norm weights (float32 or bf16). None where it does not apply."""
+    mats = (wq_a, wq_b, wkv)
+    q_lora = q_norm.numel()
+    D = wq_a[0].shape[1] // BLOCK_BYTES.get(wq_a[1], 1) * 32
+    want = ((q_lora, D), (heads * head_dim, q_lora), (head_dim, D))  # [rows, values per row]
+    if any(q not in (Q8_0, MXFP4) or raw.dim() != 2 or raw.dtype != torch.uint8 or not raw.is_cpu
+           or raw.stride(1) != 1 or tuple(raw.shape) != (r, c // 32 * BLOCK_BYTES[q]) or c % 32
+           for (raw, q), (r, c) in zip(mats, want)):
+        return None
+    norms = (q_norm.contiguous(), kv_norm.contiguous())
+    if (any(n.dtype not in (torch.float32, torch.bfloat16) or not n.is_cpu for n in norms)
+            or norms[1].numel() != head_dim):
+        return None
+    plan = ProjectPlan(D=D, q_lora=q_lora, H=heads, hd=head_dim, q_norm=norms[0].data_ptr(),
+                       kv_norm=norms[1].data_ptr(), q_norm_bf=int(norms[0].dtype == torch.bfloat16),
+                       kv_norm_bf=int(norms[1].dtype == torch.bfloat16), eps=eps)
+    for m, (raw, q) in enumerate(mats):
+        plan.w[m], plan.strides[m], plan.qtypes[m] = raw.data_ptr(), raw.stride(0), q
+    plan.keep = (mats, norms)
+    return plan
+
+
+def project_one(plan: ProjectPlan, x: torch.Tensor, rotation: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """One token x [1, D] through its layer's attention projections in one compiled call -> (q_residual [1, q_lora],
+    qkv [1, H + 1, hd]: q's heads normed and rotated, then kv), in x's dtype: the values of `ggml_linear`, the
+    compiled norms and rotation called one by one. rotation: [1, half] complex64. None where it does not apply."""
+    if (not x.is_cpu or x.dtype not in (torch.float32, torch.bfloat16) or x.shape != (1, plan.D)
+            or rotation.dtype != torch.complex64 or rotation.is_conj() or not rotation.is_cpu
+            or 2 * rotation.shape[-1] > plan.hd or rotation.numel() != rotation.shape[-1]
+            or (x.requires_grad and torch.is_grad_enabled())):
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if not rotation.is_contiguous():
+        rotation = rotation.contiguous()
+    q_residual = torch.empty(1, plan.q_lora, dtype=x.dtype)
+    qkv = torch.empty(1, plan.H + 1, plan.hd, dtype=x.dtype)
+    rc = lib.ds4py_project_one(plan, x.data_ptr(), int(x.dtype == torch.bfloat16), rotation.data_ptr(),
+                               rotation.shape[-1], q_residual.data_ptr(), qkv.data_ptr())
+    if rc:
+        raise RuntimeError(f"ds4py_project_one failed ({rc})")
+    return q_residual, qkv
 
 
 def repack16(raw: torch.Tensor, n: int, out: torch.Tensor | None = None) -> torch.Tensor | None:

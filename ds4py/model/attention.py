@@ -5,7 +5,7 @@ interleaved RoPE undone on the output, and the grouped low-rank output projectio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +39,8 @@ class Attention:
     rotary: Rotary
     compressor: Compressor | None = None
     indexer: Indexer | None = None
+    # (the weights it was made from, kernels.ProjectPlan or None): `project_one`'s plan, made again if one changes
+    plan: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """x [T, D] at absolute `positions` [T] (consecutive) -> [T, D]; updates `cache`."""
@@ -57,11 +59,27 @@ class Attention:
         """-> q_residual [T, q_lora], q [T, H, hd] and kv [T, hd] (normed and rotated), the rotation."""
         T, H, hd = x.shape[0], self.n_heads, self.head_dim
         rot = self.rotary.rotation(positions)  # [T, rope_dim // 2] complex
+        if T == 1:  # decoding: the projections, norms and rotation in one compiled call where the weights allow
+            done = self.project_one(x, rot)
+            if done is not None:
+                q_residual, qkv = done
+                return q_residual, qkv[:, :H], qkv[:, H], rot
         q_residual = rms_norm(self.wq_a.linear(x), self.q_norm, self.eps)
         q = unweighted_rms_norm(self.wq_b.linear(q_residual).view(T, H, hd), self.eps)
         kv = rms_norm(self.wkv.linear(x), self.kv_norm, self.eps)  # [T, hd]
         qkv = rotate(torch.cat([q, kv.unsqueeze(1)], dim=1), rot)  # [T, H + 1, hd]: one rotation for both
         return q_residual, qkv[:, :H], qkv[:, H].contiguous(), rot
+
+    def project_one(self, x: torch.Tensor, rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`project` of one token in one call (`kernels.project_one`: the same values) when wq_a, wq_b and wkv are
+        matrices the CPU kernels multiply from their blocks -> (q_residual [1, q_lora], qkv [1, H + 1, hd]), or None."""
+        made_from = (self.wq_a, self.q_norm, self.wq_b, self.wkv, self.kv_norm)
+        if self.plan is None or any(a is not b for a, b in zip(self.plan[0], made_from)):
+            rows = [w.kernel_rows() for w in (self.wq_a, self.wq_b, self.wkv)]
+            plan = None if any(r is None for r in rows) else kernels.project_plan(
+                rows[0], self.q_norm, rows[1], rows[2], self.kv_norm, self.n_heads, self.head_dim, self.eps)
+            self.plan = (made_from, plan)
+        return None if self.plan[1] is None else kernels.project_one(self.plan[1], x, rot)
 
     def output(self, out: torch.Tensor) -> torch.Tensor:
         """[T, H, hd] attention output -> [T, D]."""

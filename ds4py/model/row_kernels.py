@@ -20,60 +20,7 @@ _SOURCE = r"""
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-""" + kernels.BF16_C + r"""
-namespace {
-inline float load(const void* p, int64_t i, int bf) {
-  return bf ? bf16_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
-}
-
-inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }  // as torch's .to(bfloat16) rounds
-
-inline void store(void* p, int64_t i, float f, int bf) {
-  if (bf) ((uint16_t*)p)[i] = float_to_bf16(f);
-  else ((float*)p)[i] = f;
-}
-}  // namespace
-
-// x [R, n] -> y [R, n] = x * rsqrt(mean(x^2) + eps), times w [n] when given, in float32, rounded to x's dtype.
-// round_scale (the unweighted bf16 norm): the scale is rounded to bf16 first and x * scale rounded after, as
-// torch computes `x * scale.to(bfloat16)` in bf16.
-extern "C" void ds4py_rms_rows(const void* x, int bf, int64_t R, int64_t n, const void* w, int wbf, float eps,
-                               int round_scale, void* y) {
-  for (int64_t r = 0; r < R; r++) {
-    double ss = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-      const float v = load(x, r * n + i, bf);
-      ss += (double)v * v;
-    }
-    float s = 1.0f / std::sqrt((float)(ss / n) + eps);
-    if (round_scale) s = round_bf16(s);
-    for (int64_t i = 0; i < n; i++) {
-      float v = load(x, r * n + i, bf) * s;
-      if (w) v *= load(w, i, wbf);
-      store(y, r * n + i, v, bf);
-    }
-  }
-}
-
-// x [T, per_t, hd] -> y: each row's last 2 * half channels, as (re, im) pairs, times row t's rotation
-// rot [T, half] (cos, sin) pairs, or its conjugate; in float32, rounded to x's dtype; the other channels copied.
-extern "C" void ds4py_rope_rows(const void* x, int bf, int64_t T, int64_t per_t, int64_t hd, int64_t half,
-                                const float* rot, int conj, void* y) {
-  const int64_t first = hd - 2 * half;
-  const size_t esize = bf ? 2 : 4;
-  for (int64_t t = 0; t < T; t++)
-    for (int64_t h = 0; h < per_t; h++) {
-      const int64_t row = (t * per_t + h) * hd;
-      std::memcpy((char*)y + row * esize, (const char*)x + row * esize, first * esize);
-      for (int64_t j = 0; j < half; j++) {
-        const float a = load(x, row + first + 2 * j, bf), b = load(x, row + first + 2 * j + 1, bf);
-        const float c = rot[(t * half + j) * 2], s = conj ? -rot[(t * half + j) * 2 + 1] : rot[(t * half + j) * 2 + 1];
-        store(y, row + first + 2 * j, a * c - b * s, bf);
-        store(y, row + first + 2 * j + 1, a * s + b * c, bf);
-      }
-    }
-}
-"""
+""" + kernels.BF16_C + kernels.ROW_OPS_C
 
 
 def _declare(lib: ctypes.CDLL) -> None:

@@ -68,6 +68,26 @@ def test_whole_moe_call_equals_router_then_experts(model, monkeypatch, dtype):
             torch.testing.assert_close(weights, torch_weights.gather(1, order), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_projections_in_one_call_equal_the_calls_one_by_one(model, monkeypatch, dtype):
+    """A decode token's attention projections, norms and rotation in one compiled call (`kernels.project_one`)
+    against Attention.project's calls one by one, on every layer: the same operations, so the same bits."""
+    from ds4py.model.attention import Attention
+
+    gen = torch.Generator().manual_seed(15)
+    for block in model.transformer.blocks:
+        attn = block.attn
+        x = torch.randn(1, model.config.hidden_size, generator=gen).to(dtype)
+        positions = torch.tensor([int(torch.randint(0, 4000, (1,), generator=gen))])
+        assert attn.project_one(x, attn.rotary.rotation(positions)) is not None
+        fused = attn.project(x, positions)
+        with monkeypatch.context() as m:
+            m.setattr(Attention, "project_one", lambda self, x, rot: None)
+            calls = attn.project(x, positions)
+        for a, b in zip(fused[:3], calls[:3]):
+            assert a.dtype == dtype and a.shape == b.shape and torch.equal(a, b)
+
+
 def test_fused_hyper_connections_equal_torch(model, monkeypatch):
     """Each decode step from the same cache, with the compiled hyper-connections and with torch's."""
     prompt = list(range(3, 140))  # past a ratio-128 block
