@@ -525,6 +525,23 @@ void r16_linear(const Acts16& a, const uint8_t* w, int64_t rows, float* y) {
 // float32 and converting with torch, one call from Python.
 // groups > 1: x [T, groups * n], rows % groups == 0, and row r takes the (r / (rows / groups))-th n values of each
 // x row (the grouped output projection in one call); Q8_0 / MXFP4 rows only.
+namespace {
+// ds4py_ggml_linear's work on float32 x [T, groups * n] -> float32 y [T, rows]; throws std::bad_alloc
+void ggml_linear_f32(int qtype, const float* xp, int64_t T, int64_t n, const uint8_t* w, int64_t rows,
+                     int64_t wstride, float* yp, int64_t groups) {
+  if (qtype == MXFP4_R16) {
+    Acts16 a;
+    quantize_acts16(xp, T, n, a);
+    r16_linear(a, w, rows, yp);
+  } else {
+    std::vector<Acts> acts(groups);  // group g: columns [g * n, (g + 1) * n) of every x row
+    for (int64_t g = 0; g < groups; g++) quantize_acts(xp + g * n, T, n, acts[g], groups * n);
+    if (qtype == Q8_0) linear<Q8_0>(acts.data(), rows / groups, w, rows, wstride, yp);
+    else linear<MXFP4>(acts.data(), rows / groups, w, rows, wstride, yp);
+  }
+}
+}  // namespace
+
 extern "C" int ds4py_ggml_linear(int qtype, const void* x, int xbf16, int64_t T, int64_t n, const uint8_t* w,
                                  int64_t rows, int64_t wstride, void* y, int ybf16, int64_t groups) {
   if (n % 32 || (qtype != Q8_0 && qtype != MXFP4 && qtype != MXFP4_R16) || (qtype == MXFP4_R16 && rows % 16))
@@ -544,16 +561,7 @@ extern "C" int ds4py_ggml_linear(int qtype, const void* x, int xbf16, int64_t T,
       yf.resize(T * rows);
       yp = yf.data();
     }
-    if (qtype == MXFP4_R16) {
-      Acts16 a;
-      quantize_acts16(xp, T, n, a);
-      r16_linear(a, w, rows, yp);
-    } else {
-      std::vector<Acts> acts(groups);  // group g: columns [g * n, (g + 1) * n) of every x row
-      for (int64_t g = 0; g < groups; g++) quantize_acts(xp + g * n, T, n, acts[g], groups * n);
-      if (qtype == Q8_0) linear<Q8_0>(acts.data(), rows / groups, w, rows, wstride, yp);
-      else linear<MXFP4>(acts.data(), rows / groups, w, rows, wstride, yp);
-    }
+    ggml_linear_f32(qtype, xp, T, n, w, rows, wstride, yp, groups);
     if (ybf16) {
       uint16_t* yb = (uint16_t*)y;
       for (int64_t i = 0; i < T * rows; i++) yb[i] = float_to_bf16(yf[i]);
@@ -1354,13 +1362,12 @@ struct ProjectPlan {
 namespace {
 // x [n] float32 times the ggml rows of w -> y [rows]: ds4py_ggml_linear's values for one row (float32, or rounded
 // to bf16 bits when bf)
-void linear_row(int q, const float* x, int64_t n, const uint8_t* w, int64_t rows, int64_t wstride, void* y, int bf) {
-  Acts a;
-  quantize_acts(x, 1, n, a);
+// (groups > 1: x [groups * n], as ds4py_ggml_linear's groups)
+void linear_row(int q, const float* x, int64_t n, const uint8_t* w, int64_t rows, int64_t wstride, void* y, int bf,
+                int64_t groups = 1) {
   std::vector<float> yf(bf ? rows : 0);
   float* yp = bf ? yf.data() : (float*)y;
-  if (q == Q8_0) linear<Q8_0>(&a, rows, w, rows, wstride, yp);
-  else linear<MXFP4>(&a, rows, w, rows, wstride, yp);
+  ggml_linear_f32(q, x, 1, n, w, rows, wstride, yp, groups);
   if (bf)
     for (int64_t i = 0; i < rows; i++) ((uint16_t*)y)[i] = float_to_bf16(yf[i]);
 }
@@ -1394,6 +1401,27 @@ extern "C" int ds4py_project_one(const ProjectPlan* p, const void* x, int bf, co
     linear_row(p->qtypes[2], xf.data(), D, p->w[2], hd, p->strides[2], a.data(), bf);
     ds4py_rms_rows(a.data(), bf, 1, hd, p->kv_norm, p->kv_norm_bf, p->eps, 0, c.data() + H * hd * es);
     ds4py_rope_rows(c.data(), bf, 1, H + 1, hd, half, rot, 0, qkv);
+  } catch (...) {
+    return 2;
+  }
+  return 0;
+}
+
+// One token's attention output projection in one call, the values of Attention.output's two calls: the grouped
+// wo_a (group g's rows times the g-th n values of out [groups * n]) into o [groups * rg], then wo_b [D, groups * rg]
+// times o -> y [D]. out and y float32, or bf16 bits when bf (o rounded to bf16 between, as the tensor is).
+extern "C" int ds4py_output_one(const void* out, int bf, int64_t groups, int64_t n, const uint8_t* wo_a, int qa,
+                                int64_t rows_a, int64_t stride_a, const uint8_t* wo_b, int qb, int64_t D,
+                                int64_t stride_b, void* y) {
+  if (n % 32 || rows_a % groups || rows_a % 32 || (qa != Q8_0 && qa != MXFP4) || (qb != Q8_0 && qb != MXFP4))
+    return 1;
+  try {
+    std::vector<float> xf(std::max(groups * n, rows_a));
+    std::vector<char> o(rows_a * (bf ? 2 : 4));
+    widen(out, bf, groups * n, xf.data());
+    linear_row(qa, xf.data(), n, wo_a, rows_a, stride_a, o.data(), bf, groups);
+    widen(o.data(), bf, rows_a, xf.data());
+    linear_row(qb, xf.data(), rows_a, wo_b, D, stride_b, y, bf);
   } catch (...) {
     return 2;
   }
@@ -1520,6 +1548,11 @@ def _compile(generic: bool) -> ctypes.CDLL:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.POINTER(ProjectPlan), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
                    ctypes.c_void_p, ctypes.c_void_p]
+    fn = lib.ds4py_output_one
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_void_p]
     fn = lib.ds4py_ggml_dequantize
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
@@ -2016,6 +2049,35 @@ def project_one(plan: ProjectPlan, x: torch.Tensor, rotation: torch.Tensor) -> t
     if rc:
         raise RuntimeError(f"ds4py_project_one failed ({rc})")
     return q_residual, qkv
+
+
+def output_one(out: torch.Tensor, wo_a: tuple[torch.Tensor, int], wo_b: tuple[torch.Tensor, int],
+               groups: int) -> torch.Tensor | None:
+    """One token's attention output out [1, H, hd] -> [1, D] in out's dtype in one compiled call: the grouped wo_a
+    (`ggml_grouped_linear`: group g's rows of raw [groups * r, in/32*bb] times the g-th slice of out) then wo_b
+    (`ggml_linear`), the same values as those two calls. wo_a, wo_b: (raw ggml rows, qtype) of Q8_0 / MXFP4. None
+    where it does not apply."""
+    (raw_a, qa), (raw_b, qb) = wo_a, wo_b
+    n = out.numel() // groups if groups else 0
+    rows_a, D = raw_a.shape[0], raw_b.shape[0]
+    if (not out.is_cpu or out.dtype not in (torch.float32, torch.bfloat16) or out.shape[0] != 1 or n * groups !=
+            out.numel() or n % 32 or qa not in (Q8_0, MXFP4) or qb not in (Q8_0, MXFP4) or rows_a % groups
+            or rows_a % 32 or any(not r.is_cpu or r.dim() != 2 or r.dtype != torch.uint8 or r.stride(1) != 1
+                                  for r in (raw_a, raw_b))
+            or raw_a.shape[1] != n // 32 * BLOCK_BYTES[qa] or raw_b.shape[1] != rows_a // 32 * BLOCK_BYTES[qb]
+            or (out.requires_grad and torch.is_grad_enabled())):
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    if not out.is_contiguous():
+        out = out.contiguous()
+    y = torch.empty(1, D, dtype=out.dtype)
+    rc = lib.ds4py_output_one(out.data_ptr(), int(out.dtype == torch.bfloat16), groups, n, raw_a.data_ptr(), qa,
+                              rows_a, raw_a.stride(0), raw_b.data_ptr(), qb, D, raw_b.stride(0), y.data_ptr())
+    if rc:
+        raise RuntimeError(f"ds4py_output_one failed ({rc})")
+    return y
 
 
 def repack16(raw: torch.Tensor, n: int, out: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -83,6 +83,12 @@ class Attention:
 
     def output(self, out: torch.Tensor) -> torch.Tensor:
         """[T, H, hd] attention output -> [T, D]."""
+        if out.shape[0] == 1:  # decoding: both projections in one compiled call where the weights allow
+            rows_a, rows_b = self.wo_a.kernel_rows(), self.wo_b.kernel_rows()
+            if rows_a is not None and rows_b is not None:
+                y = kernels.output_one(out, rows_a, rows_b, self.o_groups)
+                if y is not None:
+                    return y
         return self.wo_b.linear(self.grouped_wo_a(out))
 
     def attend(self, x, q_residual, q, kv, positions, rot, cache: LayerCache) -> torch.Tensor:

@@ -88,6 +88,19 @@ def test_projections_in_one_call_equal_the_calls_one_by_one(model, monkeypatch, 
             assert a.dtype == dtype and a.shape == b.shape and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_output_projection_in_one_call_equals_the_two_calls(model, dtype):
+    """A decode token's grouped wo_a and wo_b in one compiled call (`kernels.output_one`) against the two calls
+    Attention.output makes otherwise, on every layer: the same bits."""
+    gen = torch.Generator().manual_seed(16)
+    for block in model.transformer.blocks:
+        attn = block.attn
+        out = torch.randn(1, attn.n_heads, attn.head_dim, generator=gen).to(dtype)
+        fused = kernels.output_one(out, attn.wo_a.kernel_rows(), attn.wo_b.kernel_rows(), attn.o_groups)
+        assert fused is not None and torch.equal(attn.output(out), fused)
+        assert torch.equal(fused, attn.wo_b.linear(attn.grouped_wo_a(out)))
+
+
 def test_fused_hyper_connections_equal_torch(model, monkeypatch):
     """Each decode step from the same cache, with the compiled hyper-connections and with torch's."""
     prompt = list(range(3, 140))  # past a ratio-128 block
