@@ -12,7 +12,6 @@ from ds4py.cache import LayerCache
 from ds4py.model.attention import Attention
 from ds4py.model.hyper_connection import HyperConnection
 from ds4py.model.moe import MoE
-from ds4py.model.norms import rms_norm
 
 
 @dataclass
@@ -38,9 +37,9 @@ class Block:
     def run(self, streams: torch.Tensor, token_ids: torch.Tensor,
             attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The block around `attend` (normed input [T, D] -> attention output [T, D])."""
-        x, post, comb = self.hc_attn.collapse(streams)
-        out = attend(rms_norm(x, self.attn_norm, self.eps))
+        x, post, comb = self.hc_attn.collapse_normed(streams, self.attn_norm, self.eps)
+        out = attend(x)
         streams = HyperConnection.expand(out, streams, post, comb)
-        x, post, comb = self.hc_ffn.collapse(streams)
-        out = self.ffn(rms_norm(x, self.ffn_norm, self.eps), token_ids)
+        x, post, comb = self.hc_ffn.collapse_normed(streams, self.ffn_norm, self.eps)
+        out = self.ffn(x, token_ids)
         return HyperConnection.expand(out, streams, post, comb)

@@ -18,6 +18,7 @@ import ctypes
 import torch
 
 from ds4py.formats import kernels
+from ds4py.model import row_kernels
 
 _SOURCE = r"""
 #include <ATen/Parallel.h>
@@ -26,7 +27,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cstring>
 #include <vector>
-""" + kernels.BF16_C + r"""
+""" + kernels.BF16_C + kernels.ROW_OPS_C + r"""
 extern "C" void ds4py_hc_weights(const float* mix, int64_t T, int hc, const float* base, const float* scale,
                                  int iters, float eps, float* pre, float* post, float* comb) {
   const int row = (2 + hc) * hc;
@@ -149,12 +150,16 @@ void hc_expand(const void* out, const void* streams, int64_t T, int hc, int64_t 
 
 // streams [T, hc, D] (float32, or bf16 bits when bf16) -> x [T, D] (same dtype) = sum_k pre_k * streams_k,
 // with pre, post [T, hc] and comb [T, hc, hc] from the normed streams' projection by fn [(2 + hc) * hc, hc * D].
+// w (float32, or bf16 bits when wbf) given: also normed [T, D] = the block's RMS norm of x with weight w and
+// out_eps, as ds4py_rms_rows computes it from x.
 extern "C" int ds4py_hc_collapse(const void* streams, int bf16, int64_t T, int hc, int64_t D, const float* fn,
                                  const float* base, const float* scale, int iters, float hc_eps, float norm_eps,
-                                 void* x, float* pre, float* post, float* comb) {
+                                 void* x, float* pre, float* post, float* comb, const void* w, int wbf,
+                                 float out_eps, void* normed) {
   try {
     if (bf16) hc_collapse<true>(streams, T, hc, D, fn, base, scale, iters, hc_eps, norm_eps, x, pre, post, comb);
     else hc_collapse<false>(streams, T, hc, D, fn, base, scale, iters, hc_eps, norm_eps, x, pre, post, comb);
+    if (w) ds4py_rms_rows(x, bf16, T, D, w, wbf, out_eps, 0, normed);
   } catch (...) {
     return 2;
   }
@@ -176,7 +181,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds4py_hc_weights.restype = None
     lib.ds4py_hc_weights.argtypes = [p, i64, i32, p, p, i32, f32, p, p, p]
     lib.ds4py_hc_collapse.restype = ctypes.c_int
-    lib.ds4py_hc_collapse.argtypes = [p, i32, i64, i32, i64, p, p, p, i32, f32, f32, p, p, p, p]
+    lib.ds4py_hc_collapse.argtypes = [p, i32, i64, i32, i64, p, p, p, i32, f32, f32, p, p, p, p, p, i32, f32, p]
     lib.ds4py_hc_expand.restype = None
     lib.ds4py_hc_expand.argtypes = [p, p, i32, i64, i32, i64, p, p, p]
 
@@ -218,27 +223,39 @@ def _fusable(*tensors: torch.Tensor, max_t: int | None = FUSED_MAX_T) -> bool:
 
 
 def hc_collapse(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int,
-                hc_eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+                hc_eps: float, norm_eps: float, norm: tuple[torch.Tensor, float] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """streams [T, hc, D] -> (x [T, D] in streams' dtype, post [T, hc], comb [T, hc, hc]) in one compiled call,
-    or None where it does not apply (long inputs, other devices or dtypes, no compiler)."""
+    or None where it does not apply (long inputs, other devices or dtypes, no compiler). norm = (weight [D], eps):
+    x comes back RMS-normed as `row_kernels.rms_norm` norms it (up to its MAX_T rows; else None)."""
     small = streams.dim() == 3 and streams.shape[1] * streams.shape[2] <= FUSED_SMALL_N
     if (not _fusable(streams, fn, max_t=None if small else FUSED_MAX_T)
             or not all(t.dtype == torch.float32 and t.is_contiguous() for t in (fn, base, scale))):
         return None
+    T, hc, D = streams.shape
+    w = None
+    if norm is not None:
+        w = norm[0]
+        if (T > row_kernels.MAX_T or not w.is_cpu or w.dtype not in (torch.float32, torch.bfloat16)
+                or w.numel() != D):
+            return None
+        w = w.contiguous()
     lib = _load()
     if lib is None:
         return None
-    T, hc, D = streams.shape
     streams = streams.contiguous()
     x = streams.new_empty(T, D)
+    normed = x if w is None else torch.empty_like(x)
     pre = torch.empty(T, hc)
     post, comb = torch.empty(T, hc), torch.empty(T, hc, hc)
     rc = lib.ds4py_hc_collapse(streams.data_ptr(), int(streams.dtype == torch.bfloat16), T, hc, D, fn.data_ptr(),
                                base.data_ptr(), scale.data_ptr(), iters, hc_eps, norm_eps, x.data_ptr(),
-                               pre.data_ptr(), post.data_ptr(), comb.data_ptr())
+                               pre.data_ptr(), post.data_ptr(), comb.data_ptr(), None if w is None else w.data_ptr(),
+                               int(w is not None and w.dtype == torch.bfloat16), 0.0 if norm is None else norm[1],
+                               normed.data_ptr())
     if rc:
         raise RuntimeError(f"ds4py_hc_collapse failed ({rc})")
-    return x, post, comb
+    return normed, post, comb
 
 
 def hc_expand(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ds4py.model.hc_kernel import hc_collapse, hc_expand, hc_weights
-from ds4py.model.norms import unweighted_rms_norm
+from ds4py.model.norms import rms_norm, unweighted_rms_norm
 
 
 @dataclass
@@ -56,6 +56,17 @@ class HyperConnection:
         pre, post, comb = self.weights(streams)
         collapsed = (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
         return collapsed, post, comb
+
+    def collapse_normed(self, streams: torch.Tensor, weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`collapse`, then the block's rms_norm(x, weight, eps) -> (normed x, post, comb); one compiled call for
+        both where they are compiled (decoding), the same values."""
+        fused = hc_collapse(streams, self.fn, self.base, self.scale, self.sinkhorn_iters, self.hc_eps, self.norm_eps,
+                            norm=(weight, eps))
+        if fused is not None:
+            return fused
+        x, post, comb = self.collapse(streams)
+        return rms_norm(x, weight, eps), post, comb
 
     @staticmethod
     def expand(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:

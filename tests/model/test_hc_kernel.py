@@ -55,6 +55,23 @@ def test_compiled_collapse_matches_torch(T, dtype):
     assert ((x.float() - rx.float()).abs() <= tol * rx.float().abs() + atol).all()
 
 
+@pytest.mark.parametrize("T", [1, 3, 300])  # 300: past row_kernels.MAX_T, the norm runs on its own
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_collapse_normed_equals_collapse_then_norm(T, dtype):
+    """The block's collapse and its RMS norm in one call give the bits of the collapse, then the norm."""
+    from ds4py.model.norms import rms_norm
+
+    h = random_hyper(4, 96, T + 1)
+    gen = torch.Generator().manual_seed(8)
+    streams = torch.randn(T, 4, 96, generator=gen).to(dtype)
+    weight = torch.rand(96, generator=gen) + 0.5
+    x, post, comb = h.collapse(streams)
+    nx, npost, ncomb = h.collapse_normed(streams, weight, 1e-6)
+    assert torch.equal(nx, rms_norm(x, weight, 1e-6)) and torch.equal(npost, post) and torch.equal(ncomb, comb)
+    fused = hc_collapse(streams, h.fn, h.base, h.scale, h.sinkhorn_iters, h.hc_eps, h.norm_eps, norm=(weight, 1e-6))
+    assert (fused is None) == (T > 16)
+
+
 @pytest.mark.parametrize("T", [2, 300])  # 300: a prefill chunk, split over threads
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_compiled_expand_matches_float64(dtype, T):
