@@ -8,7 +8,7 @@ w's Cb with window w-1's Ca over 2 * ratio slots. Ratio 128 (HCA) pools its own 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,10 +28,18 @@ class Compressor:
     dim: int
     eps: float
     rotary: Rotary
+    ape_cache: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def overlap(self) -> bool:
         return self.ratio == 4
+
+    def ape_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """`ape` in `dtype`, converted once (a closing window needs it every `ratio` tokens)."""
+        cached = self.ape_cache
+        if cached is None or cached[0] is not self.ape or cached[1].dtype != dtype:
+            cached = self.ape_cache = (self.ape, self.ape.to(dtype))
+        return cached[1]
 
     def __call__(self, x: torch.Tensor, state: CompressorState) -> torch.Tensor:
         """Feed x [T, D] (the attention input); emit the entries of the windows it closes, append them
@@ -43,15 +51,22 @@ class Compressor:
             gate = torch.cat([state.buffer_gate, gate])
         first_position = state.n_entries * self.ratio
         usable = kv.shape[0] // self.ratio * self.ratio
+        if usable == 0:  # (decoding, most tokens: nothing closes; no views to make)
+            state.buffer_kv, state.buffer_gate = kv, gate
+            entries = state.entries
+            return entries if entries is not None else kv.new_zeros(0, self.dim)
         state.buffer_kv, state.buffer_gate = kv[usable:], gate[usable:]
-        if usable == 0:
-            return state.entries if state.entries is not None else kv.new_zeros(0, self.dim)
 
         m, d = self.ratio, self.dim
         n = usable // m
         kv = kv[:usable].view(n, m, -1)
-        gate = gate[:usable].view(n, m, -1) + self.ape.to(gate.dtype)
-        if self.overlap:
+        gate = gate[:usable].view(n, m, -1) + self.ape_as(gate.dtype)
+        if self.overlap and n == 1 and state.overlap_kv is not None:  # decoding: one window, after another
+            prev_kv, prev_gate = state.overlap_kv, state.overlap_gate
+            state.overlap_kv, state.overlap_gate = kv[0, :, :d], gate[0, :, :d]
+            kv = torch.cat([prev_kv[None], kv[..., d:]], dim=1)
+            gate = torch.cat([prev_gate[None], gate[..., d:]], dim=1)
+        elif self.overlap:
             # slots [0, m): previous window's Ca; slots [m, 2m): this window's Cb
             prev_kv = kv.new_zeros(n, m, d)
             prev_gate = gate.new_full((n, m, d), float("-inf"))
