@@ -47,8 +47,8 @@ BF16_KERNEL_MAX_T = 16
 # with 8192-row tiles (fresh 128 MB buffers); T=256: 1.85 s, the old resident float32 copy 1.99 s.
 BF16_TILE_ROWS = 1024
 
-# RMS norms and the rotary rotation of a few rows, for `ds4py.model.row_kernels` and the one-token projection
-# here (needs BF16_C before it)
+# RMS norms and the rotary rotation of rows, for `ds4py.model.row_kernels`, the one-token projection here and the
+# hyper-connections' collapse (needs <ATen/Parallel.h> and BF16_C before it)
 ROW_OPS_C = r"""
 namespace rowops {
 inline float load(const void* p, int64_t i, int bf) {
@@ -61,46 +61,76 @@ inline void store(void* p, int64_t i, float f, int bf) {
   if (bf) ((uint16_t*)p)[i] = float_to_bf16(f);
   else ((float*)p)[i] = f;
 }
-}  // namespace
+
+// one row x [n] -> y [n] = x * s (s = rsqrt(mean(x^2) + eps), bf16-rounded when round_scale) * wf[i] (when wf),
+// rounded to x's dtype; mean(x^2) summed in float64 (each square exact) over 8 lanes, so the loops vectorize
+template <bool BF>
+void rms_row(const void* x, int64_t n, const float* wf, float eps, int round_scale, void* y) {
+  double acc[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; l++) {
+      const double v = load(x, i + l, BF);
+      acc[l] += v * v;
+    }
+  double ss = 0.0;
+  for (; i < n; i++) ss += (double)load(x, i, BF) * load(x, i, BF);
+  for (int l = 0; l < 8; l++) ss += acc[l];
+  float s = 1.0f / std::sqrt((float)(ss / n) + eps);
+  if (round_scale) s = round_bf16(s);
+  if (wf) {
+    for (int64_t j = 0; j < n; j++) store(y, j, load(x, j, BF) * s * wf[j], BF);
+  } else {
+    for (int64_t j = 0; j < n; j++) store(y, j, load(x, j, BF) * s, BF);
+  }
+}
+
+// rows of this many values or more go to the threads one by one; shorter ones in chunks of about this many values
+constexpr int64_t ROWS_GRAIN = 32768;
+}  // namespace rowops
 
 // x [R, n] -> y [R, n] = x * rsqrt(mean(x^2) + eps), times w [n] when given, in float32, rounded to x's dtype.
 // round_scale (the unweighted bf16 norm): the scale is rounded to bf16 first and x * scale rounded after, as
-// torch computes `x * scale.to(bfloat16)` in bf16.
+// torch computes `x * scale.to(bfloat16)` in bf16. Rows split over the threads (a prompt's).
 extern "C" void ds4py_rms_rows(const void* x, int bf, int64_t R, int64_t n, const void* w, int wbf, float eps,
                                int round_scale, void* y) {
-  for (int64_t r = 0; r < R; r++) {
-    double ss = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-      const float v = rowops::load(x, r * n + i, bf);
-      ss += (double)v * v;
+  const size_t es = bf ? 2 : 4;
+  std::vector<float> wf(w ? n : 0);
+  for (int64_t i = 0; i < (int64_t)wf.size(); i++) wf[i] = rowops::load(w, i, wbf);
+  const int64_t grain = std::max<int64_t>(1, rowops::ROWS_GRAIN / std::max<int64_t>(n, 1));
+  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      const void* xr = (const char*)x + r * n * es;
+      void* yr = (char*)y + r * n * es;
+      if (bf) rowops::rms_row<true>(xr, n, w ? wf.data() : nullptr, eps, round_scale, yr);
+      else rowops::rms_row<false>(xr, n, w ? wf.data() : nullptr, eps, round_scale, yr);
     }
-    float s = 1.0f / std::sqrt((float)(ss / n) + eps);
-    if (round_scale) s = rowops::round_bf16(s);
-    for (int64_t i = 0; i < n; i++) {
-      float v = rowops::load(x, r * n + i, bf) * s;
-      if (w) v *= rowops::load(w, i, wbf);
-      rowops::store(y, r * n + i, v, bf);
-    }
-  }
+  });
 }
 
 // x [T, per_t, hd] -> y: each row's last 2 * half channels, as (re, im) pairs, times row t's rotation
 // rot [T, half] (cos, sin) pairs, or its conjugate; in float32, rounded to x's dtype; the other channels copied.
+// Tokens split over the threads (a prompt's).
 extern "C" void ds4py_rope_rows(const void* x, int bf, int64_t T, int64_t per_t, int64_t hd, int64_t half,
                                 const float* rot, int conj, void* y) {
   const int64_t first = hd - 2 * half;
   const size_t esize = bf ? 2 : 4;
-  for (int64_t t = 0; t < T; t++)
-    for (int64_t h = 0; h < per_t; h++) {
-      const int64_t row = (t * per_t + h) * hd;
-      std::memcpy((char*)y + row * esize, (const char*)x + row * esize, first * esize);
-      for (int64_t j = 0; j < half; j++) {
-        const float a = rowops::load(x, row + first + 2 * j, bf), b = rowops::load(x, row + first + 2 * j + 1, bf);
-        const float c = rot[(t * half + j) * 2], s = conj ? -rot[(t * half + j) * 2 + 1] : rot[(t * half + j) * 2 + 1];
-        rowops::store(y, row + first + 2 * j, a * c - b * s, bf);
-        rowops::store(y, row + first + 2 * j + 1, a * s + b * c, bf);
+  const int64_t grain = std::max<int64_t>(1, rowops::ROWS_GRAIN / std::max<int64_t>(per_t * hd, 1));
+  at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++)
+      for (int64_t h = 0; h < per_t; h++) {
+        const int64_t row = (t * per_t + h) * hd;
+        std::memcpy((char*)y + row * esize, (const char*)x + row * esize, first * esize);
+        for (int64_t j = 0; j < half; j++) {
+          const float a = rowops::load(x, row + first + 2 * j, bf);
+          const float b = rowops::load(x, row + first + 2 * j + 1, bf);
+          const float c = rot[(t * half + j) * 2];
+          const float s = conj ? -rot[(t * half + j) * 2 + 1] : rot[(t * half + j) * 2 + 1];
+          rowops::store(y, row + first + 2 * j, a * c - b * s, bf);
+          rowops::store(y, row + first + 2 * j + 1, a * s + b * c, bf);
+        }
       }
-    }
+  });
 }
 """
 

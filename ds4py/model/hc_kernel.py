@@ -18,7 +18,6 @@ import ctypes
 import torch
 
 from ds4py.formats import kernels
-from ds4py.model import row_kernels
 
 _SOURCE = r"""
 #include <ATen/Parallel.h>
@@ -227,7 +226,7 @@ def hc_collapse(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, sca
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """streams [T, hc, D] -> (x [T, D] in streams' dtype, post [T, hc], comb [T, hc, hc]) in one compiled call,
     or None where it does not apply (long inputs, other devices or dtypes, no compiler). norm = (weight [D], eps):
-    x comes back RMS-normed as `row_kernels.rms_norm` norms it (up to its MAX_T rows; else None)."""
+    x comes back RMS-normed as `row_kernels.rms_norm` norms it."""
     small = streams.dim() == 3 and streams.shape[1] * streams.shape[2] <= FUSED_SMALL_N
     if (not _fusable(streams, fn, max_t=None if small else FUSED_MAX_T)
             or not all(t.dtype == torch.float32 and t.is_contiguous() for t in (fn, base, scale))):
@@ -236,8 +235,7 @@ def hc_collapse(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, sca
     w = None
     if norm is not None:
         w = norm[0]
-        if (T > row_kernels.MAX_T or not w.is_cpu or w.dtype not in (torch.float32, torch.bfloat16)
-                or w.numel() != D):
+        if not w.is_cpu or w.dtype not in (torch.float32, torch.bfloat16) or w.numel() != D:
             return None
         w = w.contiguous()
     lib = _load()
