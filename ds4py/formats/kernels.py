@@ -173,6 +173,15 @@ constexpr int Q8_0 = 8, MXFP4 = 39;
 constexpr int MXFP4_R16 = 1039;  // not a ggml type: ds4py's id for MXFP4 repacked by 16 rows (R16, below)
 constexpr int TILE_T = 8;      // activation rows sharing one load of a weight block
 constexpr int64_t CHUNK = 32;  // weight rows kept in cache while all activation tiles pass over them
+// A thread's share of a call must reach this many multiply-adds before the call is split over the threads: a
+// thread-pool round costs a few us, what one thread does in that time (the tiny model's matrices of a few
+// thousand values ran ~40 rounds per decoded token for nothing). Row results do not depend on the split.
+constexpr int64_t PAR_MIN_WORK = 32768;
+
+// the grain (items per share) for items of `work` multiply-adds each: `grain`, or more where items are small
+inline int64_t grain_for(int64_t work, int64_t grain) {
+  return std::max<int64_t>(grain, (PAR_MIN_WORK + std::max<int64_t>(work, 1) - 1) / std::max<int64_t>(work, 1));
+}
 constexpr int XQ_OFFSET = DS4PY_AVX512 ? 128 : 0;
 // Software prefetch distance, bytes ahead of the pair of blocks being read (a thread's rows are contiguous, so
 // past a row's end this fetches the next row), by tile height. Weights from DRAM, 2 threads, Q8_0 4096x4096
@@ -351,6 +360,7 @@ template <int QT>
 void linear(const Acts* acts, int64_t rg, const uint8_t* w, int64_t rows, int64_t wstride, float* y) {
   const int64_t T = acts[0].T;
   int64_t grain = std::max<int64_t>(1, std::min<int64_t>(CHUNK, rows / (4 * at::get_num_threads())));
+  grain = grain_for(acts[0].nb * 32 * T, grain);
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t c0 = r0; c0 < r1; c0 += CHUNK) {
       int64_t c1 = std::min(r1, c0 + CHUNK);
@@ -538,7 +548,7 @@ void r16_tile(const uint8_t* wg, const Acts16& a, int64_t t0, int tt, float* y, 
 // x [T, n] -> y [T, rows] for R16 weights w (rows % 16 == 0, groups of n/32 * 272 bytes)
 void r16_linear(const Acts16& a, const uint8_t* w, int64_t rows, float* y) {
   const int64_t groups = rows / 16, gbytes = a.nb * R16_BLOCK;
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, groups, grain_for(16 * a.nb * 32 * a.T, 1), [&](int64_t g0, int64_t g1) {
     for (int64_t c0 = g0; c0 < g1; c0 += 2)  // 32 rows stay in cache while the activation tiles pass
       for (int64_t t0 = 0; t0 < a.T; t0 += TILE_T) {
         const int tt = (int)std::min<int64_t>(TILE_T, a.T - t0);
@@ -819,7 +829,8 @@ template <typename W, typename Dot>
 void row_blocks(const Dot (&dots)[BF_R][BF_T], const W* w, int64_t wstride, int64_t k, const float* xp, int64_t kp,
                 int64_t T, int64_t rows, float* y) {
   const int64_t nblk = (rows + BF_R - 1) / BF_R;
-  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, nblk / (4 * at::get_num_threads())));
+  const int64_t grain = grain_for(BF_R * k * T,
+                                 std::max<int64_t>(1, std::min<int64_t>(16, nblk / (4 * at::get_num_threads()))));
   at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; b++) {
       const int64_t r = b * BF_R;
@@ -850,7 +861,8 @@ extern "C" int ds4py_bf16_linear(const float* x, int64_t T, int64_t k, const uin
 #if DS4PY_AVX512
     if (T == 1) {  // one activation row (decoding): 16 weight rows at a time, then the rest as below
       const int64_t n16 = rows / 16;
-      const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, n16 / (4 * at::get_num_threads())));
+      const int64_t grain = grain_for(16 * k,
+                                      std::max<int64_t>(1, std::min<int64_t>(16, n16 / (4 * at::get_num_threads()))));
       at::parallel_for(0, n16, grain, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; b++) bf16_rows16(w + b * 16 * wstride, wstride, k, xp.data(), kp, y + b * 16);
       });
@@ -1034,7 +1046,7 @@ void experts_one_impl(const float* xf, int64_t n, int E, const int64_t* mats, co
   std::vector<int64_t> first(E + 1, 0);  // expert e's gate/up rows are [first[e], first[e + 1]) of all
   for (int e = 0; e < E; e++) first[e + 1] = first[e] + inter[e];
   std::vector<float> h(first[E]), up(first[E]);
-  at::parallel_for(0, first[E] / 16, 2, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, first[E] / 16, grain_for(32 * n, 2), [&](int64_t u0, int64_t u1) {  // 16 gate + 16 up rows
     for (int e = 0; e < E; e++) {
       const int64_t a = std::max(u0 * 16, first[e]), b = std::min(u1 * 16, first[e + 1]);
       for (int m = 0; m < 2; m++)
@@ -1049,7 +1061,7 @@ void experts_one_impl(const float* xf, int64_t n, int E, const int64_t* mats, co
     else quantize_acts(h.data() + first[e], 1, inter[e], ah[e]);
   }
   std::vector<float> y(D, 0.0f);
-  at::parallel_for(0, D / 16, 2, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, D / 16, grain_for(16 * first[E], 2), [&](int64_t u0, int64_t u1) {  // 16 rows of every W2
     float part[16];
     for (int e = 0; e < E; e++)  // the experts in order for every row
       for (int64_t u = u0; u < u1; u++) {

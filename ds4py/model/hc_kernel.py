@@ -103,7 +103,7 @@ void hc_collapse(const void* streams, int64_t T, int hc, int64_t D, const float*
     for (int l = 0; l < 8; l++) ss += lanes[l];
     const float r = 1.0f / std::sqrt((float)(ss / n) + norm_eps);
     for (int64_t i = 0; i < n; i++) flat[i] *= r;
-    at::parallel_for(0, rows, 8, [&](int64_t j0, int64_t j1) {
+    at::parallel_for(0, rows, std::max<int64_t>(8, 32768 / n), [&](int64_t j0, int64_t j1) {  // small: one thread
       for (int64_t j = j0; j < j1; j++) {
         const float* w = fn + j * n;
         float acc[16] = {};
