@@ -81,11 +81,12 @@ inline void store_value(void* p, int64_t i, float f) {
   else ((float*)p)[i] = f;
 }
 
+// head: the final collapse (HyperHead): fn has only the hc rows of pre, and post / comb are not made
 template <bool BF>
 void hc_collapse(const void* streams, int64_t T, int hc, int64_t D, const float* fn, const float* base,
                  const float* scale, int iters, float hc_eps, float norm_eps, void* x, float* pre, float* post,
-                 float* comb) {
-  const int rows = (2 + hc) * hc;
+                 float* comb, bool head = false) {
+  const int rows = head ? hc : (2 + hc) * hc;
   const int64_t n = hc * D;
   // several tokens: split over the threads (each token's projection then runs on one); one token: its projection's
   // rows split over the threads. Every value is computed the same way either way.
@@ -116,7 +117,11 @@ void hc_collapse(const void* streams, int64_t T, int hc, int64_t D, const float*
         mix[j] = s;
       }
     });
-    ds4py_hc_weights(mix.data(), 1, hc, base, scale, iters, hc_eps, pre + t * hc, post + t * hc, comb + t * hc * hc);
+    if (head) {
+      for (int k = 0; k < hc; k++) pre[t * hc + k] = 1.0f / (1.0f + std::exp(-(mix[k] * scale[0] + base[k]))) + hc_eps;
+    } else {
+      ds4py_hc_weights(mix.data(), 1, hc, base, scale, iters, hc_eps, pre + t * hc, post + t * hc, comb + t * hc * hc);
+    }
     const float* p = pre + t * hc;
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int k = 0; k < hc; k++)
@@ -165,6 +170,22 @@ extern "C" int ds4py_hc_collapse(const void* streams, int bf16, int64_t T, int h
   return 0;
 }
 
+// The final collapse (HyperHead) of streams [T, hc, D] -> x [T, D] = sum_k pre_k * streams_k with pre [T, hc] =
+// sigmoid(the normed streams' projection by fn [hc, hc * D] * scale[0] + base) + hc_eps, then normed [T, D] = the
+// output norm of x (weight w, out_eps) as ds4py_rms_rows computes it.
+extern "C" int ds4py_hc_head(const void* streams, int bf16, int64_t T, int hc, int64_t D, const float* fn,
+                             const float* base, const float* scale, float hc_eps, float norm_eps, void* x, float* pre,
+                             const void* w, int wbf, float out_eps, void* normed) {
+  try {
+    if (bf16) hc_collapse<true>(streams, T, hc, D, fn, base, scale, 0, hc_eps, norm_eps, x, pre, nullptr, nullptr, 1);
+    else hc_collapse<false>(streams, T, hc, D, fn, base, scale, 0, hc_eps, norm_eps, x, pre, nullptr, nullptr, 1);
+    ds4py_rms_rows(x, bf16, T, D, w, wbf, out_eps, 0, normed);
+  } catch (...) {
+    return 2;
+  }
+  return 0;
+}
+
 // out [T, D], streams [T, hc, D] (both float32, or both bf16 bits) -> next [T, hc, D]:
 // next_k = post_k * out + sum_j comb[j, k] * streams_j, in float32, rounded once.
 extern "C" void ds4py_hc_expand(const void* out, const void* streams, int bf16, int64_t T, int hc, int64_t D,
@@ -181,6 +202,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds4py_hc_weights.argtypes = [p, i64, i32, p, p, i32, f32, p, p, p]
     lib.ds4py_hc_collapse.restype = ctypes.c_int
     lib.ds4py_hc_collapse.argtypes = [p, i32, i64, i32, i64, p, p, p, i32, f32, f32, p, p, p, p, p, i32, f32, p]
+    lib.ds4py_hc_head.restype = ctypes.c_int
+    lib.ds4py_hc_head.argtypes = [p, i32, i64, i32, i64, p, p, p, f32, f32, p, p, p, i32, f32, p]
     lib.ds4py_hc_expand.restype = None
     lib.ds4py_hc_expand.argtypes = [p, p, i32, i64, i32, i64, p, p, p]
 
@@ -254,6 +277,31 @@ def hc_collapse(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, sca
     if rc:
         raise RuntimeError(f"ds4py_hc_collapse failed ({rc})")
     return normed, post, comb
+
+
+def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc_eps: float,
+            norm_eps: float, norm: torch.Tensor, out_eps: float) -> torch.Tensor | None:
+    """The final collapse (`HyperHead`) of streams [T, hc, D], then the output RMS norm (weight `norm`, out_eps) ->
+    [T, D] in streams' dtype, in one compiled call; None where it does not apply (as `hc_collapse`)."""
+    small = streams.dim() == 3 and streams.shape[1] * streams.shape[2] <= FUSED_SMALL_N
+    if (not _fusable(streams, fn, max_t=None if small else FUSED_MAX_T)
+            or not all(t.dtype == torch.float32 and t.is_contiguous() for t in (fn, base, scale))
+            or not norm.is_cpu or norm.dtype not in (torch.float32, torch.bfloat16)):
+        return None
+    T, hc, D = streams.shape
+    if fn.shape != (hc, hc * D) or base.numel() != hc or norm.numel() != D:
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    streams, norm = streams.contiguous(), norm.contiguous()
+    x, normed, pre = streams.new_empty(T, D), streams.new_empty(T, D), torch.empty(T, hc)
+    rc = lib.ds4py_hc_head(streams.data_ptr(), int(streams.dtype == torch.bfloat16), T, hc, D, fn.data_ptr(),
+                           base.data_ptr(), scale.data_ptr(), hc_eps, norm_eps, x.data_ptr(), pre.data_ptr(),
+                           norm.data_ptr(), int(norm.dtype == torch.bfloat16), out_eps, normed.data_ptr())
+    if rc:
+        raise RuntimeError(f"ds4py_hc_head failed ({rc})")
+    return normed
 
 
 def hc_expand(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ds4py.model.hc_kernel import hc_collapse, hc_expand, hc_weights
+from ds4py.model.hc_kernel import hc_collapse, hc_expand, hc_head, hc_weights
 from ds4py.model.norms import rms_norm, unweighted_rms_norm
 
 
@@ -91,6 +91,12 @@ class HyperHead:
     scale: torch.Tensor  # [1]
     hc_eps: float
     norm_eps: float
+
+    def normed(self, streams: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """The collapse, then the output rms_norm(x, weight, eps): one compiled call where it applies (decoding),
+        the values of the two up to float32 summation order."""
+        fused = hc_head(streams, self.fn, self.base, self.scale, self.hc_eps, self.norm_eps, weight, eps)
+        return fused if fused is not None else rms_norm(self(streams), weight, eps)
 
     def __call__(self, streams: torch.Tensor) -> torch.Tensor:
         flat = unweighted_rms_norm(streams.flatten(1).float(), self.norm_eps)

@@ -25,7 +25,6 @@ from ds4py.model.compressor import Compressor
 from ds4py.model.hyper_connection import HyperConnection, HyperHead
 from ds4py.model.indexer import Indexer
 from ds4py.model.moe import MoE, Router
-from ds4py.model.norms import rms_norm
 from ds4py.model.rope import Rotary
 
 
@@ -78,7 +77,7 @@ class Transformer:
 
     def final_hidden(self, streams: torch.Tensor) -> torch.Tensor:
         """[T, hc, D] -> the hc head's collapse, normed: [T, D]."""
-        return rms_norm(self.hc_head(streams), self.norm, self.config.rms_norm_eps)
+        return self.hc_head.normed(streams, self.norm, self.config.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head.linear(hidden).float()

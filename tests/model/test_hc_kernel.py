@@ -97,3 +97,30 @@ def test_long_inputs_and_autograd_use_torch():
     h = random_hyper(4, 32, 1)
     s = torch.randn(1, 4, 32, requires_grad=True)
     assert hc_collapse(s, h.fn, h.base, h.scale, 20, 1e-6, 1e-6) is None
+
+
+@pytest.mark.parametrize("T", [1, 3, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_compiled_final_collapse_and_norm_match_torch(T, dtype):
+    """The final collapse (HyperHead) and the output norm in one call against HyperHead's torch ops then the norm:
+    the same up to the projection's float32 summation order (bf16: one rounding step)."""
+    from ds4py.model.hc_kernel import hc_head
+    from ds4py.model.hyper_connection import HyperHead
+    from ds4py.model.norms import rms_norm
+
+    g = torch.Generator().manual_seed(T)
+    D, hc = 96, 4
+    head = HyperHead(fn=torch.randn(hc, hc * D, generator=g) / D**0.5, base=torch.randn(hc, generator=g),
+                     scale=torch.rand(1, generator=g) * 3, hc_eps=1e-6, norm_eps=1e-6)
+    streams = torch.randn(T, hc, D, generator=g).to(dtype)
+    weight = torch.rand(D, generator=g) + 0.5
+    fused = hc_head(streams, head.fn, head.base, head.scale, head.hc_eps, head.norm_eps, weight, 1e-6)
+    assert fused is not None, "the compiled final collapse did not build"
+    ref = rms_norm(head(streams), weight, 1e-6)
+    assert fused.dtype == dtype and fused.shape == (T, D) and torch.equal(head.normed(streams, weight, 1e-6), fused)
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    assert ((fused.float() - ref.float()).abs() <= tol * ref.float().abs().max()).all()
+    big = torch.randn(FUSED_MAX_T + 1, hc, FUSED_SMALL_N, generator=g)  # long and wide: torch's ops
+    wide = HyperHead(fn=torch.randn(hc, hc * FUSED_SMALL_N, generator=g), base=head.base, scale=head.scale,
+                     hc_eps=1e-6, norm_eps=1e-6)
+    assert hc_head(big, wide.fn, wide.base, wide.scale, 1e-6, 1e-6, torch.ones(FUSED_SMALL_N), 1e-6) is None
