@@ -161,6 +161,10 @@ extern "C" int ds4py_hc_collapse(const void* streams, int bf16, int64_t T, int h
                                  void* x, float* pre, float* post, float* comb, const void* w, int wbf,
                                  float out_eps, void* normed) {
   try {
+    std::vector<char> xs(x ? 0 : T * D * (bf16 ? 2 : 4));  // x and pre may be null (not wanted): scratch then
+    std::vector<float> ps(pre ? 0 : T * hc);
+    if (!x) x = xs.data();
+    if (!pre) pre = ps.data();
     if (bf16) hc_collapse<true>(streams, T, hc, D, fn, base, scale, iters, hc_eps, norm_eps, x, pre, post, comb);
     else hc_collapse<false>(streams, T, hc, D, fn, base, scale, iters, hc_eps, norm_eps, x, pre, post, comb);
     if (w) ds4py_rms_rows(x, bf16, T, D, w, wbf, out_eps, 0, normed);
@@ -177,6 +181,10 @@ extern "C" int ds4py_hc_head(const void* streams, int bf16, int64_t T, int hc, i
                              const float* base, const float* scale, float hc_eps, float norm_eps, void* x, float* pre,
                              const void* w, int wbf, float out_eps, void* normed) {
   try {
+    std::vector<char> xs(x ? 0 : T * D * (bf16 ? 2 : 4));  // x and pre may be null (not wanted): scratch then
+    std::vector<float> ps(pre ? 0 : T * hc);
+    if (!x) x = xs.data();
+    if (!pre) pre = ps.data();
     if (bf16) hc_collapse<true>(streams, T, hc, D, fn, base, scale, 0, hc_eps, norm_eps, x, pre, nullptr, nullptr, 1);
     else hc_collapse<false>(streams, T, hc, D, fn, base, scale, 0, hc_eps, norm_eps, x, pre, nullptr, nullptr, 1);
     ds4py_rms_rows(x, bf16, T, D, w, wbf, out_eps, 0, normed);
@@ -240,7 +248,7 @@ FUSED_SMALL_N = 4096
 def _fusable(*tensors: torch.Tensor, max_t: int | None = FUSED_MAX_T) -> bool:
     t = tensors[0]
     return (t.dim() >= 2 and (max_t is None or t.shape[0] <= max_t) and t.dtype in (torch.float32, torch.bfloat16)
-            and all(x.device.type == "cpu" for x in tensors)
+            and all(x.is_cpu for x in tensors)
             and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)))
 
 
@@ -264,19 +272,18 @@ def hc_collapse(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, sca
     lib = _load()
     if lib is None:
         return None
-    streams = streams.contiguous()
-    x = streams.new_empty(T, D)
-    normed = x if w is None else torch.empty_like(x)
-    pre = torch.empty(T, hc)
+    if not streams.is_contiguous():
+        streams = streams.contiguous()
+    out = streams.new_empty(T, D)  # x, or the normed x (x itself then stays in the C code's scratch)
     post, comb = torch.empty(T, hc), torch.empty(T, hc, hc)
     rc = lib.ds4py_hc_collapse(streams.data_ptr(), int(streams.dtype == torch.bfloat16), T, hc, D, fn.data_ptr(),
-                               base.data_ptr(), scale.data_ptr(), iters, hc_eps, norm_eps, x.data_ptr(),
-                               pre.data_ptr(), post.data_ptr(), comb.data_ptr(), None if w is None else w.data_ptr(),
-                               int(w is not None and w.dtype == torch.bfloat16), 0.0 if norm is None else norm[1],
-                               normed.data_ptr())
+                               base.data_ptr(), scale.data_ptr(), iters, hc_eps, norm_eps,
+                               out.data_ptr() if w is None else None, None, post.data_ptr(), comb.data_ptr(),
+                               None if w is None else w.data_ptr(), int(w is not None and w.dtype == torch.bfloat16),
+                               0.0 if norm is None else norm[1], out.data_ptr())
     if rc:
         raise RuntimeError(f"ds4py_hc_collapse failed ({rc})")
-    return normed, post, comb
+    return out, post, comb
 
 
 def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc_eps: float,
@@ -295,10 +302,10 @@ def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: 
     if lib is None:
         return None
     streams, norm = streams.contiguous(), norm.contiguous()
-    x, normed, pre = streams.new_empty(T, D), streams.new_empty(T, D), torch.empty(T, hc)
+    normed = streams.new_empty(T, D)
     rc = lib.ds4py_hc_head(streams.data_ptr(), int(streams.dtype == torch.bfloat16), T, hc, D, fn.data_ptr(),
-                           base.data_ptr(), scale.data_ptr(), hc_eps, norm_eps, x.data_ptr(), pre.data_ptr(),
-                           norm.data_ptr(), int(norm.dtype == torch.bfloat16), out_eps, normed.data_ptr())
+                           base.data_ptr(), scale.data_ptr(), hc_eps, norm_eps, None, None, norm.data_ptr(),
+                           int(norm.dtype == torch.bfloat16), out_eps, normed.data_ptr())
     if rc:
         raise RuntimeError(f"ds4py_hc_head failed ({rc})")
     return normed
@@ -313,8 +320,14 @@ def hc_expand(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor,
     if lib is None:
         return None
     T, hc, D = streams.shape
-    streams, out = streams.contiguous(), out.contiguous()
-    post, comb = post.float().contiguous(), comb.float().contiguous()
+    if not streams.is_contiguous():
+        streams = streams.contiguous()
+    if not out.is_contiguous():
+        out = out.contiguous()
+    if post.dtype != torch.float32 or not post.is_contiguous():  # (from the compiled collapse they are both)
+        post = post.float().contiguous()
+    if comb.dtype != torch.float32 or not comb.is_contiguous():
+        comb = comb.float().contiguous()
     nxt = torch.empty_like(streams)
     lib.ds4py_hc_expand(out.data_ptr(), streams.data_ptr(), int(streams.dtype == torch.bfloat16), T, hc, D,
                         post.data_ptr(), comb.data_ptr(), nxt.data_ptr())
