@@ -1021,14 +1021,6 @@ void rows_tile(const uint8_t* w, int q, int64_t stride, int64_t r0, int64_t cols
 }
 }  // namespace
 
-// One token x [n] (float32, or bf16 bits) through E experts (the routed ones it chose, then the shared ones):
-// out [D] = sum_e weights[e] * W2_e swiglu(W1_e x, W3_e x), float32 inside, rounded once to bf16 if outbf16.
-// Expert e's matrices are mats[3e + m] for m = W1, W3, W2, with qtypes[3e + m] (Q8_0, MXFP4 or MXFP4_R16) and
-// row strides strides[3e + m] bytes (ggml rows; R16 matrices are contiguous groups); W1/W3 have inter[e] rows of
-// n values, W2 has D rows of inter[e] values; inter[e] and D are multiples of 16.
-// One parallel pass over all gate/up rows of all experts, then one over the output rows: two thread-pool
-// rounds where the matmuls one by one took 3E. Work is split in units of 16 rows (an R16 group); each thread
-// reads its rows of one matrix after the other (one stream at a time).
 namespace {
 // ds4py_experts_one on x already float32 (xf [n]); throws std::bad_alloc
 void experts_one_impl(const float* xf, int64_t n, int E, const int64_t* mats, const int32_t* qtypes,

@@ -17,6 +17,7 @@ import ctypes
 import torch
 
 from ds4py.formats import kernels
+from ds4py.model import row_kernels
 
 MAX_WORK = 1 << 20  # heads * head_dim * keys up to which the compiled call runs
 
@@ -139,8 +140,7 @@ def attend_one(q: torch.Tensor, window: torch.Tensor, entries: torch.Tensor | No
     lib = _load()
     if lib is None:
         return None
-    if not rotation.is_contiguous():
-        rotation = rotation.contiguous()  # (may resolve the conjugation: read is_conj after)
+    rotation, conj = row_kernels.rotation_pairs(rotation)
     q, window, sinks = q.contiguous(), window.contiguous(), sinks.contiguous()
     if entries is not None:
         entries = entries.contiguous()
@@ -150,7 +150,7 @@ def attend_one(q: torch.Tensor, window: torch.Tensor, entries: torch.Tensor | No
     rc = lib.ds4py_attend_one(q.data_ptr(), H, hd, window.data_ptr(), window.shape[0],
                               None if entries is None else entries.data_ptr(),
                               0 if entries is None else entries.shape[0], None if top is None else top.data_ptr(), C,
-                              sinks.data_ptr(), scale, rotation.data_ptr(), half, int(rotation.is_conj()),
+                              sinks.data_ptr(), scale, rotation.data_ptr(), half, int(conj),
                               int(dtype == torch.bfloat16), out.data_ptr())
     if rc:
         raise ValueError(f"attend_one: entry indices outside [0, {entries.shape[0]})")

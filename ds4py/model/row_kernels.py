@@ -68,6 +68,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return y
 
 
+def rotation_pairs(rotation: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A complex64 rotation as the C code reads it: contiguous (its memory is (cos, sin) float pairs) and whether
+    those pairs are to be conjugated (a conjugate view shares its input's memory; is_conj marks it)."""
+    if not rotation.is_contiguous():
+        rotation = rotation.contiguous()  # (may resolve the conjugation: read is_conj after)
+    return rotation, rotation.is_conj()
+
+
 def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor | None:
     """`rope.rotate` of x [T, ..., hd] by rotation [T, half] (complex64, or its conjugate) in one call, or None."""
     if not _applies(x) or x.dim() < 2 or rotation.dtype != torch.complex64 or not rotation.is_cpu:
@@ -78,10 +86,7 @@ def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor | None:
     lib = _load()
     if lib is None:
         return None
-    # complex64 memory is (cos, sin) float pairs; a conjugate view shares its input's memory (is_conj marks it)
-    if not rotation.is_contiguous():
-        rotation = rotation.contiguous()  # (may resolve the conjugation: read is_conj after)
-    conj = rotation.is_conj()
+    rotation, conj = rotation_pairs(rotation)
     if not x.is_contiguous():
         x = x.contiguous()
     y = torch.empty_like(x)
