@@ -1381,6 +1381,56 @@ extern "C" int ds4py_experts_many(const void* x, int xbf16, int64_t T, int64_t n
   return 0;
 }
 
+// T tokens' routed experts (ids [T, k] into the plan's stacks, weights w [T, k]) and, when `shared`, the plan's
+// shared experts on every token, in one ds4py_experts_many call: the pairs grouped by expert in ascending id, the
+// tokens ascending within one (a stable sort of the flattened ids), the shared ones after: the pairs and order
+// MoE.fused_many hands ds4py_experts_many, so the same bits.
+extern "C" int ds4py_moe_many(const MoEPlan* p, const void* x, int xbf16, int64_t T, const int64_t* ids,
+                              const float* w, int shared, void* out, int outbf16) {
+  const int64_t k = p->k, E = p->E, P = T * k, S = shared ? p->shared : 0;
+  for (int64_t i = 0; i < P; i++)
+    if (ids[i] < 0 || ids[i] >= E) return 1;
+  try {
+    std::vector<int64_t> next(E + 1, 0);  // where expert e's pairs start, then the next free slot
+    for (int64_t i = 0; i < P; i++) next[ids[i] + 1]++;
+    std::vector<int64_t> counts(next.begin() + 1, next.end());
+    for (int64_t e = 0; e < E; e++) next[e + 1] += next[e];
+    std::vector<int64_t> tok(P + S * T);
+    std::vector<float> wts(P + S * T, 1.0f);
+    for (int64_t i = 0; i < P; i++) {
+      const int64_t j = next[ids[i]]++;
+      tok[j] = i / k;
+      wts[j] = w[i];
+    }
+    std::vector<int64_t> mats, strides, inter, pairs(1, 0);
+    std::vector<int32_t> qtypes;
+    for (int64_t e = 0; e < E; e++) {
+      if (!counts[e]) continue;
+      for (int m = 0; m < 3; m++) {
+        mats.push_back(p->stacks[m] + e * p->expert_bytes[m]);
+        strides.push_back(p->strides[m]);
+        qtypes.push_back(p->qtypes[m]);
+      }
+      inter.push_back(p->inter);
+      pairs.push_back(pairs.back() + counts[e]);
+    }
+    for (int64_t s = 0; s < S; s++) {
+      for (int m = 0; m < 3; m++) {
+        mats.push_back(p->shared_mats[3 * s + m]);
+        strides.push_back(p->shared_strides[3 * s + m]);
+        qtypes.push_back(p->shared_qtypes[3 * s + m]);
+      }
+      inter.push_back(p->shared_inter[s]);
+      pairs.push_back(pairs.back() + T);
+      for (int64_t t = 0; t < T; t++) tok[P + s * T + t] = t;
+    }
+    return ds4py_experts_many(x, xbf16, T, p->n, (int)inter.size(), mats.data(), qtypes.data(), strides.data(),
+                              inter.data(), pairs.data(), tok.data(), wts.data(), p->limit, p->n, out, outbf16, 0);
+  } catch (...) {
+    return 2;
+  }
+}
+
 // What one token's attention projections need, fixed for a layer (built once in Python, `kernels.ProjectPlan`).
 struct ProjectPlan {
   int64_t D, q_lora, H, hd;             // model width, q_lora_rank, heads, head_dim
@@ -1578,6 +1628,10 @@ def _compile(generic: bool) -> ctypes.CDLL:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.POINTER(MoEPlan), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    fn = lib.ds4py_moe_many
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.POINTER(MoEPlan), ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     fn = lib.ds4py_project_one
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.POINTER(ProjectPlan), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
@@ -2022,6 +2076,30 @@ def moe_one(plan: MoEPlan, x: torch.Tensor, hash_ids: torch.Tensor | None) -> tu
     if rc:
         raise RuntimeError(f"ds4py_moe_one failed ({rc})")
     return out, weights, ids
+
+
+def moe_many(plan: MoEPlan, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+             shared: bool) -> torch.Tensor | None:
+    """T tokens x [T, n] through the routed experts `ids` [T, k] (weights [T, k]) of the MoE of `plan` and, when
+    `shared`, its shared experts, in one compiled call -> [T, n] in x.dtype: the pairs, order and values of
+    `experts_many` as MoE.fused_many calls it. None where the kernels do not apply."""
+    if (not x.is_cpu or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2 or x.shape[1] != plan.n
+            or tuple(ids.shape) != (x.shape[0], plan.k) or tuple(weights.shape) != tuple(ids.shape)
+            or (x.requires_grad and torch.is_grad_enabled())):
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    x = x.contiguous()
+    ids = ids.to(torch.int64).contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    bf16 = int(x.dtype == torch.bfloat16)
+    out = torch.empty_like(x)
+    rc = lib.ds4py_moe_many(plan, x.data_ptr(), bf16, x.shape[0], ids.data_ptr(), weights.data_ptr(), int(shared),
+                            out.data_ptr(), bf16)
+    if rc:
+        raise RuntimeError(f"ds4py_moe_many failed ({rc}): an expert id outside [0, {plan.E})?")
+    return out
 
 
 class ProjectPlan(ctypes.Structure):

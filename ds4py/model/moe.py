@@ -93,15 +93,19 @@ class MoE:
         """One token through the router, its routed experts (ascending id) and the shared ones in one compiled call
         (`kernels.moe_one`: the values of `router` then `fused_one`), when the expert stacks are resident in a
         format the CPU kernels multiply from its blocks; else None."""
-        made_from = (self.router.weight, self.router.bias, self.w1, self.w2, self.w3, self.shared)
-        if self.plan is None or any(a is not b for a, b in zip(self.plan[0], made_from)):
-            self.plan = (made_from, self.make_plan())
-        plan = self.plan[1]
+        plan = self.current_plan()
         if plan is None:
             return None
         hash_ids = None if self.router.tid2eid is None else self.router.tid2eid[token_ids]
         done = kernels.moe_one(plan, x, hash_ids)
         return None if done is None else done[0]
+
+    def current_plan(self) -> kernels.MoEPlan | None:
+        """The compiled calls' plan of this MoE (made again if a weight was replaced), or None."""
+        made_from = (self.router.weight, self.router.bias, self.w1, self.w2, self.w3, self.shared)
+        if self.plan is None or any(a is not b for a, b in zip(self.plan[0], made_from)):
+            self.plan = (made_from, self.make_plan())
+        return self.plan[1]
 
     def make_plan(self) -> kernels.MoEPlan | None:
         stacks = [w.stack_rows() for w in (self.w1, self.w3, self.w2)]
@@ -140,6 +144,11 @@ class MoE:
         T = x.shape[0]
         # an expert with as many tokens as a long bf16 prompt is faster as a bf16 GEMM (`kernels.ggml_linear`)
         gemm = x.dtype == torch.bfloat16 and T >= kernels.BF16_GEMM_MIN_T
+        plan = self.current_plan()  # resident stacks: the grouping and the call in C (the same pairs as below)
+        if plan is not None and not (gemm and int(torch.bincount(ids.flatten()).max()) >= kernels.BF16_GEMM_MIN_T):
+            out = kernels.moe_many(plan, x, weights, ids, shared=not gemm)
+            if out is not None:
+                return self.add_shared_gemm(x, out) if gemm else out
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)  # pairs by expert, tokens ascending within one
         experts, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
@@ -169,10 +178,14 @@ class MoE:
             start += n
         if streamed:
             out = acc.to(x.dtype)
-        if self.shared is not None and gemm:
-            w1, w2, w3 = self.shared
-            out = out + w2.linear(swiglu(w1.linear(x), w3.linear(x), self.swiglu_limit))
-        return out
+        return self.add_shared_gemm(x, out) if gemm else out
+
+    def add_shared_gemm(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out + the shared experts on x through the bf16 GEMM (a long bf16 prompt's)."""
+        if self.shared is None:
+            return out
+        w1, w2, w3 = self.shared
+        return out + w2.linear(swiglu(w1.linear(x), w3.linear(x), self.swiglu_limit))
 
     def routed_trio(self, e: int) -> tuple[Weight, Weight, Weight]:
         """Expert e's W1, W3, W2 (read through the expert cache when streamed)."""

@@ -167,10 +167,13 @@ def test_fused_prefill_moe_equals_the_expert_loop(model, monkeypatch, dtype):
     x = torch.randn(37, model.config.hidden_size, generator=gen).to(dtype)
     token_ids = torch.randint(0, model.config.vocab_size, (37,), generator=gen)
     calls = []
-    real = kernels.experts_many
-    monkeypatch.setattr(kernels, "experts_many", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = kernels.moe_many
+    monkeypatch.setattr(kernels, "moe_many", lambda *a, **k: calls.append(1) or real(*a, **k))
     for block in model.transformer.blocks:
         fused = block.ffn(x, token_ids)
+        with monkeypatch.context() as m:  # the pairs grouped in Python, then experts_many: the same bits
+            m.setattr(MoE, "current_plan", lambda self: None)
+            assert torch.equal(block.ffn(x, token_ids), fused)
         with monkeypatch.context() as m:
             m.setattr(MoE, "fused_many", lambda self, x, w, ids: None)
             loop = block.ffn(x, token_ids)
@@ -180,7 +183,20 @@ def test_fused_prefill_moe_equals_the_expert_loop(model, monkeypatch, dtype):
         else:  # against float32 on the same inputs: the call's one rounding is no further off than the loop's
             exact = block.ffn(x.float(), token_ids)
             assert rel(fused.float(), exact) < 1e-2 and rel(fused.float(), exact) <= rel(loop.float(), exact)
-    assert len(calls) == len(model.transformer.blocks) * (1 if dtype == torch.float32 else 2)
+    assert len(calls) == len(model.transformer.blocks) * (1 if dtype == torch.float32 else 2)  # (+ float32 exact)
+
+
+def test_long_bf16_chunk_moe_grouped_in_c_equals_grouped_in_python(model, monkeypatch):
+    """A 300-token bf16 chunk (the shared expert then goes through the bf16 GEMM, the routed ones through
+    moe_many): the same bits as the pairs grouped in Python and handed to experts_many."""
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(300, model.config.hidden_size, generator=gen).bfloat16()
+    token_ids = torch.randint(0, model.config.vocab_size, (300,), generator=gen)
+    for block in model.transformer.blocks:
+        fused = block.ffn(x, token_ids)
+        with monkeypatch.context() as m:
+            m.setattr(MoE, "current_plan", lambda self: None)
+            assert torch.equal(block.ffn(x, token_ids), fused)
 
 
 def test_indexer_query_blocks_choose_the_same_entries(model, monkeypatch):
