@@ -51,10 +51,6 @@ BF16_TILE_ROWS = 1024
 # hyper-connections' collapse (needs <ATen/Parallel.h> and BF16_C before it)
 ROW_OPS_C = r"""
 namespace rowops {
-inline float load(const void* p, int64_t i, int bf) {
-  return bf ? bf16_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
-}
-
 inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }  // as torch's .to(bfloat16) rounds
 
 inline void store(void* p, int64_t i, float f, int bf) {
@@ -70,18 +66,18 @@ void rms_row(const void* x, int64_t n, const float* wf, float eps, int round_sca
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
     for (int l = 0; l < 8; l++) {
-      const double v = load(x, i + l, BF);
+      const double v = load_float(x, i + l, BF);
       acc[l] += v * v;
     }
   double ss = 0.0;
-  for (; i < n; i++) ss += (double)load(x, i, BF) * load(x, i, BF);
+  for (; i < n; i++) ss += (double)load_float(x, i, BF) * load_float(x, i, BF);
   for (int l = 0; l < 8; l++) ss += acc[l];
   float s = 1.0f / std::sqrt((float)(ss / n) + eps);
   if (round_scale) s = round_bf16(s);
   if (wf) {
-    for (int64_t j = 0; j < n; j++) store(y, j, load(x, j, BF) * s * wf[j], BF);
+    for (int64_t j = 0; j < n; j++) store(y, j, load_float(x, j, BF) * s * wf[j], BF);
   } else {
-    for (int64_t j = 0; j < n; j++) store(y, j, load(x, j, BF) * s, BF);
+    for (int64_t j = 0; j < n; j++) store(y, j, load_float(x, j, BF) * s, BF);
   }
 }
 
@@ -96,7 +92,7 @@ extern "C" void ds4py_rms_rows(const void* x, int bf, int64_t R, int64_t n, cons
                                int round_scale, void* y) {
   const size_t es = bf ? 2 : 4;
   std::vector<float> wf(w ? n : 0);
-  for (int64_t i = 0; i < (int64_t)wf.size(); i++) wf[i] = rowops::load(w, i, wbf);
+  for (int64_t i = 0; i < (int64_t)wf.size(); i++) wf[i] = load_float(w, i, wbf);
   const int64_t grain = std::max<int64_t>(1, rowops::ROWS_GRAIN / std::max<int64_t>(n, 1));
   at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
@@ -122,8 +118,8 @@ extern "C" void ds4py_rope_rows(const void* x, int bf, int64_t T, int64_t per_t,
         const int64_t row = (t * per_t + h) * hd;
         std::memcpy((char*)y + row * esize, (const char*)x + row * esize, first * esize);
         for (int64_t j = 0; j < half; j++) {
-          const float a = rowops::load(x, row + first + 2 * j, bf);
-          const float b = rowops::load(x, row + first + 2 * j + 1, bf);
+          const float a = load_float(x, row + first + 2 * j, bf);
+          const float b = load_float(x, row + first + 2 * j + 1, bf);
           const float c = rot[(t * half + j) * 2];
           const float s = conj ? -rot[(t * half + j) * 2 + 1] : rot[(t * half + j) * 2 + 1];
           rowops::store(y, row + first + 2 * j, a * c - b * s, bf);
@@ -148,6 +144,24 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN -> 0x7FC
   uint32_t u;
   std::memcpy(&u, &f, 4);
   return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// value i of float32 data, or of bf16 bits when bf
+inline float load_float(const void* p, int64_t i, int bf) {
+  return bf ? bf16_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+}
+
+// n values (float32, or bf16 bits when bf) -> float32 dst; the two loops vectorize
+inline void widen_to_float(const void* src, int bf, int64_t n, float* dst) {
+  if (!bf) {
+    std::memcpy(dst, src, n * 4);
+    return;
+  }
+  const uint16_t* b = (const uint16_t*)src;
+  for (int64_t i = 0; i < n; i++) {
+    const uint32_t u = (uint32_t)b[i] << 16;
+    std::memcpy(dst + i, &u, 4);
+  }
 }
 """
 
@@ -1130,7 +1144,7 @@ extern "C" int ds4py_experts_one(const void* x, int xbf16, int64_t n, int E, con
   }
   try {
     std::vector<float> xf(n);
-    for (int64_t i = 0; i < n; i++) xf[i] = xbf16 ? bf16_to_float(((const uint16_t*)x)[i]) : ((const float*)x)[i];
+    widen_to_float(x, xbf16, n, xf.data());
     experts_one_impl(xf.data(), n, E, mats, qtypes, strides, inter, weights, limit, D, out, outbf16);
   } catch (...) {
     return 2;
@@ -1174,6 +1188,36 @@ struct MoEPlan {
   int32_t shared_qtypes[12];
 };
 
+// The matrices of the routed experts ids[0..n_ids) (from the plan's stacks) and then, when `shared`, of the plan's
+// shared experts, laid out as ds4py_experts_one / _many take them.
+namespace {
+struct PlanExperts {
+  std::vector<int64_t> mats, strides, inter;
+  std::vector<int32_t> qtypes;
+
+  PlanExperts(const MoEPlan* p, const int64_t* ids, int64_t n_ids, bool shared) {
+    for (int64_t j = 0; j < n_ids; j++) {
+      for (int m = 0; m < 3; m++) {
+        mats.push_back(p->stacks[m] + ids[j] * p->expert_bytes[m]);
+        strides.push_back(p->strides[m]);
+        qtypes.push_back(p->qtypes[m]);
+      }
+      inter.push_back(p->inter);
+    }
+    for (int s = 0; shared && s < p->shared; s++) {
+      for (int m = 0; m < 3; m++) {
+        mats.push_back(p->shared_mats[3 * s + m]);
+        strides.push_back(p->shared_strides[3 * s + m]);
+        qtypes.push_back(p->shared_qtypes[3 * s + m]);
+      }
+      inter.push_back(p->shared_inter[s]);
+    }
+  }
+
+  int count() const { return (int)inter.size(); }
+};
+}  // namespace
+
 // One token x [n] (float32, or bf16 bits) through a layer's MoE in one call: router logits (the float32 products
 // of ds4py_f32_linear, the same bits), route_row (hash_ids: the token's k ids, or null), then experts_one on the
 // chosen experts in ascending id and the shared ones. out [n] (bf16 if outbf16); w [k], ids [k] the routing.
@@ -1191,32 +1235,14 @@ extern "C" int ds4py_moe_one(const MoEPlan* p, const void* x, int xbf16, const i
   try {
     const int64_t kp = (n + 15) / 16 * 16;  // as ds4py_f32_linear pads x
     std::vector<float> xf(kp, 0.0f), logits(p->E), scores(p->E);
-    for (int64_t i = 0; i < n; i++) xf[i] = xbf16 ? bf16_to_float(((const uint16_t*)x)[i]) : ((const float*)x)[i];
+    widen_to_float(x, xbf16, n, xf.data());
     row_blocks(F32_DOTS, p->router, p->router_stride, n, xf.data(), kp, 1, p->E, logits.data());
     route_row(logits.data(), p->E, p->bias, p->score, p->k, p->scaling, hash_ids, scores.data(), w, ids);
-    const int E = p->k + p->shared;
-    std::vector<int64_t> mats(3 * E), strides(3 * E), inter(E);
-    std::vector<int32_t> qtypes(3 * E);
-    std::vector<float> weights(E, 1.0f);
-    for (int j = 0; j < p->k; j++) {
-      for (int m = 0; m < 3; m++) {
-        mats[3 * j + m] = p->stacks[m] + ids[j] * p->expert_bytes[m];
-        strides[3 * j + m] = p->strides[m];
-        qtypes[3 * j + m] = p->qtypes[m];
-      }
-      inter[j] = p->inter;
-      weights[j] = w[j];
-    }
-    for (int s = 0; s < p->shared; s++) {
-      for (int m = 0; m < 3; m++) {
-        mats[3 * (p->k + s) + m] = p->shared_mats[3 * s + m];
-        strides[3 * (p->k + s) + m] = p->shared_strides[3 * s + m];
-        qtypes[3 * (p->k + s) + m] = p->shared_qtypes[3 * s + m];
-      }
-      inter[p->k + s] = p->shared_inter[s];
-    }
-    experts_one_impl(xf.data(), n, E, mats.data(), qtypes.data(), strides.data(), inter.data(), weights.data(),
-                     p->limit, n, out, outbf16);
+    const PlanExperts ex(p, ids, p->k, true);
+    std::vector<float> weights(w, w + p->k);
+    weights.resize(ex.count(), 1.0f);  // the shared experts' weight
+    experts_one_impl(xf.data(), n, ex.count(), ex.mats.data(), ex.qtypes.data(), ex.strides.data(), ex.inter.data(),
+                     weights.data(), p->limit, n, out, outbf16);
   } catch (...) {
     return 2;
   }
@@ -1296,7 +1322,7 @@ extern "C" int ds4py_experts_many(const void* x, int xbf16, int64_t T, int64_t n
       for (int64_t p = p0; p < p1; p++)
         for (int64_t i = 0; i < n; i++) {
           const int64_t k = tok[p] * n + i;
-          xg[p * n + i] = xbf16 ? bf16_to_float(((const uint16_t*)x)[k]) : ((const float*)x)[k];
+          xg[p * n + i] = load_float(x, k, xbf16);
         }
     });
     std::vector<Acts> ax(E);  // expert e's tokens, quantized as its W1/W3 read them
@@ -1402,30 +1428,19 @@ extern "C" int ds4py_moe_many(const MoEPlan* p, const void* x, int xbf16, int64_
       tok[j] = i / k;
       wts[j] = w[i];
     }
-    std::vector<int64_t> mats, strides, inter, pairs(1, 0);
-    std::vector<int32_t> qtypes;
+    std::vector<int64_t> used, pairs(1, 0);  // the experts with pairs, ascending; where each one's pairs end
     for (int64_t e = 0; e < E; e++) {
       if (!counts[e]) continue;
-      for (int m = 0; m < 3; m++) {
-        mats.push_back(p->stacks[m] + e * p->expert_bytes[m]);
-        strides.push_back(p->strides[m]);
-        qtypes.push_back(p->qtypes[m]);
-      }
-      inter.push_back(p->inter);
+      used.push_back(e);
       pairs.push_back(pairs.back() + counts[e]);
     }
     for (int64_t s = 0; s < S; s++) {
-      for (int m = 0; m < 3; m++) {
-        mats.push_back(p->shared_mats[3 * s + m]);
-        strides.push_back(p->shared_strides[3 * s + m]);
-        qtypes.push_back(p->shared_qtypes[3 * s + m]);
-      }
-      inter.push_back(p->shared_inter[s]);
       pairs.push_back(pairs.back() + T);
       for (int64_t t = 0; t < T; t++) tok[P + s * T + t] = t;
     }
-    return ds4py_experts_many(x, xbf16, T, p->n, (int)inter.size(), mats.data(), qtypes.data(), strides.data(),
-                              inter.data(), pairs.data(), tok.data(), wts.data(), p->limit, p->n, out, outbf16, 0);
+    const PlanExperts ex(p, used.data(), (int64_t)used.size(), S > 0);
+    return ds4py_experts_many(x, xbf16, T, p->n, ex.count(), ex.mats.data(), ex.qtypes.data(), ex.strides.data(),
+                              ex.inter.data(), pairs.data(), tok.data(), wts.data(), p->limit, p->n, out, outbf16, 0);
   } catch (...) {
     return 2;
   }
@@ -1455,10 +1470,6 @@ void linear_row(int q, const float* x, int64_t n, const uint8_t* w, int64_t rows
   if (bf)
     for (int64_t i = 0; i < rows; i++) ((uint16_t*)y)[i] = float_to_bf16(yf[i]);
 }
-
-void widen(const void* x, int bf, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; i++) out[i] = rowops::load(x, i, bf);
-}
 }  // namespace
 
 // One token's attention projections in one call, the values of Attention.project's calls one by one
@@ -1475,13 +1486,13 @@ extern "C" int ds4py_project_one(const ProjectPlan* p, const void* x, int bf, co
     const size_t es = bf ? 2 : 4;
     std::vector<float> xf(std::max(D, ql));
     std::vector<char> a(ql * es), b(H * hd * es), c((H + 1) * hd * es);  // x's dtype, as the torch tensors are
-    widen(x, bf, D, xf.data());
+    widen_to_float(x, bf, D, xf.data());
     linear_row(p->qtypes[0], xf.data(), D, p->w[0], ql, p->strides[0], a.data(), bf);
     ds4py_rms_rows(a.data(), bf, 1, ql, p->q_norm, p->q_norm_bf, p->eps, 0, q_residual);
-    widen(q_residual, bf, ql, xf.data());
+    widen_to_float(q_residual, bf, ql, xf.data());
     linear_row(p->qtypes[1], xf.data(), ql, p->w[1], H * hd, p->strides[1], b.data(), bf);
     ds4py_rms_rows(b.data(), bf, H, hd, nullptr, 0, p->eps, bf, c.data());  // c: q's heads, then kv
-    widen(x, bf, D, xf.data());
+    widen_to_float(x, bf, D, xf.data());
     linear_row(p->qtypes[2], xf.data(), D, p->w[2], hd, p->strides[2], a.data(), bf);
     ds4py_rms_rows(a.data(), bf, 1, hd, p->kv_norm, p->kv_norm_bf, p->eps, 0, c.data() + H * hd * es);
     ds4py_rope_rows(c.data(), bf, 1, H + 1, hd, half, rot, 0, qkv);
@@ -1502,9 +1513,9 @@ extern "C" int ds4py_output_one(const void* out, int bf, int64_t groups, int64_t
   try {
     std::vector<float> xf(std::max(groups * n, rows_a));
     std::vector<char> o(rows_a * (bf ? 2 : 4));
-    widen(out, bf, groups * n, xf.data());
+    widen_to_float(out, bf, groups * n, xf.data());
     linear_row(qa, xf.data(), n, wo_a, rows_a, stride_a, o.data(), bf, groups);
-    widen(o.data(), bf, rows_a, xf.data());
+    widen_to_float(o.data(), bf, rows_a, xf.data());
     linear_row(qb, xf.data(), rows_a, wo_b, D, stride_b, y, bf);
   } catch (...) {
     return 2;

@@ -29,23 +29,6 @@ _SOURCE = r"""
 #include <vector>
 """ + kernels.BF16_C + r"""
 namespace {
-inline float load(const void* p, int64_t i, int bf) {
-  return bf ? bf16_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
-}
-
-// n values (float32, or bf16 bits) -> float32; the two loops vectorize
-inline void widen(const void* src, int64_t n, int bf, float* dst) {
-  if (!bf) {
-    std::memcpy(dst, src, n * 4);
-    return;
-  }
-  const uint16_t* b = (const uint16_t*)src;
-  for (int64_t i = 0; i < n; i++) {
-    const uint32_t u = (uint32_t)b[i] << 16;
-    std::memcpy(dst + i, &u, 4);
-  }
-}
-
 inline float round_to(float f, int bf) { return bf ? bf16_to_float(float_to_bf16(f)) : f; }
 }  // namespace
 
@@ -68,13 +51,13 @@ extern "C" int ds4py_attend_one(const void* q, int64_t H, int64_t hd, const void
   // the keys as rows [L, hd] (for the weighted sum) and transposed [hd, L] (for the logits: the loops over keys
   // vectorize, each key's dot product summed over d in order)
   std::vector<float> kf(L * hd), kt(hd * L), p(L + 1), o(hd);
-  for (int64_t j = 0; j < L; j++) widen(rows[j], hd, bf, kf.data() + j * hd);
+  for (int64_t j = 0; j < L; j++) widen_to_float(rows[j], bf, hd, kf.data() + j * hd);
   for (int64_t j = 0; j < L; j++)
     for (int64_t d = 0; d < hd; d++) kt[d * L + j] = kf[j * hd + d];
   for (int64_t h = 0; h < H; h++) {
     std::fill(p.begin(), p.end(), 0.0f);
     for (int64_t d = 0; d < hd; d++) {
-      const float qd = load(q, h * hd + d, bf);
+      const float qd = load_float(q, h * hd + d, bf);
       const float* kd = kt.data() + d * L;
       for (int64_t j = 0; j < L; j++) p[j] += qd * kd[j];
     }

@@ -72,7 +72,7 @@ extern "C" void ds4py_hc_weights(const float* mix, int64_t T, int hc, const floa
 
 template <bool BF>
 inline float load_value(const void* p, int64_t i) {
-  return BF ? bf16_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+  return load_float(p, i, BF);
 }
 
 template <bool BF>
@@ -252,15 +252,21 @@ def _fusable(*tensors: torch.Tensor, max_t: int | None = FUSED_MAX_T) -> bool:
             and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)))
 
 
+def _collapsible(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether the compiled collapse (a block's or the final one) takes these: a few tokens, or any number of them
+    where the streams are small; float32 contiguous parameters."""
+    small = streams.dim() == 3 and streams.shape[1] * streams.shape[2] <= FUSED_SMALL_N
+    return (_fusable(streams, fn, max_t=None if small else FUSED_MAX_T)
+            and all(t.dtype == torch.float32 and t.is_contiguous() for t in (fn, base, scale)))
+
+
 def hc_collapse(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int,
                 hc_eps: float, norm_eps: float, norm: tuple[torch.Tensor, float] | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """streams [T, hc, D] -> (x [T, D] in streams' dtype, post [T, hc], comb [T, hc, hc]) in one compiled call,
     or None where it does not apply (long inputs, other devices or dtypes, no compiler). norm = (weight [D], eps):
     x comes back RMS-normed as `row_kernels.rms_norm` norms it."""
-    small = streams.dim() == 3 and streams.shape[1] * streams.shape[2] <= FUSED_SMALL_N
-    if (not _fusable(streams, fn, max_t=None if small else FUSED_MAX_T)
-            or not all(t.dtype == torch.float32 and t.is_contiguous() for t in (fn, base, scale))):
+    if not _collapsible(streams, fn, base, scale):
         return None
     T, hc, D = streams.shape
     w = None
@@ -290,10 +296,8 @@ def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: 
             norm_eps: float, norm: torch.Tensor, out_eps: float) -> torch.Tensor | None:
     """The final collapse (`HyperHead`) of streams [T, hc, D], then the output RMS norm (weight `norm`, out_eps) ->
     [T, D] in streams' dtype, in one compiled call; None where it does not apply (as `hc_collapse`)."""
-    small = streams.dim() == 3 and streams.shape[1] * streams.shape[2] <= FUSED_SMALL_N
-    if (not _fusable(streams, fn, max_t=None if small else FUSED_MAX_T)
-            or not all(t.dtype == torch.float32 and t.is_contiguous() for t in (fn, base, scale))
-            or not norm.is_cpu or norm.dtype not in (torch.float32, torch.bfloat16)):
+    if (not _collapsible(streams, fn, base, scale) or not norm.is_cpu
+            or norm.dtype not in (torch.float32, torch.bfloat16)):
         return None
     T, hc, D = streams.shape
     if fn.shape != (hc, hc * D) or base.numel() != hc or norm.numel() != D:

@@ -31,10 +31,6 @@ _SOURCE = r"""
 #endif
 """ + kernels.BF16_C + r"""
 namespace {
-inline float load(const void* p, int64_t i, int bf) {
-  return bf ? bf16_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
-}
-
 // totals of entries [j0, j1) (keys kf: their rows widened to float32, hd apart) from qt [hd, 16 G] and wp [16 G]
 template <int G>
 void score_rows(const float* qt, const float* wp, const float* kf, int64_t hd, int64_t rows, float scale,
@@ -113,7 +109,7 @@ extern "C" int ds4py_index_rows(const void* q, int qbf, int64_t T, int64_t H, in
     for (int64_t t = 0; t < T; t++)
       for (int64_t h = 0; h < H; h++) {
         wp[t * Hp + h] = w[t * H + h];
-        for (int64_t d = 0; d < hd; d++) qt[(t * hd + d) * Hp + h] = load(q, (t * H + h) * hd + d, qbf);
+        for (int64_t d = 0; d < hd; d++) qt[(t * hd + d) * Hp + h] = load_float(q, (t * H + h) * hd + d, qbf);
       }
     constexpr int64_t BLOCK = 64;  // entries widened to float32 at a time (32 KB at hd = 128)
     const int64_t nb = (n + BLOCK - 1) / BLOCK;
@@ -124,7 +120,7 @@ extern "C" int ds4py_index_rows(const void* q, int qbf, int64_t T, int64_t H, in
         const int64_t t = u / nb, j0 = u % nb * BLOCK, rows = std::min(BLOCK, seen(t) - j0);
         if (rows <= 0) continue;
         for (int64_t r = 0; r < rows; r++)
-          for (int64_t d = 0; d < hd; d++) kf[r * hd + d] = load(keys, (j0 + r) * kstride + d, kbf);
+          widen_to_float((const char*)keys + (j0 + r) * kstride * (kbf ? 2 : 4), kbf, hd, kf.data() + r * hd);
         SCORE_ROWS[G - 1](qt.data() + t * hd * Hp, wp.data() + t * Hp, kf.data(), hd, rows, scale,
                           totals + t * n + j0);
       }

@@ -79,10 +79,7 @@ class MoE:
         if fused is not None:
             return fused
         out = self.routed_one(x, weights, ids) if x.shape[0] == 1 else self.routed(x, weights, ids)
-        if self.shared is not None:
-            w1, w2, w3 = self.shared
-            out = out + w2.linear(swiglu(w1.linear(x), w3.linear(x), self.swiglu_limit))
-        return out
+        return self.add_shared(x, out)
 
     def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
         return self.w2.expert(e).linear(
@@ -148,7 +145,7 @@ class MoE:
         if plan is not None and not (gemm and int(torch.bincount(ids.flatten()).max()) >= kernels.BF16_GEMM_MIN_T):
             out = kernels.moe_many(plan, x, weights, ids, shared=not gemm)
             if out is not None:
-                return self.add_shared_gemm(x, out) if gemm else out
+                return self.add_shared(x, out) if gemm else out
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)  # pairs by expert, tokens ascending within one
         experts, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
@@ -178,10 +175,10 @@ class MoE:
             start += n
         if streamed:
             out = acc.to(x.dtype)
-        return self.add_shared_gemm(x, out) if gemm else out
+        return self.add_shared(x, out) if gemm else out
 
-    def add_shared_gemm(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out + the shared experts on x through the bf16 GEMM (a long bf16 prompt's)."""
+    def add_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out + the shared experts on x, matrix by matrix (`Weight.linear`: a long bf16 prompt's bf16 GEMM)."""
         if self.shared is None:
             return out
         w1, w2, w3 = self.shared
