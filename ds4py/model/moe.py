@@ -39,19 +39,23 @@ class Router:
     def __call__(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (weights [T, k] float32, expert ids [T, k]; ascending per token where compiled)."""
         logits = kernels.f32_linear(x, self.weight)
-        hash_ids = None if self.tid2eid is None else self.tid2eid[token_ids]
+        hash_ids = self.hash_ids(token_ids)
         routed = kernels.route(logits, self.bias, self.score_func, self.top_k, self.scaling, hash_ids)
         if routed is not None:  # the code `MoE.whole_one` routes decode tokens with
             return routed
         scores = SCORE_FUNCS[self.score_func](logits)
-        if self.tid2eid is not None:
-            ids = self.tid2eid[token_ids].long()
+        if hash_ids is not None:
+            ids = hash_ids.long()
         else:
             biased = scores if self.bias is None else scores + self.bias
             ids = biased.topk(self.top_k, dim=-1, sorted=False).indices
         weights = scores.gather(1, ids)
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.scaling, ids
+
+    def hash_ids(self, token_ids: torch.Tensor) -> torch.Tensor | None:
+        """The hash-routed layers' experts of each token [T, k] (`tid2eid`), or None for a routed layer."""
+        return None if self.tid2eid is None else self.tid2eid[token_ids]
 
 
 @dataclass
@@ -93,8 +97,7 @@ class MoE:
         plan = self.current_plan()
         if plan is None:
             return None
-        hash_ids = None if self.router.tid2eid is None else self.router.tid2eid[token_ids]
-        done = kernels.moe_one(plan, x, hash_ids)
+        done = kernels.moe_one(plan, x, self.router.hash_ids(token_ids))
         return None if done is None else done[0]
 
     def current_plan(self) -> kernels.MoEPlan | None:
