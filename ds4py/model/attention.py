@@ -11,7 +11,7 @@ import torch
 
 from ds4py.cache import LayerCache
 from ds4py.formats import Weight, kernels
-from ds4py.model.attention_kernel import attend_one
+from ds4py.model.attention_kernel import attend_one, attend_rows
 from ds4py.model.compressor import Compressor
 from ds4py.model.indexer import Indexer
 from ds4py.model.norms import rms_norm, unweighted_rms_norm
@@ -106,6 +106,10 @@ class Attention:
                 per_row = max(per_row + H * top.shape[1], top.shape[1] * hd)  # ... + top-k (and their keys)
             else:
                 per_row += H * entries.shape[0]  # ... + every entry (ratio 128: 8192 of them at 1M tokens)
+        visible = None if entries is None or top is not None else (positions + 1) // self.compressor.ratio
+        out = attend_rows(q, keys, self.window, entries, top, visible, self.sinks, hd**-0.5, rot.conj())
+        if out is not None:  # small heads: one compiled call
+            return out
         # a long prompt's queries go in blocks of at most ATTENTION_BUDGET logits (each row's are the same)
         rows = max(16, ATTENTION_BUDGET // per_row)
         S = keys.shape[0]

@@ -1,11 +1,14 @@
-"""One decoding token's compiled attention against `Attention.attend_one`'s torch ops."""
+"""The compiled attention (one decoding token; a prompt's rows) against `Attention`'s torch ops."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from ds4py.model import attention_kernel
+from ds4py.model.attention import Attention
 from ds4py.model.rope import rotate
 
 
@@ -51,3 +54,47 @@ def test_attend_one_declines_large_problems_and_checks_indices():
     with pytest.raises(ValueError, match="entry indices"):
         attention_kernel.attend_one(q[:2, :32], window[:3, :32], window[:3, :32], torch.tensor([3]), sinks[:2], 0.2,
                                     rotation[:, :4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", ["window", "ratio 128", "ratio 4", "ratio 4, no entries yet"])
+@pytest.mark.parametrize("cached", [0, 3, 7], ids=lambda c: f"cached {c}")
+def test_attend_rows_equals_the_torch_ops(dtype, case, cached):
+    """A prompt chunk's rows: each query over its own window (the cached keys, then the chunk's), the entries
+    closed before it (ratio 128) or its indexer's top-k with -1 for none (ratio 4), and the sink."""
+    gen = torch.Generator().manual_seed(len(case) + cached)
+    R, H, hd, window, half, ratio, k = 21, 4, 32, 8, 4, 4, 3
+    q = torch.randn(R, H, hd, generator=gen).to(dtype)
+    keys = torch.randn(cached + R, hd, generator=gen).to(dtype)
+    positions = torch.arange(cached, cached + R)
+    n = {"window": 0, "ratio 128": (cached + R) // ratio, "ratio 4": 6, "ratio 4, no entries yet": 0}[case]
+    entries = None if case == "window" else torch.randn(n, hd, generator=gen).to(dtype)
+    top = visible = None
+    if case.startswith("ratio 4"):
+        top = torch.randint(-1, n, (R, k), generator=gen) if n else torch.empty(R, 0, dtype=torch.long)  # as Indexer
+    elif case == "ratio 128":
+        visible = (positions + 1) // ratio
+    sinks = torch.randn(H, generator=gen)
+    angle = torch.rand(R, half, generator=gen) * 6
+    rotation = torch.polar(torch.ones_like(angle), angle).conj()
+    ours = attention_kernel.attend_rows(q, keys, window, entries, top, visible, sinks, hd**-0.5, rotation)
+    if ours is None:
+        pytest.skip("the attention kernel could not be built here")
+    layer = SimpleNamespace(n_heads=H, head_dim=hd, window=window, sinks=sinks,
+                            compressor=None if entries is None else SimpleNamespace(ratio=ratio))
+    want = rotate(Attention.attend_rows(layer, q, keys, positions, entries, top), rotation)
+    assert ours.shape == want.shape == (R, H, hd) and ours.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    assert (ours.float() - want.float()).abs().max() <= tol * want.float().abs().max()
+
+
+def test_attend_rows_declines_large_problems_and_checks_indices():
+    q, keys, sinks = torch.randn(4, 64, 512), torch.randn(131, 512), torch.randn(64)
+    rotation = torch.ones(4, 32, dtype=torch.complex64)
+    assert attention_kernel.attend_rows(q, keys, 128, None, None, None, sinks, 0.04, rotation) is None  # V4 Flash
+    args = (q[:, :2, :32], keys[:6, :32], 8)
+    if attention_kernel.attend_rows(*args, None, None, None, sinks[:2], 0.2, rotation[:, :4]) is None:
+        pytest.skip("the attention kernel could not be built here")
+    with pytest.raises(ValueError, match="entry indices"):
+        attention_kernel.attend_rows(*args, keys[:3, :32], torch.full((4, 2), 3), None, sinks[:2], 0.2,
+                                     rotation[:, :4])

@@ -222,6 +222,7 @@ def test_attention_query_blocks_equal_the_whole_chunk(model, monkeypatch):
     and compressed entries: the same logits up to the matmuls' rounding, whatever the block."""
     from ds4py.model import attention
 
+    monkeypatch.setattr(attention, "attend_rows", lambda *a: None)  # torch's ops (small heads: one compiled call)
     prompt = torch.randint(0, model.config.vocab_size, (300,), generator=torch.Generator().manual_seed(14)).tolist()
     whole = model.logits(prompt)  # past a ratio-128 entry and many ratio-4 ones, 256-token chunks
     calls = []
