@@ -27,46 +27,97 @@ _SOURCE = r"""
 #include <cstring>
 #include <vector>
 """ + kernels.BF16_C + kernels.ROW_OPS_C + r"""
-extern "C" void ds4py_hc_weights(const float* mix, int64_t T, int hc, const float* base, const float* scale,
-                                 int iters, float eps, float* pre, float* post, float* comb) {
-  const int row = (2 + hc) * hc;
-  // tokens are independent: long inputs (prefill) split them over threads; one token runs inline
-  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-  for (int64_t t = t0; t < t1; t++) {
-    const float* m = mix + t * row;
-    float* pr = pre + t * hc;
-    float* po = post + t * hc;
-    float* c = comb + t * hc * hc;
-    for (int i = 0; i < hc; i++) {
-      pr[i] = 1.0f / (1.0f + std::exp(-(m[i] * scale[0] + base[i]))) + eps;
-      po[i] = 2.0f * (1.0f / (1.0f + std::exp(-(m[hc + i] * scale[1] + base[hc + i]))));
+namespace {
+// one token's mix [(2 + hc) * hc] -> pre [hc], post [hc] and comb [hc, hc] before Sinkhorn-Knopp: the sigmoids
+// and each comb row's softmax, + eps
+void hc_gates(const float* m, int hc, const float* base, const float* scale, float eps, float* pr, float* po,
+              float* c) {
+  for (int i = 0; i < hc; i++) {
+    pr[i] = 1.0f / (1.0f + std::exp(-(m[i] * scale[0] + base[i]))) + eps;
+    po[i] = 2.0f * (1.0f / (1.0f + std::exp(-(m[hc + i] * scale[1] + base[hc + i]))));
+  }
+  for (int i = 0; i < hc; i++) {  // softmax over each row, then + eps
+    float* r = c + i * hc;
+    float mx = -INFINITY;
+    for (int j = 0; j < hc; j++) {
+      r[j] = m[2 * hc + i * hc + j] * scale[2] + base[2 * hc + i * hc + j];
+      mx = r[j] > mx ? r[j] : mx;
     }
-    for (int i = 0; i < hc; i++) {  // softmax over each row, then + eps
-      float* r = c + i * hc;
-      float mx = -INFINITY;
-      for (int j = 0; j < hc; j++) {
-        r[j] = m[2 * hc + i * hc + j] * scale[2] + base[2 * hc + i * hc + j];
-        mx = r[j] > mx ? r[j] : mx;
-      }
-      float s = 0.0f;
-      for (int j = 0; j < hc; j++) { r[j] = std::exp(r[j] - mx); s += r[j]; }
-      for (int j = 0; j < hc; j++) r[j] = r[j] / s + eps;
-    }
-    for (int it = 0; it < iters; it++) {
-      if (it > 0) {  // normalise rows (every iteration but the first)
-        for (int i = 0; i < hc; i++) {
-          float s = 0.0f;
-          for (int j = 0; j < hc; j++) s += c[i * hc + j];
-          for (int j = 0; j < hc; j++) c[i * hc + j] /= s + eps;
-        }
-      }
-      for (int j = 0; j < hc; j++) {  // normalise columns
+    float s = 0.0f;
+    for (int j = 0; j < hc; j++) { r[j] = std::exp(r[j] - mx); s += r[j]; }
+    for (int j = 0; j < hc; j++) r[j] = r[j] / s + eps;
+  }
+}
+
+// Sinkhorn-Knopp on one token's comb [hc, hc]: columns normalised every iteration, rows every one but the first
+void sinkhorn(float* c, int hc, int iters, float eps) {
+  for (int it = 0; it < iters; it++) {
+    if (it > 0) {
+      for (int i = 0; i < hc; i++) {
         float s = 0.0f;
-        for (int i = 0; i < hc; i++) s += c[i * hc + j];
-        for (int i = 0; i < hc; i++) c[i * hc + j] /= s + eps;
+        for (int j = 0; j < hc; j++) s += c[i * hc + j];
+        for (int j = 0; j < hc; j++) c[i * hc + j] /= s + eps;
       }
+    }
+    for (int j = 0; j < hc; j++) {
+      float s = 0.0f;
+      for (int i = 0; i < hc; i++) s += c[i * hc + j];
+      for (int i = 0; i < hc; i++) c[i * hc + j] /= s + eps;
     }
   }
+}
+
+// `sinkhorn` of G tokens' [4, 4] combs side by side (c [G, 16]): the same sums in the same order and the same
+// divisions, as one 16-lane division per token and step where the loops above divide value by value, and the G
+// tokens' chains of divisions overlap (V4's hc = 4; a 256-token chunk's 20 iterations took ~115 us alone)
+template <int G>
+void sinkhorn4(float* c, int iters, float eps) {
+  float m[G][16], den[G][16];
+  std::memcpy(m, c, sizeof m);
+  for (int it = 0; it < iters; it++) {
+    if (it > 0) {
+      for (int g = 0; g < G; g++)
+        for (int i = 0; i < 4; i++) {
+          float s = 0.0f;
+          for (int j = 0; j < 4; j++) s += m[g][i * 4 + j];
+          for (int j = 0; j < 4; j++) den[g][i * 4 + j] = s + eps;
+        }
+      for (int g = 0; g < G; g++)
+        for (int k = 0; k < 16; k++) m[g][k] /= den[g][k];
+    }
+    for (int g = 0; g < G; g++)
+      for (int j = 0; j < 4; j++) {
+        float s = 0.0f;
+        for (int i = 0; i < 4; i++) s += m[g][i * 4 + j];
+        for (int i = 0; i < 4; i++) den[g][i * 4 + j] = s + eps;
+      }
+    for (int g = 0; g < G; g++)
+      for (int k = 0; k < 16; k++) m[g][k] /= den[g][k];
+  }
+  std::memcpy(c, m, sizeof m);
+}
+
+// the mixing weights of tokens [t0, t1): their mix [t1 - t0, (2 + hc) * hc] -> pre, post [T, hc], comb [T, hc, hc]
+void hc_weights_range(const float* mix, int64_t t0, int64_t t1, int hc, const float* base, const float* scale,
+                      int iters, float eps, float* pre, float* post, float* comb) {
+  const int row = (2 + hc) * hc;
+  for (int64_t t = t0; t < t1; t++)
+    hc_gates(mix + (t - t0) * row, hc, base, scale, eps, pre + t * hc, post + t * hc, comb + t * hc * hc);
+  int64_t t = t0;
+  if (hc == 4)
+    for (; t + 4 <= t1; t += 4) sinkhorn4<4>(comb + t * 16, iters, eps);
+  for (; t < t1; t++) {
+    if (hc == 4) sinkhorn4<1>(comb + t * 16, iters, eps);
+    else sinkhorn(comb + t * hc * hc, hc, iters, eps);
+  }
+}
+}  // namespace
+
+extern "C" void ds4py_hc_weights(const float* mix, int64_t T, int hc, const float* base, const float* scale,
+                                 int iters, float eps, float* pre, float* post, float* comb) {
+  // tokens are independent: long inputs (prefill) split them over threads; one token runs inline
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    hc_weights_range(mix + t0 * ((2 + hc) * hc), t0, t1, hc, base, scale, iters, eps, pre, post, comb);
   });
 }
 
@@ -81,6 +132,40 @@ inline void store_value(void* p, int64_t i, float f) {
   else ((float*)p)[i] = f;
 }
 
+// mix[j - j0] = fn row j . flat (n values) for rows [j0, j1): each row summed in 16 lanes, then the lanes in
+// order, then the tail; four rows at a time (independent chains of multiply-adds), each summed as alone
+inline void project_rows(const float* flat, int64_t n, const float* fn, int64_t j0, int64_t j1, float* mix) {
+  auto finish = [&](const float* acc, const float* w) {
+    float s = 0.0f;
+    for (int l = 0; l < 16; l++) s += acc[l];
+    for (int64_t i = n / 16 * 16; i < n; i++) s += flat[i] * w[i];
+    return s;
+  };
+  int64_t j = j0;
+  for (; j + 4 <= j1; j += 4) {
+    const float *w0 = fn + j * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
+    float a0[16] = {}, a1[16] = {}, a2[16] = {}, a3[16] = {};
+    for (int64_t i = 0; i + 16 <= n; i += 16)
+      for (int l = 0; l < 16; l++) {
+        a0[l] += flat[i + l] * w0[i + l];
+        a1[l] += flat[i + l] * w1[i + l];
+        a2[l] += flat[i + l] * w2[i + l];
+        a3[l] += flat[i + l] * w3[i + l];
+      }
+    mix[j - j0] = finish(a0, w0);
+    mix[j + 1 - j0] = finish(a1, w1);
+    mix[j + 2 - j0] = finish(a2, w2);
+    mix[j + 3 - j0] = finish(a3, w3);
+  }
+  for (; j < j1; j++) {
+    const float* w = fn + j * n;
+    float acc[16] = {};
+    for (int64_t i = 0; i + 16 <= n; i += 16)
+      for (int l = 0; l < 16; l++) acc[l] += flat[i + l] * w[i + l];
+    mix[j - j0] = finish(acc, w);
+  }
+}
+
 // head: the final collapse (HyperHead): fn has only the hc rows of pre, and post / comb are not made
 template <bool BF>
 void hc_collapse(const void* streams, int64_t T, int hc, int64_t D, const float* fn, const float* base,
@@ -91,7 +176,7 @@ void hc_collapse(const void* streams, int64_t T, int hc, int64_t D, const float*
   // several tokens: split over the threads (each token's projection then runs on one); one token: its projection's
   // rows split over the threads. Every value is computed the same way either way.
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-  std::vector<float> flat(n), mix(rows), acc(D);
+  std::vector<float> flat(n), mix((t1 - t0) * rows), acc(D);
   for (int64_t t = t0; t < t1; t++) {
     const int64_t off = t * n;
     double lanes[8] = {};  // the mean of squares, in float64 so the order of the sum does not matter
@@ -104,24 +189,22 @@ void hc_collapse(const void* streams, int64_t T, int hc, int64_t D, const float*
     for (int l = 0; l < 8; l++) ss += lanes[l];
     const float r = 1.0f / std::sqrt((float)(ss / n) + norm_eps);
     for (int64_t i = 0; i < n; i++) flat[i] *= r;
-    at::parallel_for(0, rows, std::max<int64_t>(8, 32768 / n), [&](int64_t j0, int64_t j1) {  // small: one thread
-      for (int64_t j = j0; j < j1; j++) {
-        const float* w = fn + j * n;
-        float acc[16] = {};
-        int64_t i = 0;
-        for (; i + 16 <= n; i += 16)
-          for (int l = 0; l < 16; l++) acc[l] += flat[i + l] * w[i + l];
-        float s = 0.0f;
-        for (int l = 0; l < 16; l++) s += acc[l];
-        for (; i < n; i++) s += flat[i] * w[i];
-        mix[j] = s;
-      }
-    });
-    if (head) {
-      for (int k = 0; k < hc; k++) pre[t * hc + k] = 1.0f / (1.0f + std::exp(-(mix[k] * scale[0] + base[k]))) + hc_eps;
-    } else {
-      ds4py_hc_weights(mix.data(), 1, hc, base, scale, iters, hc_eps, pre + t * hc, post + t * hc, comb + t * hc * hc);
-    }
+    float* mx = mix.data() + (t - t0) * rows;
+    if (T > 1) project_rows(flat.data(), n, fn, 0, rows, mx);  // (this thread's token)
+    else
+      at::parallel_for(0, rows, std::max<int64_t>(8, 32768 / n), [&](int64_t j0, int64_t j1) {  // small: one thread
+        project_rows(flat.data(), n, fn, j0, j1, mx + j0);
+      });
+  }
+  if (head) {
+    for (int64_t t = t0; t < t1; t++)
+      for (int k = 0; k < hc; k++)
+        pre[t * hc + k] = 1.0f / (1.0f + std::exp(-(mix[(t - t0) * rows + k] * scale[0] + base[k]))) + hc_eps;
+  } else {
+    hc_weights_range(mix.data(), t0, t1, hc, base, scale, iters, hc_eps, pre, post, comb);
+  }
+  for (int64_t t = t0; t < t1; t++) {
+    const int64_t off = t * n;
     const float* p = pre + t * hc;
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int k = 0; k < hc; k++)
