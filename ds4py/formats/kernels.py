@@ -40,6 +40,10 @@ FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 # From this many bf16 activation rows on, ggml_linear dequantizes W to bf16 (compiled, ~11 ms for 4096x4096 on
 # 2 Zen4 cores) and uses the bf16 GEMM: measured equal at T=128, 1.8x faster than the int8 kernel at T=512.
 BF16_GEMM_MIN_T = 256
+# A prompt's routed expert goes to that GEMM (one call per expert, from Python) only when its matrices hold this
+# many values: V4 Flash's 2048 x 4096; the tiny preset's 32 x 64 stay in the layer's one grouped call (a 512-token
+# chunk's MoE 0.4 ms there, ~3 ms through the per-expert loop).
+BF16_GEMM_MIN_VALUES = 1 << 20
 # bf16 weights: the kernel serves up to this many activation rows (decode, batched decode); longer inputs use
 # F.linear (in tiles of BF16_TILE_ROWS output rows when the weight must be converted to x's dtype).
 BF16_KERNEL_MAX_T = 16

@@ -143,16 +143,18 @@ class MoE:
         unless every matrix is one the CPU kernels multiply from its blocks."""
         T = x.shape[0]
         # an expert with as many tokens as a long bf16 prompt is faster as a bf16 GEMM (`kernels.ggml_linear`)
+        # where its matrices are large
         gemm = x.dtype == torch.bfloat16 and T >= kernels.BF16_GEMM_MIN_T
+        big = gemm and self.w1.shape[-2] * self.w1.shape[-1] >= kernels.BF16_GEMM_MIN_VALUES
         plan = self.current_plan()  # resident stacks: the grouping and the call in C (the same pairs as below)
-        if plan is not None and not (gemm and int(torch.bincount(ids.flatten()).max()) >= kernels.BF16_GEMM_MIN_T):
+        if plan is not None and not (big and int(torch.bincount(ids.flatten()).max()) >= kernels.BF16_GEMM_MIN_T):
             out = kernels.moe_many(plan, x, weights, ids, shared=not gemm)
             if out is not None:
                 return self.add_shared(x, out) if gemm else out
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)  # pairs by expert, tokens ascending within one
         experts, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
-        if gemm and int(counts.max()) >= kernels.BF16_GEMM_MIN_T:
+        if big and int(counts.max()) >= kernels.BF16_GEMM_MIN_T:
             return None  # (a routed expert chosen by a whole chunk: rare; the loop takes it)
         tokens, pair_weights = order // ids.shape[1], weights.flatten()[order]
         jobs = [(partial(self.routed_trio, e), c) for e, c in zip(experts.tolist(), counts.tolist())]

@@ -232,3 +232,25 @@ def test_attention_query_blocks_equal_the_whole_chunk(model, monkeypatch):
     blocked = model.logits(prompt)
     assert len(calls) > 2 * model.config.num_hidden_layers  # several blocks per layer and chunk
     assert rel(blocked, whole) < 1e-5
+
+
+def test_whole_chunk_expert_takes_the_gemm_only_when_its_matrices_are_large(model, monkeypatch):
+    """A bf16 chunk where a routed expert has >= BF16_GEMM_MIN_T tokens: small experts (the tiny model's) stay in
+    the grouped call; large ones (here: the threshold lowered) go through the per-expert bf16 GEMMs."""
+    gen = torch.Generator().manual_seed(19)
+    x = torch.randn(900, model.config.hidden_size, generator=gen).bfloat16()
+    token_ids = torch.randint(0, model.config.vocab_size, (900,), generator=gen)
+    block = model.transformer.blocks[1]
+    weights, ids = block.ffn.router(x, token_ids)
+    assert int(torch.bincount(ids.flatten()).max()) >= kernels.BF16_GEMM_MIN_T
+    calls = []
+    real = kernels.moe_many
+    monkeypatch.setattr(kernels, "moe_many", lambda *a, **k: calls.append(1) or real(*a, **k))
+    grouped = block.ffn(x, token_ids)
+    assert calls == [1]
+    monkeypatch.setattr(kernels, "BF16_GEMM_MIN_VALUES", 1)
+    looped = block.ffn(x, token_ids)
+    assert calls == [1]  # the routed loop (`MoE.routed`), each expert's bf16 GEMM
+    exact = block.ffn(x.float(), token_ids)
+    # against float32 on the same inputs: the loop rounds to bf16 after each op (and its weights), the call once
+    assert rel(looped.float(), exact) < 3e-2 and rel(grouped.float(), exact) <= rel(looped.float(), exact)
