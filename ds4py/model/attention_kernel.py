@@ -30,74 +30,172 @@ _SOURCE = r"""
 #include <vector>
 """ + kernels.BF16_C + r"""
 namespace {
-inline float round_to(float f, int bf) { return bf ? bf16_to_float(float_to_bf16(f)) : f; }
+// f rounded to bf16 when bf (bf16_to_float(float_to_bf16(f)): nearest even, NaN -> the quiet NaN), branch-free
+// so the loops over a query's logits and outputs vectorize
+inline float round_to(float f, int bf) {
+  if (!bf) return f;
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u = f != f ? 0x7FC00000u : (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
 // a query's share of a prompt's call below this many multiply-adds goes with others to one thread
 constexpr int64_t PAR_MIN_WORK = 32768;
 
+constexpr int64_t LANES = 16;  // keys per block of logits, values per block of an output (head_dim % 16 == 0)
+
 struct Scratch {  // one thread's buffers, kept between calls
-  std::vector<float> kf, kt, p, o, o2;
-  void fit(int64_t L, int64_t hd) {
-    if ((int64_t)kf.size() < L * hd) kf.resize(L * hd), kt.resize(L * hd);
-    if ((int64_t)p.size() < L + 1) p.resize(L + 1);
-    if ((int64_t)o.size() < hd) o.resize(hd), o2.resize(hd);
+  std::vector<float> kf, kt, qf, p;
+  void fit(int64_t C, int64_t L, int64_t H, int64_t hd) {
+    const int64_t ct = hd * (C + LANES);
+    if ((int64_t)kf.size() < C * hd) kf.resize(C * hd);
+    if ((int64_t)kt.size() < ct) kt.resize(ct);
+    if ((int64_t)p.size() < H * (L + 1)) p.resize(H * (L + 1));
+    if ((int64_t)qf.size() < H * hd) qf.resize(H * hd);
   }
 };
 
-// One query's heads q [H, hd] over the L keys rows[0..L) (each key is also the value), the sink per head:
-// out [H, hd] = softmax([q.k * scale for every key], sink) @ keys, its last 2 * half channels rotated by rot
-// (conjugated when conj: the inverse rotation). The first W keys are summed apart from the rest and the two sums
-// added in q's dtype, as a prompt's torch ops sum the window and the compressed entries (W = L: one sum, as the
-// one-token ops' single product). bf: q, keys and out bf16 bits (else float32).
-void attend_query(const void* q, int64_t H, int64_t hd, const void* const* rows, int64_t L, int64_t W,
-                  const float* sinks, float scale, const float* rot, int64_t half, int conj, int bf, void* out,
-                  Scratch& s) {
-  s.fit(L, hd);
-  float *kf = s.kf.data(), *kt = s.kt.data(), *p = s.p.data(), *o = s.o.data(), *o2 = s.o2.data();
-  // the keys as rows [L, hd] (for the weighted sum) and transposed [hd, L] (for the logits: the loops over keys
-  // vectorize, each key's dot product summed over d in order)
-  for (int64_t j = 0; j < L; j++) widen_to_float(rows[j], bf, hd, kf + j * hd);
-  for (int64_t j = 0; j < L; j++)
-    for (int64_t d = 0; d < hd; d++) kt[d * L + j] = kf[j * hd + d];
-  for (int64_t h = 0; h < H; h++) {
-    std::fill(p, p + L + 1, 0.0f);
-    for (int64_t d = 0; d < hd; d++) {
-      const float qd = load_float(q, h * hd + d, bf);
-      const float* kd = kt + d * L;
-      for (int64_t j = 0; j < L; j++) p[j] += qd * kd[j];
+// n keys (rows of hd, float32 or bf16 bits) -> float32 rows [n, hd] (the weighted sum) and transposed [hd, ld]
+// with ld = n + LANES, zero past n (the logits: a block of 16 keys' logits is one vector of sums over d, read
+// past the last key without leaving the row)
+void widen_keys(const void* const* src, int bf, int64_t n, int64_t hd, float* rows, float* t) {
+  const int64_t ld = n + LANES;
+  for (int64_t j = 0; j < n; j++) widen_to_float(src[j], bf, hd, rows + j * hd);
+  for (int64_t d = 0; d < hd; d++) {
+    for (int64_t j = 0; j < n; j++) t[d * ld + j] = rows[j * hd + d];
+    std::fill(t + d * ld + n, t + (d + 1) * ld, 0.0f);
+  }
+}
+
+// The window's keys widened both ways (`widen_keys`). A prompt's queries share them: once per call, not per query.
+struct Keys {
+  std::vector<float> rows, t;
+  int64_t ld = 0;
+  void fill(const void* keys, int bf, int64_t n, int64_t hd) {
+    std::vector<const void*> src(n);
+    for (int64_t j = 0; j < n; j++) src[j] = (const char*)keys + j * hd * (bf ? 2 : 4);
+    rows.resize(n * hd);
+    t.resize(hd * (n + LANES));
+    ld = n + LANES;
+    widen_keys(src.data(), bf, n, hd, rows.data(), t.data());
+  }
+};
+
+// 16 floats as one value (GCC/Clang vector extension: one AVX-512 register, or what the target has); each lane's
+// arithmetic is the scalar code's, so sums keep their order and bits
+typedef float v16 __attribute__((vector_size(4 * LANES)));
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// logits p[h * P + j0 + j] = sum over d (in order) of q[h, d] * keys_t[d, j] for j < n: blocks of 16 keys
+// summed in one vector (the keys' transposed rows of stride ld, readable 16 past n)
+inline void logits_block(const float* qf, int64_t H, int64_t hd, const float* keys_t, int64_t ld, int64_t n,
+                         float* p, int64_t P, int64_t j0) {
+  auto put = [&](const v16& acc, int64_t h, int64_t b) {
+    float lanes[LANES];
+    std::memcpy(lanes, &acc, sizeof lanes);
+    for (int64_t l = 0; l < std::min(LANES, n - b); l++) p[h * P + j0 + b + l] = lanes[l];
+  };
+  for (int64_t b = 0; b < n; b += LANES) {
+    int64_t h = 0;
+    for (; h + 4 <= H; h += 4) {  // four heads' chains side by side, one load of the keys
+      v16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      const float* q0 = qf + h * hd;
+      for (int64_t d = 0; d < hd; d++) {
+        const v16 k = load16(keys_t + d * ld + b);
+        a0 += q0[d] * k;
+        a1 += q0[hd + d] * k;
+        a2 += q0[2 * hd + d] * k;
+        a3 += q0[3 * hd + d] * k;
+      }
+      put(a0, h, b), put(a1, h + 1, b), put(a2, h + 2, b), put(a3, h + 3, b);
     }
-    float mx = sinks[h];
-    for (int64_t j = 0; j < L; j++) {
-      p[j] = round_to(p[j], bf) * scale;  // torch: the bf16 matmul's output, then .float() * scale
-      mx = std::max(mx, p[j]);
-    }
-    p[L] = sinks[h];
-    float sum = 0.0f;
-    for (int64_t j = 0; j <= L; j++) sum += p[j] = std::exp(p[j] - mx);
-    for (int64_t d = 0; d < hd; d++) o[d] = o2[d] = 0.0f;
-    for (int64_t j = 0; j < W; j++) {
-      const float pj = round_to(p[j] / sum, bf);  // the probabilities in q's dtype
-      for (int64_t d = 0; d < hd; d++) o[d] += pj * kf[j * hd + d];
-    }
-    for (int64_t j = W; j < L; j++) {
-      const float pj = round_to(p[j] / sum, bf);
-      for (int64_t d = 0; d < hd; d++) o2[d] += pj * kf[j * hd + d];
-    }
-    if (W < L)
-      for (int64_t d = 0; d < hd; d++) o[d] = round_to(o[d], bf) + round_to(o2[d], bf);
-    for (int64_t d = 0; d < hd; d++) o[d] = round_to(o[d], bf);
-    const int64_t first = hd - 2 * half;
-    for (int64_t i = 0; i < half; i++) {  // as ds4py_rope_rows
-      const float a = o[first + 2 * i], b = o[first + 2 * i + 1];
-      const float c = rot[2 * i], sn = conj ? -rot[2 * i + 1] : rot[2 * i + 1];
-      o[first + 2 * i] = a * c - b * sn;
-      o[first + 2 * i + 1] = a * sn + b * c;
-    }
-    for (int64_t d = 0; d < hd; d++) {
-      if (bf) ((uint16_t*)out)[h * hd + d] = float_to_bf16(o[d]);
-      else ((float*)out)[h * hd + d] = o[d];
+    for (; h < H; h++) {
+      v16 acc = {};
+      for (int64_t d = 0; d < hd; d++) acc += qf[h * hd + d] * load16(keys_t + d * ld + b);
+      put(acc, h, b);
     }
   }
+}
+
+// acc (16 output values from d0) += sum over j (in order) of p[j] * rows[j, d0 .. d0 + 16), rows [n, hd]
+inline v16 weighted16(v16 acc, const float* p, const float* rows, int64_t n, int64_t hd, int64_t d0) {
+  for (int64_t j = 0; j < n; j++) acc += p[j] * load16(rows + j * hd + d0);
+  return acc;
+}
+
+// One query's heads q [H, hd] over W window keys (keys' from key w0 on) and C more rows[0..C) (the compressed
+// entries, in q's dtype; each key is also the value), the sink per head: out [H, hd] =
+// softmax([q.k * scale for every key], sink) @ keys, its last 2 * half channels rotated by rot (conjugated when
+// conj: the inverse rotation). apart: the window and the entries summed apart and the two sums added in q's
+// dtype, as a prompt's torch ops sum them (else one sum, as the one-token ops' single product). BF: q, the rows
+// and out bf16 bits (else float32). hd % 16 == 0. Every sum runs in a fixed order (a logit over d, an output
+// value over the window's keys, then the entries'), 16 logits or 16 output values side by side.
+template <bool BF>
+void attend_query(const void* q, int64_t H, int64_t hd, const Keys& keys, int64_t w0, int64_t W,
+                  const void* const* rows, int64_t C, bool apart, const float* sinks, float scale, const float* rot,
+                  int64_t half, int conj, void* out, Scratch& s) {
+  const int64_t L = W + C, P = L + 1;  // a head's logits, then its sink
+  s.fit(C, L, H, hd);
+  float *kf = s.kf.data(), *kt = s.kt.data(), *qf = s.qf.data(), *p = s.p.data();
+  widen_keys(rows, BF, C, hd, kf, kt);
+  widen_to_float(q, BF, H * hd, qf);
+  logits_block(qf, H, hd, keys.t.data() + w0, keys.ld, W, p, P, 0);
+  logits_block(qf, H, hd, kt, C + LANES, C, p, P, W);
+  for (int64_t h = 0; h < H; h++) {
+    float* ph = p + h * P;
+    float mx = sinks[h];
+    for (int64_t j = 0; j < L; j++) ph[j] = round_to(ph[j], BF) * scale;  // torch: the bf16 matmul's, .float() * scale
+    for (int64_t j = 0; j < L; j++) mx = std::max(mx, ph[j]);
+    ph[L] = sinks[h];
+    for (int64_t j = 0; j <= L; j++) ph[j] = std::exp(ph[j] - mx);
+    float sum = 0.0f;
+    for (int64_t j = 0; j <= L; j++) sum += ph[j];
+    for (int64_t j = 0; j < L; j++) ph[j] = round_to(ph[j] / sum, BF);  // the probabilities in q's dtype
+  }
+  const int64_t first = hd - 2 * half;
+  std::vector<float>& o = s.qf;  // q is no longer needed: each head's output over it
+  for (int64_t h = 0; h < H; h++) {
+    float* oh = o.data() + h * hd;
+    const float* ph = p + h * P;
+    const float* win = keys.rows.data() + w0 * hd;
+    for (int64_t d0 = 0; d0 < hd; d0 += LANES) {  // 16 output values at a time
+      float a[LANES], c[LANES];
+      const v16 acc = weighted16(v16{}, ph, win, W, hd, d0);
+      if (apart) {  // the window's sum and the entries' apart, then added
+        const v16 e = weighted16(v16{}, ph + W, kf, C, hd, d0);
+        std::memcpy(a, &acc, sizeof a);
+        std::memcpy(c, &e, sizeof c);
+        for (int l = 0; l < LANES; l++) oh[d0 + l] = round_to(round_to(a[l], BF) + round_to(c[l], BF), BF);
+      } else {
+        const v16 all = weighted16(acc, ph + W, kf, C, hd, d0);
+        std::memcpy(a, &all, sizeof a);
+        for (int l = 0; l < LANES; l++) oh[d0 + l] = round_to(a[l], BF);
+      }
+    }
+    for (int64_t i = 0; i < half; i++) {  // as ds4py_rope_rows
+      const float a = oh[first + 2 * i], b = oh[first + 2 * i + 1];
+      const float c = rot[2 * i], sn = conj ? -rot[2 * i + 1] : rot[2 * i + 1];
+      oh[first + 2 * i] = a * c - b * sn;
+      oh[first + 2 * i + 1] = a * sn + b * c;
+    }
+    for (int64_t d = 0; d < hd; d++) {
+      if (BF) ((uint16_t*)out)[h * hd + d] = float_to_bf16(oh[d]);
+      else ((float*)out)[h * hd + d] = oh[d];
+    }
+  }
+}
+
+void attend_query(const void* q, int64_t H, int64_t hd, const Keys& keys, int64_t w0, int64_t W,
+                  const void* const* rows, int64_t C, bool apart, const float* sinks, float scale, const float* rot,
+                  int64_t half, int conj, int bf, void* out, Scratch& s) {
+  if (bf) attend_query<true>(q, H, hd, keys, w0, W, rows, C, apart, sinks, scale, rot, half, conj, out, s);
+  else attend_query<false>(q, H, hd, keys, w0, W, rows, C, apart, sinks, scale, rot, half, conj, out, s);
 }
 }  // namespace
 
@@ -110,13 +208,13 @@ extern "C" int ds4py_attend_one(const void* q, int64_t H, int64_t hd, const void
   if (idx)
     for (int64_t c = 0; c < C; c++)
       if (idx[c] < 0 || idx[c] >= n) return 1;
-  const int64_t L = S + C;
-  std::vector<const void*> rows(L);  // each key's first value
+  std::vector<const void*> rows(C);  // each entry's first value
   const size_t es = bf ? 2 : 4;
-  for (int64_t j = 0; j < S; j++) rows[j] = (const char*)win + j * hd * es;
-  for (int64_t c = 0; c < C; c++) rows[S + c] = (const char*)entries + (idx ? idx[c] : c) * hd * es;
+  for (int64_t c = 0; c < C; c++) rows[c] = (const char*)entries + (idx ? idx[c] : c) * hd * es;
   thread_local Scratch s;
-  attend_query(q, H, hd, rows.data(), L, L, sinks, scale, rot, half, conj, bf, out, s);
+  thread_local Keys keys;
+  keys.fill(win, bf, S, hd);
+  attend_query(q, H, hd, keys, 0, S, rows.data(), C, false, sinks, scale, rot, half, conj, bf, out, s);
   return 0;
 }
 
@@ -133,24 +231,25 @@ extern "C" int ds4py_attend_rows(const void* q, int64_t R, int64_t H, int64_t hd
     for (int64_t i = 0; i < R * k; i++)
       if (top[i] >= n) return 1;
   const size_t es = bf ? 2 : 4;
-  const int64_t most = window + (top ? k : entries ? n : 0);
-  const int64_t grain = std::max<int64_t>(1, PAR_MIN_WORK / std::max<int64_t>(1, H * hd * most));
+  const int64_t most = top ? k : entries ? n : 0;
+  const int64_t grain = std::max<int64_t>(1, PAR_MIN_WORK / std::max<int64_t>(1, H * hd * (window + most)));
+  Keys all;
+  all.fill(keys, bf, S, hd);
   at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
     thread_local Scratch s;
     std::vector<const void*> rows(most);
     for (int64_t r = r0; r < r1; r++) {
       const int64_t own = S - R + r, oldest = std::max<int64_t>(0, own - window + 1);
-      int64_t L = 0;
-      for (int64_t j = oldest; j <= own; j++) rows[L++] = (const char*)keys + j * hd * es;
-      const int64_t W = L;
+      int64_t C = 0;
       if (top) {
         for (int64_t c = 0; c < k; c++)
-          if (top[r * k + c] >= 0) rows[L++] = (const char*)entries + top[r * k + c] * hd * es;
+          if (top[r * k + c] >= 0) rows[C++] = (const char*)entries + top[r * k + c] * hd * es;
       } else if (entries && visible) {
-        for (int64_t c = 0; c < std::min(n, visible[r]); c++) rows[L++] = (const char*)entries + c * hd * es;
+        for (int64_t c = 0; c < std::min(n, visible[r]); c++) rows[C++] = (const char*)entries + c * hd * es;
       }
-      attend_query((const char*)q + r * H * hd * es, H, hd, rows.data(), L, W, sinks, scale, rot + r * 2 * half,
-                   half, conj, bf, (char*)out + r * H * hd * es, s);
+      attend_query((const char*)q + r * H * hd * es, H, hd, all, oldest, own - oldest + 1, rows.data(), C,
+                   entries != nullptr, sinks, scale, rot + r * 2 * half, half, conj, bf,
+                   (char*)out + r * H * hd * es, s);
     }
   });
   return 0;
@@ -187,7 +286,7 @@ def attend_one(q: torch.Tensor, window: torch.Tensor, entries: torch.Tensor | No
         return None
     H, hd = q.shape
     half = rotation.shape[-1]
-    if rotation.numel() != half or 2 * half > hd:
+    if rotation.numel() != half or 2 * half > hd or hd % 16:
         return None
     lib = _load()
     if lib is None:
@@ -237,7 +336,7 @@ def attend_rows(q: torch.Tensor, keys: torch.Tensor, window: int, entries: torch
         else:
             C = entries.shape[0]
     half = rotation.shape[-1]
-    if H * hd * (window + C) > MAX_WORK or rotation.numel() != R * half or 2 * half > hd:
+    if H * hd * (window + C) > MAX_WORK or rotation.numel() != R * half or 2 * half > hd or hd % 16:
         return None
     lib = _load()
     if lib is None:
