@@ -95,6 +95,8 @@ def test_attend_rows_declines_large_problems_and_checks_indices():
     args = (q[:, :2, :32], keys[:6, :32], 8)
     if attention_kernel.attend_rows(*args, None, None, None, sinks[:2], 0.2, rotation[:, :4]) is None:
         pytest.skip("the attention kernel could not be built here")
+    assert attention_kernel.attend_rows(q[:, :2, :24], keys[:6, :24], 8, None, None, None, sinks[:2], 0.2,
+                                        rotation[:, :4]) is None  # head_dim not a multiple of 16: torch's ops
     with pytest.raises(ValueError, match="entry indices"):
         attention_kernel.attend_rows(*args, keys[:3, :32], torch.full((4, 2), 3), None, sinks[:2], 0.2,
                                      rotation[:, :4])
