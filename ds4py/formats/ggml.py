@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
@@ -58,12 +59,18 @@ def ggml_dequantize(qtype: int | Q, raw: torch.Tensor, shape: tuple[int, ...]) -
     return torch.from_numpy(np.ascontiguousarray(data)).reshape(shape).to(raw.device)
 
 
+# Q8_0 / MXFP4 matrices of at most this many values keep a bf16 copy for long bf16 prompts (<= 128 KB each: the
+# tiny preset's; V4 Flash's smallest, 64 x 4096, is 4x larger and is dequantized per call as before)
+SMALL_DEQUANTIZED = 1 << 16
+
+
 class GGMLWeight(Weight):
     def __init__(self, qtype: int | Q, raw: torch.Tensor, shape: tuple[int, ...]):
         self.qtype = Q(qtype)
         self.shape = tuple(shape)
         self.raw = raw.view(torch.uint8).reshape(*self.shape[:-1], row_bytes(self.qtype, self.shape[-1]))
         self.parts: dict[tuple, GGMLWeight] = {}  # expert(e) / rows(start, stop), made once per decode path
+        self.bf16: torch.Tensor | None = None  # a small matrix dequantized once for long bf16 prompts (linear)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.qtype == Q.I32:
@@ -74,6 +81,15 @@ class GGMLWeight(Weight):
         """Q8_0 and MXFP4 matrices on the CPU: the packed-weight kernels of `ds4py.formats.kernels` (they
         quantize x to Q8_0 per 32 values, as llama.cpp does); otherwise dequantize + F.linear."""
         if self.qtype in (Q.Q8_0, Q.MXFP4) and len(self.shape) == 2:
+            if (self.shape[0] * self.shape[1] <= SMALL_DEQUANTIZED and x.dtype == torch.bfloat16 and x.is_cpu
+                    and x.numel() >= kernels.BF16_GEMM_MIN_T * self.shape[1] and self.raw.is_cpu
+                    and not (x.requires_grad and torch.is_grad_enabled())):
+                # what ggml_linear does for a long bf16 prompt (dequantize to bf16, then the GEMM), the
+                # dequantizing done once: for the tiny model's matrices it cost as much as the product
+                if self.bf16 is None:
+                    self.bf16 = kernels.dequantize(self.raw, int(self.qtype), torch.bfloat16)
+                if self.bf16 is not None:
+                    return F.linear(x, self.bf16)
             return kernels.ggml_linear(x, self.raw, int(self.qtype))
         return super().linear(x)
 
