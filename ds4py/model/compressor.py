@@ -14,6 +14,7 @@ import torch
 
 from ds4py.cache import CompressorState
 from ds4py.formats import Weight
+from ds4py.model.compressor_kernel import close_windows
 from ds4py.model.norms import rms_norm
 from ds4py.model.rope import Rotary, apply_rope
 
@@ -41,6 +42,22 @@ class Compressor:
             cached = self.ape_cache = (self.ape, self.ape.to(dtype))
         return cached[1]
 
+    def close_compiled(self, kv: torch.Tensor, gate: torch.Tensor, state: CompressorState,
+                       first_position: int) -> torch.Tensor | None:
+        """The closing windows' entries in one compiled call (`compressor_kernel.close_windows`: torch's values up
+        to float32 summation order), appended to `state`; the last window's first series kept for the next ->
+        all entries, or None where the call does not apply (nothing changed then)."""
+        m, d = self.ratio, self.dim
+        ape = self.ape_as(kv.dtype)
+        out = kv.new_empty(kv.shape[0] // m, d)
+        prev = (state.overlap_kv, state.overlap_gate) if self.overlap else (None, None)
+        if not close_windows(kv, gate, m, d, self.overlap, ape, *prev, self.norm, self.eps, self.rotary.inv_freq,
+                             first_position, out):
+            return None
+        if self.overlap:
+            state.overlap_kv, state.overlap_gate = kv[-m:, :d], gate[-m:, :d] + ape[:, :d]
+        return state.append(out)
+
     def __call__(self, x: torch.Tensor, state: CompressorState) -> torch.Tensor:
         """Feed x [T, D] (the attention input); emit the entries of the windows it closes, append them
         to `state.entries` and return all entries [n_entries, dim]."""
@@ -59,6 +76,9 @@ class Compressor:
 
         m, d = self.ratio, self.dim
         n = usable // m
+        done = self.close_compiled(kv[:usable], gate[:usable], state, first_position)
+        if done is not None:
+            return done
         kv = kv[:usable].view(n, m, -1)
         gate = gate[:usable].view(n, m, -1) + self.ape_as(gate.dtype)
         if self.overlap and n == 1 and state.overlap_kv is not None:  # decoding: one window, after another

@@ -1,0 +1,165 @@
+"""The compressor's closing windows in one compiled call: for each window the gate plus its position bias, the
+softmax over its slots per channel, the gated sum of the kv rows, the RMS norm and the rotation at the window's
+first position. In torch (`Compressor.__call__`) these are ~20 ops per call, which a decoding token pays about
+once per token on the tiny model (four ratio-4 compressors closing every fourth token, one ratio-128): ~40 us of
+dispatch where the arithmetic takes ~1 us. A prompt's windows go in the same call, split over the threads, so
+decoding and prefill make the same entries.
+
+The values are torch's up to float32 summation order and the last bit of exp, cos and sin: in bf16 the gated
+logits, the weights, each product and the sums are rounded to bf16 where torch's bf16 ops round them.
+Compiled at first use like `ds4py.formats.kernels`; `close_windows` returns None where it does not apply and the
+caller runs torch's ops."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from ds4py.formats import kernels
+
+_SOURCE = r"""
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+""" + kernels.BF16_C + kernels.ROW_OPS_C + r"""
+namespace {
+inline float round_to(float f, int bf) { return bf ? rowops::round_bf16(f) : f; }
+
+template <bool BF>
+void close_window(const void* kv, const void* gate, int64_t w, int64_t m, int64_t d, int overlap, const void* ape,
+                  const void* prev_kv, const void* prev_gate, const float* norm, float eps, const float* inv_freq,
+                  int64_t half, int64_t position, void* out, std::vector<float>& ks, std::vector<float>& gs,
+                  std::vector<float>& pooled) {
+  const int64_t od = overlap ? 2 * d : d, S = overlap ? 2 * m : m;
+  ks.resize(S * d);
+  gs.resize(S * d);
+  pooled.resize(d);
+  // slot s's kv and gated logit per channel: with overlap, slots [0, m) the previous window's first series
+  // (channels [0, d); the state's for window 0, empty when there is none), slots [m, 2m) this window's second
+  for (int64_t s = 0; s < S; s++) {
+    const bool prev = overlap && s < m;
+    const int64_t row = prev ? (w - 1) * m + s : w * m + (s - (overlap ? m : 0));
+    const int64_t col = overlap && !prev ? d : 0;
+    for (int64_t c = 0; c < d; c++) {
+      float k, g;
+      if (prev && w == 0) {
+        k = prev_kv ? load_float(prev_kv, s * d + c, BF) : 0.0f;
+        g = prev_gate ? load_float(prev_gate, s * d + c, BF) : -INFINITY;
+      } else {
+        k = load_float(kv, row * od + col + c, BF);
+        g = round_to(load_float(gate, row * od + col + c, BF) + load_float(ape, (row % m) * od + col + c, BF), BF);
+      }
+      ks[s * d + c] = k;
+      gs[s * d + c] = g;
+    }
+  }
+  for (int64_t c = 0; c < d; c++) {  // softmax over the slots (float32), the weights in the dtype, the gated sum
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < S; s++) mx = std::max(mx, gs[s * d + c]);
+    float sum = 0.0f;
+    for (int64_t s = 0; s < S; s++) sum += gs[s * d + c] = std::exp(gs[s * d + c] - mx);
+    float acc = 0.0f;
+    for (int64_t s = 0; s < S; s++) acc += round_to(ks[s * d + c] * round_to(gs[s * d + c] / sum, BF), BF);
+    pooled[c] = round_to(acc, BF);
+  }
+  std::vector<char> normed(d * (BF ? 2 : 4));
+  if (BF) {
+    std::vector<uint16_t> p(d);
+    for (int64_t c = 0; c < d; c++) p[c] = float_to_bf16(pooled[c]);
+    rowops::rms_row<true>(p.data(), d, norm, eps, 0, normed.data());
+  } else {
+    rowops::rms_row<false>(pooled.data(), d, norm, eps, 0, normed.data());
+  }
+  const int64_t first = d - 2 * half;  // the rotation at the window's first position, as ds4py_rope_rows
+  for (int64_t c = 0; c < first; c++) rowops::store(out, c, load_float(normed.data(), c, BF), BF);
+  for (int64_t i = 0; i < half; i++) {
+    const float angle = (float)position * inv_freq[i];
+    const float co = std::cos(angle), si = std::sin(angle);
+    const float a = load_float(normed.data(), first + 2 * i, BF), b = load_float(normed.data(), first + 2 * i + 1, BF);
+    rowops::store(out, first + 2 * i, a * co - b * si, BF);
+    rowops::store(out, first + 2 * i + 1, a * si + b * co, BF);
+  }
+}
+}  // namespace
+
+// n windows of m tokens closing: kv, gate [n * m, od] (contiguous; od = 2d with overlap, else d), ape [m, od] in
+// the same dtype (bf16 bits when bf, else float32); prev_kv, prev_gate [m, d]: the last closed window's first
+// series, its gate already biased (overlap; null: none yet, its slots empty). Window w's entry, out row w [d]:
+// gate + ape rounded; the slots (overlap: the previous window's first series, then this one's second; else its
+// m rows); per channel the softmax over them in float32, rounded; the sum of kv * weight (each product rounded,
+// summed in float32 in slot order, rounded); the RMS norm with norm [d] float32 and eps; the last 2 * half
+// channels rotated by angle position * inv_freq[i], position = first + w * m. Windows split over the threads.
+extern "C" int ds4py_compress_windows(const void* kv, const void* gate, int64_t n, int64_t m, int64_t d, int overlap,
+                                      const void* ape, const void* prev_kv, const void* prev_gate, const float* norm,
+                                      float eps, const float* inv_freq, int64_t half, int64_t first, int bf,
+                                      void* out) {
+  if (2 * half > d) return 1;
+  try {
+    const size_t es = bf ? 2 : 4;
+    at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, m * d)), [&](int64_t w0, int64_t w1) {
+      std::vector<float> ks, gs, pooled;
+      for (int64_t w = w0; w < w1; w++) {
+        void* row = (char*)out + w * d * es;
+        if (bf) close_window<true>(kv, gate, w, m, d, overlap, ape, prev_kv, prev_gate, norm, eps, inv_freq, half,
+                                   first + w * m, row, ks, gs, pooled);
+        else close_window<false>(kv, gate, w, m, d, overlap, ape, prev_kv, prev_gate, norm, eps, inv_freq, half,
+                                 first + w * m, row, ks, gs, pooled);
+      }
+    });
+  } catch (...) {
+    return 2;
+  }
+  return 0;
+}
+"""
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.ds4py_compress_windows.restype = i32
+    lib.ds4py_compress_windows.argtypes = [p, p, i64, i64, i64, i32, p, p, p, p, f32, p, i64, i64, i32, p]
+
+
+_load = kernels.lazy_library("ds4py_compress", _SOURCE, ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"],
+                             declare=_declare)
+
+
+def close_windows(kv: torch.Tensor, gate: torch.Tensor, ratio: int, dim: int, overlap: bool, ape: torch.Tensor,
+                  prev_kv: torch.Tensor | None, prev_gate: torch.Tensor | None, norm: torch.Tensor, eps: float,
+                  inv_freq: torch.Tensor, first: int, out: torch.Tensor) -> bool:
+    """The entries of n = kv.shape[0] // ratio closing windows: kv, gate [n * ratio, od] (od = 2 * dim with
+    overlap), ape [ratio, od] in their dtype, the previous window's first series prev_kv / prev_gate [ratio, dim]
+    (overlap; None: none yet), the norm [dim] float32, the rotation's inv_freq [half] float32 and the first
+    window's position -> written into out [n, dim] (contiguous, their dtype). False (nothing written) where the
+    call does not apply."""
+    dtype = kv.dtype
+    od = 2 * dim if overlap else dim
+    n = kv.shape[0] // ratio if ratio else 0
+    if (dtype not in (torch.float32, torch.bfloat16) or kv.dim() != 2 or kv.shape != gate.shape or kv.shape[1] != od
+            or n * ratio != kv.shape[0] or gate.dtype != dtype or ape.dtype != dtype or ape.shape != (ratio, od)
+            or norm.dtype != torch.float32 or norm.numel() != dim or inv_freq.dtype != torch.float32
+            or 2 * inv_freq.numel() > dim or out.dtype != dtype or out.shape != (n, dim) or not out.is_contiguous()
+            or (prev_kv is None) != (prev_gate is None)
+            or (prev_kv is not None and (not overlap or prev_kv.dtype != dtype or prev_gate.dtype != dtype
+                                         or prev_kv.shape != (ratio, dim) or prev_gate.shape != (ratio, dim)))
+            or not all(t.is_cpu for t in (kv, gate, ape, norm, inv_freq, out))
+            or (kv.requires_grad and torch.is_grad_enabled())):
+        return False
+    lib = _load()
+    if lib is None:
+        return False
+    kv, gate, ape = kv.contiguous(), gate.contiguous(), ape.contiguous()
+    if prev_kv is not None:
+        prev_kv, prev_gate = prev_kv.contiguous(), prev_gate.contiguous()
+    rc = lib.ds4py_compress_windows(kv.data_ptr(), gate.data_ptr(), n, ratio, dim, int(overlap), ape.data_ptr(),
+                                    None if prev_kv is None else prev_kv.data_ptr(),
+                                    None if prev_gate is None else prev_gate.data_ptr(), norm.contiguous().data_ptr(),
+                                    eps, inv_freq.contiguous().data_ptr(), inv_freq.numel(), first,
+                                    int(dtype == torch.bfloat16), out.data_ptr())
+    if rc:
+        raise RuntimeError(f"ds4py_compress_windows failed ({rc})")
+    return True
