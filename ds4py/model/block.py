@@ -39,7 +39,6 @@ class Block:
         """The block around `attend` (normed input [T, D] -> attention output [T, D])."""
         x, post, comb = self.hc_attn.collapse_normed(streams, self.attn_norm, self.eps)
         out = attend(x)
-        streams = HyperConnection.expand(out, streams, post, comb)
-        x, post, comb = self.hc_ffn.collapse_normed(streams, self.ffn_norm, self.eps)
+        streams, x, post, comb = self.hc_ffn.expand_collapse_normed(out, streams, post, comb, self.ffn_norm, self.eps)
         out = self.ffn(x, token_ids)
         return HyperConnection.expand(out, streams, post, comb)

@@ -277,6 +277,20 @@ extern "C" int ds4py_hc_head(const void* streams, int bf16, int64_t T, int hc, i
   return 0;
 }
 
+// ds4py_hc_expand, then ds4py_hc_collapse of its result (the next sub-block's collapse, with fn / base / scale and
+// the norm w), in one call: the same values as the two calls. next [T, hc, D]; normed [T, D]; post, comb as
+// ds4py_hc_collapse writes them (the expand reads its own post_in / comb_in first).
+extern "C" int ds4py_hc_expand_collapse(const void* out, const void* streams, int bf16, int64_t T, int hc, int64_t D,
+                                        const float* post_in, const float* comb_in, void* next, const float* fn,
+                                        const float* base, const float* scale, int iters, float hc_eps,
+                                        float norm_eps, float* post, float* comb, const void* w, int wbf,
+                                        float out_eps, void* normed) {
+  if (bf16) hc_expand<true>(out, streams, T, hc, D, post_in, comb_in, next);
+  else hc_expand<false>(out, streams, T, hc, D, post_in, comb_in, next);
+  return ds4py_hc_collapse(next, bf16, T, hc, D, fn, base, scale, iters, hc_eps, norm_eps, nullptr, nullptr, post,
+                           comb, w, wbf, out_eps, normed);
+}
+
 // out [T, D], streams [T, hc, D] (both float32, or both bf16 bits) -> next [T, hc, D]:
 // next_k = post_k * out + sum_j comb[j, k] * streams_j, in float32, rounded once.
 extern "C" void ds4py_hc_expand(const void* out, const void* streams, int bf16, int64_t T, int hc, int64_t D,
@@ -295,6 +309,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds4py_hc_collapse.argtypes = [p, i32, i64, i32, i64, p, p, p, i32, f32, f32, p, p, p, p, p, i32, f32, p]
     lib.ds4py_hc_head.restype = ctypes.c_int
     lib.ds4py_hc_head.argtypes = [p, i32, i64, i32, i64, p, p, p, f32, f32, p, p, p, i32, f32, p]
+    lib.ds4py_hc_expand_collapse.restype = ctypes.c_int
+    lib.ds4py_hc_expand_collapse.argtypes = [p, p, i32, i64, i32, i64, p, p, p, p, p, p, i32, f32, f32, p, p, p, i32,
+                                             f32, p]
     lib.ds4py_hc_expand.restype = None
     lib.ds4py_hc_expand.argtypes = [p, p, i32, i64, i32, i64, p, p, p]
 
@@ -419,3 +436,34 @@ def hc_expand(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor,
     lib.ds4py_hc_expand(out.data_ptr(), streams.data_ptr(), int(streams.dtype == torch.bfloat16), T, hc, D,
                         post.data_ptr(), comb.data_ptr(), nxt.data_ptr())
     return nxt
+
+
+def hc_expand_collapse(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+                       fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int, hc_eps: float,
+                       norm_eps: float, norm: tuple[torch.Tensor, float],
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`hc_expand` of a sub-block's out [T, D] into streams [T, hc, D], then `hc_collapse` of the result for the
+    next sub-block (fn, base, scale; normed by norm = (weight [D], eps)) in one compiled call -> (next streams, normed
+    x [T, D], post, comb), the same values as the two calls; None where either does not apply."""
+    weight = norm[0]
+    if (not _collapsible(streams, fn, base, scale) or out.dtype != streams.dtype or not out.is_cpu
+            or tuple(out.shape) != (streams.shape[0], streams.shape[2]) or not weight.is_cpu
+            or weight.dtype not in (torch.float32, torch.bfloat16) or weight.numel() != streams.shape[2]
+            or post.dtype != torch.float32 or comb.dtype != torch.float32 or not post.is_contiguous()
+            or not comb.is_contiguous()):
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    T, hc, D = streams.shape
+    streams, out, weight = streams.contiguous(), out.contiguous(), weight.contiguous()
+    nxt, normed = torch.empty_like(streams), streams.new_empty(T, D)
+    post_out, comb_out = torch.empty(T, hc), torch.empty(T, hc, hc)
+    rc = lib.ds4py_hc_expand_collapse(out.data_ptr(), streams.data_ptr(), int(streams.dtype == torch.bfloat16), T, hc,
+                                      D, post.data_ptr(), comb.data_ptr(), nxt.data_ptr(), fn.data_ptr(),
+                                      base.data_ptr(), scale.data_ptr(), iters, hc_eps, norm_eps, post_out.data_ptr(),
+                                      comb_out.data_ptr(), weight.data_ptr(), int(weight.dtype == torch.bfloat16),
+                                      norm[1], normed.data_ptr())
+    if rc:
+        raise RuntimeError(f"ds4py_hc_expand_collapse failed ({rc})")
+    return nxt, normed, post_out, comb_out

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ds4py.model.hc_kernel import hc_collapse, hc_expand, hc_head, hc_weights
+from ds4py.model.hc_kernel import hc_collapse, hc_expand, hc_expand_collapse, hc_head, hc_weights
 from ds4py.model.norms import rms_norm, unweighted_rms_norm
 
 
@@ -67,6 +67,18 @@ class HyperConnection:
             return fused
         x, post, comb = self.collapse(streams)
         return rms_norm(x, weight, eps), post, comb
+
+    def expand_collapse_normed(self, out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor,
+                               comb: torch.Tensor, weight: torch.Tensor, eps: float,
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The previous sub-block's `expand` (its post and comb), then this connection's `collapse_normed` ->
+        (streams, normed x, post, comb); one compiled call where both are compiled (decoding), the same values."""
+        fused = hc_expand_collapse(out, streams, post, comb, self.fn, self.base, self.scale, self.sinkhorn_iters,
+                                   self.hc_eps, self.norm_eps, (weight, eps))
+        if fused is not None:
+            return fused
+        streams = HyperConnection.expand(out, streams, post, comb)
+        return (streams, *self.collapse_normed(streams, weight, eps))
 
     @staticmethod
     def expand(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:

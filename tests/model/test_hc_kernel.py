@@ -72,6 +72,28 @@ def test_collapse_normed_equals_collapse_then_norm(T, dtype):
     assert fused is not None and torch.equal(fused[0], nx)
 
 
+@pytest.mark.parametrize("T", [1, 3, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_expand_then_collapse_in_one_call_equals_the_two(T, dtype, monkeypatch):
+    """A block's attention expand and its ffn collapse (+ norm) in one call give the bits of the two calls; where
+    the call does not apply (here: forced) the two run."""
+    from ds4py.model import hyper_connection
+
+    h = random_hyper(4, 96, T + 2)
+    gen = torch.Generator().manual_seed(9)
+    streams = torch.randn(T, 4, 96, generator=gen).to(dtype)
+    out = torch.randn(T, 96, generator=gen).to(dtype)
+    weight = torch.rand(96, generator=gen) + 0.5
+    _, post, comb = random_hyper(4, 96, T + 3).collapse(streams)
+    fused = h.expand_collapse_normed(out, streams, post, comb, weight, 1e-6)
+    nxt = HyperConnection.expand(out, streams, post, comb)
+    want = (nxt, *h.collapse_normed(nxt, weight, 1e-6))
+    assert all(torch.equal(a, b) for a, b in zip(fused, want, strict=True))
+    monkeypatch.setattr(hyper_connection, "hc_expand_collapse", lambda *a: None)
+    assert all(torch.equal(a, b) for a, b in zip(h.expand_collapse_normed(out, streams, post, comb, weight, 1e-6),
+                                                 want, strict=True))
+
+
 @pytest.mark.parametrize("T", [2, 300])  # 300: a prefill chunk, split over threads
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_compiled_expand_matches_float64(dtype, T):
