@@ -22,6 +22,9 @@ class CompressorState:
     overlap_gate: torch.Tensor | None = None
     storage: torch.Tensor | None = None      # [capacity, dim]; rows [0, n_entries) hold the entries
     n_entries: int = 0
+    # decoding: [2, ratio, overlap * dim], the pending window's kv and gate rows written in place (the buffers are
+    # then views of it)
+    pending_rows: torch.Tensor | None = None
 
     @property
     def entries(self) -> torch.Tensor | None:
@@ -42,11 +45,16 @@ class CompressorState:
         return self.storage[:need]
 
     def copy(self) -> CompressorState:
-        """Pending and overlap tensors are replaced, never written in place, so they can be shared;
-        the entry storage is appended to in place, so it is copied."""
+        """Pending and overlap tensors are replaced, never written in place, so they can be shared, except the
+        decoding window (written in place: the copy gets its own); the entry storage is appended to in place, so it
+        is copied."""
         out = copy.copy(self)
         if self.storage is not None:
             out.storage = self.storage[: self.n_entries].clone()
+        if self.pending_rows is not None:  # written in place: the copy's pending rows become its own
+            out.pending_rows = None
+            if out.buffer_kv is not None:
+                out.buffer_kv, out.buffer_gate = out.buffer_kv.clone(), out.buffer_gate.clone()
         return out
 
 
@@ -95,6 +103,9 @@ class Cache:
             tensors = [layer.window]
             for st in (layer.compressor, layer.indexer):
                 if st is not None:
-                    tensors += [st.buffer_kv, st.buffer_gate, st.overlap_kv, st.overlap_gate, st.storage]
+                    aliased = st.pending_rows is not None and st.buffer_kv is not None and (
+                        st.buffer_kv.data_ptr() == st.pending_rows.data_ptr())  # the buffers are views of the window
+                    pending = [st.pending_rows] if aliased else [st.pending_rows, st.buffer_kv, st.buffer_gate]
+                    tensors += pending + [st.overlap_kv, st.overlap_gate, st.storage]
             total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
         return total

@@ -1527,6 +1527,71 @@ extern "C" int ds4py_output_one(const void* out, int bf, int64_t groups, int64_t
   return 0;
 }
 
+// A matrix as the one-token calls below read it: ggml rows (Q8_0 / MXFP4), bf16 bits (BF16_ROWS) or float32
+// (F32_ROWS); stride: bytes between rows.
+constexpr int BF16_ROWS = -16, F32_ROWS = -32;
+struct Matrix {
+  const void* w;
+  int32_t kind;
+  int64_t rows, cols, stride;
+};
+
+namespace {
+// y [rows] = W x for one row x [n] (float32): the values of ds4py_ggml_linear / ds4py_bf16_linear /
+// ds4py_f32_linear for T = 1, then rounded to bf16 bits when bf. Returns nonzero for a kind it does not take.
+int matvec(const Matrix& m, const float* x, int64_t n, void* y, int bf) {
+  if (m.cols != n || ((m.kind == Q8_0 || m.kind == MXFP4) && n % 32)) return 1;
+  if (m.kind == Q8_0 || m.kind == MXFP4) {
+    linear_row(m.kind, x, n, (const uint8_t*)m.w, m.rows, m.stride, y, bf);
+    return 0;
+  }
+  std::vector<float> yf(bf ? m.rows : 0);
+  float* yp = bf ? yf.data() : (float*)y;
+  int rc = 1;
+  if (m.kind == BF16_ROWS) rc = ds4py_bf16_linear(x, 1, n, (const uint16_t*)m.w, m.rows, m.stride / 2, yp);
+  if (m.kind == F32_ROWS) rc = ds4py_f32_linear(x, 1, n, (const float*)m.w, m.rows, m.stride / 4, yp);
+  if (!rc && bf)
+    for (int64_t i = 0; i < m.rows; i++) ((uint16_t*)y)[i] = float_to_bf16(yf[i]);
+  return rc;
+}
+}  // namespace
+
+// One token's products of the same x [n] (float32, or bf16 bits when bf) with two matrices a, b -> ya [a.rows],
+// yb [b.rows] in x's dtype, written where the caller says (a compressor's pending window).
+extern "C" int ds4py_linear_pair(const void* x, int bf, int64_t n, const Matrix* a, const Matrix* b, void* ya,
+                                 void* yb) {
+  try {
+    std::vector<float> xf(n);
+    widen_to_float(x, bf, n, xf.data());
+    return matvec(*a, xf.data(), n, ya, bf) || matvec(*b, xf.data(), n, yb, bf) ? 1 : 0;
+  } catch (...) {
+    return 2;
+  }
+}
+
+// One token's indexer query: q [H, hd] = wq (H * hd rows) times q_residual [ql], each head's last 2 * half channels
+// rotated by rot [half] (cos, sin) pairs as ds4py_rope_rows rotates them; w [H] float32 = (wp [H rows] times
+// x [D]) in x's dtype, then times wscale. Inputs and q float32, or bf16 bits when bf.
+extern "C" int ds4py_index_query_one(const void* q_residual, int64_t ql, const void* x, int64_t D, int bf,
+                                     const Matrix* wq, const Matrix* wp, int64_t H, int64_t hd, const float* rot,
+                                     int64_t half, float wscale, void* q, float* w) {
+  if (wq->rows != H * hd || wp->rows != H || 2 * half > hd) return 1;
+  try {
+    const size_t es = bf ? 2 : 4;
+    std::vector<float> xf(std::max(ql, D));
+    std::vector<char> qr(H * hd * es), wr(H * es);
+    widen_to_float(q_residual, bf, ql, xf.data());
+    if (matvec(*wq, xf.data(), ql, qr.data(), bf)) return 1;
+    ds4py_rope_rows(qr.data(), bf, 1, H, hd, half, rot, 0, q);
+    widen_to_float(x, bf, D, xf.data());
+    if (matvec(*wp, xf.data(), D, wr.data(), bf)) return 1;
+    for (int64_t h = 0; h < H; h++) w[h] = load_float(wr.data(), h, bf) * wscale;
+  } catch (...) {
+    return 2;
+  }
+  return 0;
+}
+
 extern "C" int ds4py_kernels_simd() { return DS4PY_AVX512; }
 """
 
@@ -1656,6 +1721,15 @@ def _compile(generic: bool) -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_void_p]
+    fn = lib.ds4py_linear_pair
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.POINTER(Matrix), ctypes.POINTER(Matrix),
+                   ctypes.c_void_p, ctypes.c_void_p]
+    fn = lib.ds4py_index_query_one
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                   ctypes.POINTER(Matrix), ctypes.POINTER(Matrix), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                   ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
     fn = lib.ds4py_ggml_dequantize
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
@@ -2115,6 +2189,86 @@ def moe_many(plan: MoEPlan, x: torch.Tensor, weights: torch.Tensor, ids: torch.T
     if rc:
         raise RuntimeError(f"ds4py_moe_many failed ({rc}): an expert id outside [0, {plan.E})?")
     return out
+
+
+KIND_BF16, KIND_F32 = -16, -32  # a `Matrix` of bf16 bits / float32 values (else its ggml qtype)
+
+
+class Matrix(ctypes.Structure):
+    """A 2-D weight as the one-token C calls read it (the C struct Matrix): its rows' address, kind (Q8_0, MXFP4,
+    KIND_BF16, KIND_F32), rows, columns and row stride in bytes."""
+
+    _fields_ = [("w", ctypes.c_void_p), ("kind", ctypes.c_int32), ("rows", ctypes.c_int64),
+                ("cols", ctypes.c_int64), ("stride", ctypes.c_int64)]
+
+
+def matrix(weight) -> tuple[Matrix, torch.Tensor] | None:
+    """(`Matrix`, the tensor it points into: keep it alive with the Matrix) for a CPU weight the one-token calls
+    multiply with `linear`'s values at T = 1: Q8_0 / MXFP4 rows (`kernel_rows`), or a bf16 / float32 matrix
+    (`BF16Matrix`, `Dense`; their products then in float32, rounded once: F.linear's up to summation order).
+    None for anything else."""
+    rows = weight.kernel_rows()
+    if rows is not None:
+        raw, qtype = rows
+        if qtype not in (Q8_0, MXFP4) or not raw.is_cpu or raw.dim() != 2 or raw.stride(1) != 1:
+            return None
+        cols = raw.shape[1] // BLOCK_BYTES[qtype] * 32
+        return Matrix(raw.data_ptr(), qtype, raw.shape[0], cols, raw.stride(0)), raw
+    t = getattr(weight, "tensor", None)
+    if (t is None or t.dim() != 2 or not t.is_cpu or t.stride(1) != 1 or t.dtype not in (torch.bfloat16, torch.float32)
+            or t.requires_grad):
+        return None
+    kind = KIND_BF16 if t.dtype == torch.bfloat16 else KIND_F32
+    return Matrix(t.data_ptr(), kind, t.shape[0], t.shape[1], t.stride(0) * t.element_size()), t
+
+
+def linear_pair(x: torch.Tensor, a: Matrix, b: Matrix, ya: torch.Tensor, yb: torch.Tensor) -> bool:
+    """One token x [1, n]'s products with matrices a and b (`matrix`; n columns each) in one compiled call, written
+    into ya [a.rows] and yb [b.rows] (contiguous, x's dtype). False (nothing written) where it does not apply."""
+    n = x.shape[-1]
+    if (not x.is_cpu or x.dtype not in (torch.float32, torch.bfloat16) or x.numel() != n or ya.dtype != x.dtype
+            or yb.dtype != x.dtype or ya.numel() != a.rows or yb.numel() != b.rows or a.cols != n or b.cols != n
+            or not (ya.is_contiguous() and yb.is_contiguous()) or (x.requires_grad and torch.is_grad_enabled())):
+        return False
+    lib = _lib()
+    if lib is None:
+        return False
+    if not x.is_contiguous():
+        x = x.contiguous()
+    rc = lib.ds4py_linear_pair(x.data_ptr(), int(x.dtype == torch.bfloat16), n, a, b, ya.data_ptr(), yb.data_ptr())
+    if rc:
+        raise RuntimeError(f"ds4py_linear_pair failed ({rc})")
+    return True
+
+
+def index_query_one(q_residual: torch.Tensor, x: torch.Tensor, wq: Matrix, wp: Matrix, heads: int, head_dim: int,
+                    rotation: torch.Tensor, wscale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One token's indexer query in one compiled call: q [heads, head_dim] = wq q_residual, rotated by rotation
+    [1, half] complex64 (as `rope.rotate`), and the head weights w [heads] float32 = (wp x in x's dtype) * wscale;
+    or None where it does not apply."""
+    dtype = x.dtype
+    if (dtype not in (torch.float32, torch.bfloat16) or q_residual.dtype != dtype or not (x.is_cpu and
+            q_residual.is_cpu) or x.shape[0] != 1 or q_residual.shape[0] != 1 or rotation.dtype != torch.complex64
+            or wq.rows != heads * head_dim or wp.rows != heads or wq.cols != q_residual.shape[-1]
+            or wp.cols != x.shape[-1] or (x.requires_grad and torch.is_grad_enabled())):
+        return None
+    half = rotation.shape[-1]
+    if rotation.numel() != half or 2 * half > head_dim:
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    if rotation.is_conj() or not rotation.is_contiguous():
+        rotation = rotation.resolve_conj().contiguous()
+    q_residual, x = q_residual.contiguous(), x.contiguous()
+    q = torch.empty(heads, head_dim, dtype=dtype)
+    w = torch.empty(heads, dtype=torch.float32)
+    rc = lib.ds4py_index_query_one(q_residual.data_ptr(), q_residual.shape[-1], x.data_ptr(), x.shape[-1],
+                                   int(dtype == torch.bfloat16), wq, wp, heads, head_dim, rotation.data_ptr(), half,
+                                   wscale, q.data_ptr(), w.data_ptr())
+    if rc:
+        raise RuntimeError(f"ds4py_index_query_one failed ({rc})")
+    return q, w
 
 
 class ProjectPlan(ctypes.Structure):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ds4py.cache import CompressorState
-from ds4py.formats import Weight
+from ds4py.formats import Weight, kernels
 from ds4py.model.compressor_kernel import close_windows
 from ds4py.model.norms import rms_norm
 from ds4py.model.rope import Rotary, apply_rope
@@ -30,6 +30,8 @@ class Compressor:
     eps: float
     rotary: Rotary
     ape_cache: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+    # (wkv, wgate, their kernels.matrix pair or None): `project_one`'s, made again if a weight changes
+    plan: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def overlap(self) -> bool:
@@ -41,6 +43,39 @@ class Compressor:
         if cached is None or cached[0] is not self.ape or cached[1].dtype != dtype:
             cached = self.ape_cache = (self.ape, self.ape.to(dtype))
         return cached[1]
+
+    def project(self, x: torch.Tensor, state: CompressorState) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> kv, gate [pending + T, overlap * dim]: the pending window's projections, then x's."""
+        if x.shape[0] == 1:
+            done = self.project_one(x, state)
+            if done is not None:
+                return done
+        kv, gate = self.wkv.linear(x), self.wgate.linear(x)
+        if state.buffer_kv is not None:
+            kv, gate = torch.cat([state.buffer_kv, kv]), torch.cat([state.buffer_gate, gate])
+        return kv, gate
+
+    def project_one(self, x: torch.Tensor, state: CompressorState) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A decoding token's two projections in one compiled call (`kernels.linear_pair`), written into its row of
+        the pending window `state.pending_rows` [2, ratio, overlap * dim] (made on first use; a prompt's pending rows
+        copied in once) where the two `linear` calls and two concatenations ran. None where the weights are not
+        ones the call multiplies."""
+        plan = self.plan
+        if plan is None or plan[0] is not self.wkv or plan[1] is not self.wgate:
+            mats = kernels.matrix(self.wkv), kernels.matrix(self.wgate)
+            plan = self.plan = (self.wkv, self.wgate, None if None in mats else mats)
+        if plan[2] is None:
+            return None
+        (a, _), (b, _) = plan[2]
+        p = 0 if state.buffer_kv is None else state.buffer_kv.shape[0]
+        block = state.pending_rows
+        if block is None or block.dtype != x.dtype or block.shape[2] != a.rows:
+            block = state.pending_rows = x.new_empty(2, self.ratio, a.rows)
+        if p and state.buffer_kv.data_ptr() != block.data_ptr():
+            block[0, :p], block[1, :p] = state.buffer_kv, state.buffer_gate
+        if not kernels.linear_pair(x, a, b, block[0, p], block[1, p]):
+            return None
+        return block[0, :p + 1], block[1, :p + 1]
 
     def close_compiled(self, kv: torch.Tensor, gate: torch.Tensor, state: CompressorState,
                        first_position: int) -> torch.Tensor | None:
@@ -54,18 +89,14 @@ class Compressor:
         if not close_windows(kv, gate, m, d, self.overlap, ape, *prev, self.norm, self.eps, self.rotary.inv_freq,
                              first_position, out):
             return None
-        if self.overlap:
-            state.overlap_kv, state.overlap_gate = kv[-m:, :d], gate[-m:, :d] + ape[:, :d]
+        if self.overlap:  # (a copy: kv may be the pending window, written again from the next token on)
+            state.overlap_kv, state.overlap_gate = kv[-m:, :d].clone(), gate[-m:, :d] + ape[:, :d]
         return state.append(out)
 
     def __call__(self, x: torch.Tensor, state: CompressorState) -> torch.Tensor:
         """Feed x [T, D] (the attention input); emit the entries of the windows it closes, append them
         to `state.entries` and return all entries [n_entries, dim]."""
-        kv = self.wkv.linear(x)
-        gate = self.wgate.linear(x)
-        if state.buffer_kv is not None:
-            kv = torch.cat([state.buffer_kv, kv])
-            gate = torch.cat([state.buffer_gate, gate])
+        kv, gate = self.project(x, state)  # [pending + T, overlap * dim]
         first_position = state.n_entries * self.ratio
         usable = kv.shape[0] // self.ratio * self.ratio
         if usable == 0:  # (decoding, most tokens: nothing closes; no views to make)
@@ -79,6 +110,8 @@ class Compressor:
         done = self.close_compiled(kv[:usable], gate[:usable], state, first_position)
         if done is not None:
             return done
+        if state.pending_rows is not None and kv.data_ptr() == state.pending_rows.data_ptr():
+            kv = kv.clone()  # the pending window is written again from the next token on: keep what outlives it
         kv = kv[:usable].view(n, m, -1)
         gate = gate[:usable].view(n, m, -1) + self.ape_as(gate.dtype)
         if self.overlap and n == 1 and state.overlap_kv is not None:  # decoding: one window, after another

@@ -4,12 +4,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ds4py.cache import CompressorState
-from ds4py.formats import Weight
+from ds4py.formats import Weight, kernels
 from ds4py.model.compressor import Compressor
 from ds4py.model.indexer_kernel import index_one, index_rows
 from ds4py.model.rope import Rotary, rotate
@@ -26,6 +26,8 @@ class Indexer:
     head_dim: int
     topk: int
     rotary: Rotary
+    # (wq_b, weights_proj, their kernels.matrix pair or None): `query`'s one-token plan, made again if one changes
+    plan: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __call__(
         self, x: torch.Tensor, q_residual: torch.Tensor, positions: torch.Tensor, state: CompressorState
@@ -37,9 +39,7 @@ class Indexer:
         k = min(self.topk, n)
         if k == 0:
             return torch.empty(T, 0, dtype=torch.long, device=x.device)
-        q = self.wq_b.linear(q_residual).view(T, self.n_heads, self.head_dim)
-        q = rotate(q, self.rotary.rotation(positions))
-        w = self.weights_proj.linear(x).float().mul_(self.n_heads**-0.5)  # [T, heads]
+        q, w = self.query(x, q_residual, positions)  # [T, heads, head_dim] rotated, [T, heads] float32
         scale = self.head_dim**-0.5
         if T == 1:  # one token sees every entry emitted so far
             done = index_one(q[0], w[0], keys, scale, k)
@@ -67,6 +67,25 @@ class Indexer:
             tops.append(stable_topk(total.masked_fill_(future, float("-inf")), k))
         top = torch.cat(tops) if len(tops) > 1 else tops[0]
         return torch.where(top >= visible[:, None], -1, top)
+
+    def query(self, x: torch.Tensor, q_residual: torch.Tensor, positions: torch.Tensor):
+        """-> the queries [T, heads, head_dim] (rotated) and the head weights [T, heads] float32; one compiled call
+        for a decoding token where the weights allow (`kernels.index_query_one`)."""
+        T = x.shape[0]
+        rotation = self.rotary.rotation(positions)
+        if T == 1:
+            plan = self.plan
+            if plan is None or plan[0] is not self.wq_b or plan[1] is not self.weights_proj:
+                mats = kernels.matrix(self.wq_b), kernels.matrix(self.weights_proj)
+                plan = self.plan = (self.wq_b, self.weights_proj, None if None in mats else mats)
+            if plan[2] is not None:
+                (wq, _), (wp, _) = plan[2]
+                done = kernels.index_query_one(q_residual, x, wq, wp, self.n_heads, self.head_dim, rotation,
+                                               self.n_heads**-0.5)
+                if done is not None:
+                    return done[0][None], done[1][None]
+        q = rotate(self.wq_b.linear(q_residual).view(T, self.n_heads, self.head_dim), rotation)
+        return q, self.weights_proj.linear(x).float().mul_(self.n_heads**-0.5)
 
     def totals(self, q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
         """q [R, heads, head_dim], w [R, heads], keys_t [head_dim, n] -> sum_h w * relu(q_h . k) / sqrt(head_dim)

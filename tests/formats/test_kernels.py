@@ -355,3 +355,42 @@ def test_route_chooses_and_weighs_as_torch(lib, score_func):
                                    rtol=2e-6, atol=0)
     with pytest.raises(ValueError, match="hash id"):
         kernels.route(logits, None, score_func, k, scaling, hash_ids + E)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_one_token_pair_and_indexer_query_give_the_linear_values(lib, dtype):
+    """`linear_pair` and `index_query_one` against each weight's own `linear` at T = 1: the same bits for Q8_0,
+    MXFP4 and bf16 matrices (the same kernels), F.linear's values up to float32 summation order for a Dense one."""
+    from ds4py.formats import BF16Matrix, Dense
+    from ds4py.model.rope import rotate
+
+    gen = torch.Generator().manual_seed(31)
+    n = 96
+    x = torch.randn(1, n, generator=gen).to(dtype)
+    exact = [random_weight(Q.Q8_0, 48, n, gen), random_weight(Q.MXFP4, 32, n, gen),
+             BF16Matrix(torch.randn(40, n, generator=gen).bfloat16())]
+    dense = Dense(torch.randn(24, n, generator=gen).to(dtype))
+    for a, b in [(exact[0], exact[1]), (exact[2], dense)]:
+        (ma, _), (mb, _) = kernels.matrix(a), kernels.matrix(b)
+        ya, yb = torch.empty(a.shape[0], dtype=dtype), torch.empty(b.shape[0], dtype=dtype)
+        assert kernels.linear_pair(x, ma, mb, ya, yb)
+        assert torch.equal(ya, a.linear(x)[0])
+        want = b.linear(x)[0]
+        if b is dense:
+            tol = 1e-6 if dtype == torch.float32 else 2**-7
+            assert (yb.float() - want.float()).abs().max() <= tol * want.float().abs().max()
+        else:
+            assert torch.equal(yb, want)
+    assert not kernels.linear_pair(x[:, :64], ma, mb, ya, yb)  # columns that do not match: declined
+    assert kernels.matrix(Dense(torch.zeros(3, 4, 5))) is None
+
+    heads, hd = 4, 12  # the indexer's query: wq [heads * hd, 96] times q_residual, rotated; weights wp [heads, n]
+    wq, wp = random_weight(Q.Q8_0, heads * hd, 96, gen), Dense(torch.randn(heads, n, generator=gen).to(dtype))
+    q_residual = torch.randn(1, 96, generator=gen).to(dtype)
+    angle = torch.rand(1, 3, generator=gen) * 6
+    rotation = torch.polar(torch.ones_like(angle), angle)
+    q, w = kernels.index_query_one(q_residual, x, kernels.matrix(wq)[0], kernels.matrix(wp)[0], heads, hd, rotation,
+                                   0.5)
+    assert torch.equal(q, rotate(wq.linear(q_residual).view(1, heads, hd), rotation)[0])
+    want = wp.linear(x).float()[0] * 0.5
+    assert (w - want).abs().max() <= 2**-7 * want.abs().max()

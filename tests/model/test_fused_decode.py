@@ -254,3 +254,34 @@ def test_whole_chunk_expert_takes_the_gemm_only_when_its_matrices_are_large(mode
     exact = block.ffn(x.float(), token_ids)
     # against float32 on the same inputs: the loop rounds to bf16 after each op (and its weights), the call once
     assert rel(looped.float(), exact) < 3e-2 and rel(grouped.float(), exact) <= rel(looped.float(), exact)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compressor_and_indexer_one_token_calls_equal_the_plain_ones(model, monkeypatch, dtype):
+    """Decoding writes each token's compressor projections into the pending window in place and makes the
+    indexer's query in one call: the logits of the plain `linear` calls (float32: to summation order), across
+    window closes of every compressor (ratio 4, 128 and the indexers'); a cloned cache then decodes on its own."""
+    from ds4py.model.compressor import Compressor
+
+    m = ds4py.load(str(model.source.path), dtype=dtype)
+    prompt = list(range(1, 126))  # decoding then crosses a ratio-128 close (position 127) and many ratio-4 ones
+    steps = torch.randint(0, m.config.vocab_size, (12,), generator=torch.Generator().manual_seed(23)).tolist()
+    ran = []
+    real = kernels.linear_pair
+    monkeypatch.setattr(kernels, "linear_pair", lambda *a: ran.append(real(*a)) or ran[-1])
+
+    def decode():
+        cache = m.new_cache()
+        m.prefill(prompt, cache)
+        out = [m.prefill([t], cache) for t in steps[:5]]
+        fork = cache.clone()
+        out += [m.prefill([t], cache) for t in steps[5:]]
+        return torch.stack(out), torch.stack([m.prefill([t], fork) for t in steps[5:]])
+
+    fast, forked = decode()
+    assert ran and all(ran)
+    monkeypatch.setattr(Compressor, "project_one", lambda self, x, state: None)
+    monkeypatch.setattr(kernels, "index_query_one", lambda *a: None)
+    plain, plain_forked = decode()
+    assert torch.equal(forked, fast[5:]) and torch.equal(plain_forked, plain[5:])
+    assert rel(fast, plain) < (1e-6 if dtype == "float32" else 1e-2)
