@@ -31,6 +31,19 @@ class CompressorState:
         """[n_entries, dim] compressed, normed, rotated KV entries."""
         return None if self.storage is None else self.storage[: self.n_entries]
 
+    def grow(self, n: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+        """n more entry rows [n, dim] to be written in place (counted as entries from now on)."""
+        need = self.n_entries + n
+        if self.storage is None or need > self.storage.shape[0] or self.storage.dtype != dtype:
+            capacity = max(need, 2 * (0 if self.storage is None else self.storage.shape[0]), 64)
+            grown = torch.empty(capacity, dim, dtype=dtype)
+            if self.n_entries:
+                grown[: self.n_entries] = self.storage[: self.n_entries]
+            self.storage = grown
+        rows = self.storage[self.n_entries:need]
+        self.n_entries = need
+        return rows
+
     def append(self, new: torch.Tensor) -> torch.Tensor:
         """Append entries in place, doubling the storage when full (amortised O(1) per entry)."""
         need = self.n_entries + new.shape[0]

@@ -2243,6 +2243,13 @@ def linear_pair(x: torch.Tensor, a: Matrix, b: Matrix, ya: torch.Tensor, yb: tor
     return True
 
 
+def linear_pair_address() -> int | None:
+    """The address of the compiled ds4py_linear_pair, for compiled code elsewhere that makes its products through
+    it (`compressor_kernel`'s one-token step: one copy of the matrix code); None without the kernels."""
+    lib = _lib()
+    return None if lib is None else ctypes.cast(lib.ds4py_linear_pair, ctypes.c_void_p).value
+
+
 def index_query_one(q_residual: torch.Tensor, x: torch.Tensor, wq: Matrix, wp: Matrix, heads: int, head_dim: int,
                     rotation: torch.Tensor, wscale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One token's indexer query in one compiled call: q [heads, head_dim] = wq q_residual, rotated by rotation

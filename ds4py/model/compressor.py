@@ -8,12 +8,14 @@ w's Cb with window w-1's Ca over 2 * ratio slots. Ratio 128 (HCA) pools its own 
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, field
 
 import torch
 
 from ds4py.cache import CompressorState
 from ds4py.formats import Weight, kernels
+from ds4py.model import compressor_kernel
 from ds4py.model.compressor_kernel import close_windows
 from ds4py.model.norms import rms_norm
 from ds4py.model.rope import Rotary, apply_rope
@@ -30,7 +32,8 @@ class Compressor:
     eps: float
     rotary: Rotary
     ape_cache: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
-    # (wkv, wgate, their kernels.matrix pair or None): `project_one`'s, made again if a weight changes
+    # (wkv, wgate, (their kernels.matrix pair, norm, inv_freq, the step and pair functions) or None): `step_one`'s,
+    # made again if a weight changes
     plan: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -46,36 +49,66 @@ class Compressor:
 
     def project(self, x: torch.Tensor, state: CompressorState) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> kv, gate [pending + T, overlap * dim]: the pending window's projections, then x's."""
-        if x.shape[0] == 1:
-            done = self.project_one(x, state)
-            if done is not None:
-                return done
         kv, gate = self.wkv.linear(x), self.wgate.linear(x)
         if state.buffer_kv is not None:
             kv, gate = torch.cat([state.buffer_kv, kv]), torch.cat([state.buffer_gate, gate])
         return kv, gate
 
-    def project_one(self, x: torch.Tensor, state: CompressorState) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A decoding token's two projections in one compiled call (`kernels.linear_pair`), written into its row of
-        the pending window `state.pending_rows` [2, ratio, overlap * dim] (made on first use; a prompt's pending rows
-        copied in once) where the two `linear` calls and two concatenations ran. None where the weights are not
-        ones the call multiplies."""
+    def step_one(self, x: torch.Tensor, state: CompressorState) -> torch.Tensor | None:
+        """A decoding token x [1, D] in one compiled call (`compressor_kernel`'s ds4py_compress_step): its two
+        projections (`kernels.linear_pair`'s values) written into its row of the pending window
+        `state.pending_rows` [2, ratio, overlap * dim] (made on first use; a prompt's pending rows copied in once)
+        and, when the row closes the window, its entry (as `close_compiled` makes it) appended -> all entries; or
+        None where the weights or dtypes are not ones the call takes (nothing changed then)."""
         plan = self.plan
         if plan is None or plan[0] is not self.wkv or plan[1] is not self.wgate:
             mats = kernels.matrix(self.wkv), kernels.matrix(self.wgate)
-            plan = self.plan = (self.wkv, self.wgate, None if None in mats else mats)
-        if plan[2] is None:
+            ok = (None not in mats and self.norm.dtype == torch.float32 and self.norm.is_cpu
+                  and self.rotary.inv_freq.dtype == torch.float32 and 2 * self.rotary.inv_freq.numel() <= self.dim
+                  and mats[0][0].rows == mats[1][0].rows == (2 if self.overlap else 1) * self.dim
+                  and mats[0][0].cols == mats[1][0].cols)
+            step = compressor_kernel.step_function() if ok else None
+            pair = kernels.linear_pair_address() if step is not None else None
+            plan = self.plan = (self.wkv, self.wgate, (mats, self.norm.contiguous(), self.rotary.inv_freq.contiguous(),
+                                                       step, pair) if pair is not None else None)
+        if (plan[2] is None or kernels.disabled() or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_cpu
+                or x.numel() != x.shape[-1] or x.shape[-1] != plan[2][0][0][0].cols
+                or (x.requires_grad and torch.is_grad_enabled())):
             return None
-        (a, _), (b, _) = plan[2]
+        ((a, _), (b, _)), norm, inv_freq, step, pair = plan[2]
+        m, d = self.ratio, self.dim
         p = 0 if state.buffer_kv is None else state.buffer_kv.shape[0]
         block = state.pending_rows
-        if block is None or block.dtype != x.dtype or block.shape[2] != a.rows:
-            block = state.pending_rows = x.new_empty(2, self.ratio, a.rows)
+        if block is None or block.dtype != x.dtype:
+            block = state.pending_rows = x.new_empty(2, m, a.rows)
         if p and state.buffer_kv.data_ptr() != block.data_ptr():
             block[0, :p], block[1, :p] = state.buffer_kv, state.buffer_gate
-        if not kernels.linear_pair(x, a, b, block[0, p], block[1, p]):
-            return None
-        return block[0, :p + 1], block[1, :p + 1]
+        ape = self.ape_as(x.dtype)
+        entry = next_kv = next_gate = prev_kv = prev_gate = None
+        first = state.n_entries * m  # the window's first position
+        if p == m - 1:  # this token closes the window
+            entry = state.grow(1, d, x.dtype)
+            if self.overlap:
+                next_kv, next_gate = x.new_empty(m, d), x.new_empty(m, d)
+                if state.overlap_kv is not None:
+                    prev_kv, prev_gate = state.overlap_kv.contiguous(), state.overlap_gate.contiguous()
+        x = x if x.is_contiguous() else x.contiguous()
+        rc = step(x.data_ptr(), int(x.dtype == torch.bfloat16), a.cols, pair, ctypes.byref(a), ctypes.byref(b),
+                  block[0].data_ptr(), block[1].data_ptr(), p, m, d, int(self.overlap), ape.data_ptr(),
+                  None if prev_kv is None else prev_kv.data_ptr(), None if prev_gate is None else prev_gate.data_ptr(),
+                  norm.data_ptr(), self.eps, inv_freq.data_ptr(), inv_freq.numel(), first,
+                  None if entry is None else entry.data_ptr(),
+                  None if next_kv is None else next_kv.data_ptr(), None if next_gate is None else next_gate.data_ptr())
+        if rc:
+            raise RuntimeError(f"ds4py_compress_step failed ({rc})")
+        if entry is None:
+            state.buffer_kv, state.buffer_gate = block[0, :p + 1], block[1, :p + 1]
+        else:
+            state.buffer_kv, state.buffer_gate = block[0, :0], block[1, :0]
+            if self.overlap:
+                state.overlap_kv, state.overlap_gate = next_kv, next_gate
+        entries = state.entries
+        return entries if entries is not None else x.new_zeros(0, d)
 
     def close_compiled(self, kv: torch.Tensor, gate: torch.Tensor, state: CompressorState,
                        first_position: int) -> torch.Tensor | None:
@@ -96,6 +129,10 @@ class Compressor:
     def __call__(self, x: torch.Tensor, state: CompressorState) -> torch.Tensor:
         """Feed x [T, D] (the attention input); emit the entries of the windows it closes, append them
         to `state.entries` and return all entries [n_entries, dim]."""
+        if x.shape[0] == 1:
+            done = self.step_one(x, state)
+            if done is not None:
+                return done
         kv, gate = self.project(x, state)  # [pending + T, overlap * dim]
         first_position = state.n_entries * self.ratio
         usable = kv.shape[0] // self.ratio * self.ratio

@@ -115,6 +115,42 @@ extern "C" int ds4py_compress_windows(const void* kv, const void* gate, int64_t 
   }
   return 0;
 }
+
+typedef int (*PairFn)(const void* x, int bf, int64_t n, const void* a, const void* b, void* ya, void* yb);
+
+// One decoding token through a compressor: its two projections (pair: the kernels library's ds4py_linear_pair, with
+// its Matrix structs a and b; n = x's width) into row p of the pending window's rows kv, gate [m, od]; when that
+// row closes the window (p == m - 1), its entry into `entry` [d] as ds4py_compress_windows makes it (prev_kv,
+// prev_gate: the previous window's first series, or null) and, with overlap, this window's first series into
+// next_kv, next_gate [m, d] (the gate biased by ape, rounded). Returns nonzero where the projections fail.
+extern "C" int ds4py_compress_step(const void* x, int bf, int64_t n, void* pair, const void* a, const void* b,
+                                   void* kv, void* gate, int64_t p, int64_t m, int64_t d, int overlap,
+                                   const void* ape, const void* prev_kv, const void* prev_gate, const float* norm,
+                                   float eps, const float* inv_freq, int64_t half, int64_t first, void* entry,
+                                   void* next_kv, void* next_gate) {
+  const size_t es = bf ? 2 : 4;
+  const int64_t od = overlap ? 2 * d : d;
+  if (p < 0 || p >= m || 2 * half > d) return 1;
+  int rc = ((PairFn)pair)(x, bf, n, a, b, (char*)kv + p * od * es, (char*)gate + p * od * es);
+  if (rc || p != m - 1) return rc;
+  try {
+    std::vector<float> ks, gs, pooled;
+    if (bf) close_window<true>(kv, gate, 0, m, d, overlap, ape, prev_kv, prev_gate, norm, eps, inv_freq, half, first,
+                               entry, ks, gs, pooled);
+    else close_window<false>(kv, gate, 0, m, d, overlap, ape, prev_kv, prev_gate, norm, eps, inv_freq, half, first,
+                             entry, ks, gs, pooled);
+    if (overlap)
+      for (int64_t s = 0; s < m; s++)
+        for (int64_t c = 0; c < d; c++) {
+          std::memcpy((char*)next_kv + (s * d + c) * es, (const char*)kv + (s * od + c) * es, es);
+          const float g = load_float(gate, s * od + c, bf) + load_float(ape, s * od + c, bf);
+          rowops::store(next_gate, s * d + c, round_to(g, bf), bf);
+        }
+  } catch (...) {
+    return 2;
+  }
+  return 0;
+}
 """
 
 
@@ -122,6 +158,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.ds4py_compress_windows.restype = i32
     lib.ds4py_compress_windows.argtypes = [p, p, i64, i64, i64, i32, p, p, p, p, f32, p, i64, i64, i32, p]
+    lib.ds4py_compress_step.restype = i32
+    lib.ds4py_compress_step.argtypes = [p, i32, i64, p, p, p, p, p, i64, i64, i64, i32, p, p, p, p, f32, p, i64, i64,
+                                        p, p, p]
 
 
 _load = kernels.lazy_library("ds4py_compress", _SOURCE, ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"],
@@ -163,3 +202,10 @@ def close_windows(kv: torch.Tensor, gate: torch.Tensor, ratio: int, dim: int, ov
     if rc:
         raise RuntimeError(f"ds4py_compress_windows failed ({rc})")
     return True
+
+
+def step_function():
+    """The compiled library's ds4py_compress_step, or None (no compiler): `Compressor.step_one` calls it directly,
+    its arguments checked once per plan."""
+    lib = _load()
+    return None if lib is None else lib.ds4py_compress_step

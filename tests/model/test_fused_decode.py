@@ -258,17 +258,24 @@ def test_whole_chunk_expert_takes_the_gemm_only_when_its_matrices_are_large(mode
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_compressor_and_indexer_one_token_calls_equal_the_plain_ones(model, monkeypatch, dtype):
-    """Decoding writes each token's compressor projections into the pending window in place and makes the
-    indexer's query in one call: the logits of the plain `linear` calls (float32: to summation order), across
-    window closes of every compressor (ratio 4, 128 and the indexers'); a cloned cache then decodes on its own."""
+    """Decoding runs each compressor's token in one step (its projections into the pending window in place, a
+    closing window's entry) and the indexer's query in one call: the logits of the plain `linear` calls (float32:
+    to summation order), across window closes of every compressor (ratio 4, 128 and the indexers'); a cloned cache
+    then decodes on its own."""
     from ds4py.model.compressor import Compressor
 
     m = ds4py.load(str(model.source.path), dtype=dtype)
     prompt = list(range(1, 126))  # decoding then crosses a ratio-128 close (position 127) and many ratio-4 ones
     steps = torch.randint(0, m.config.vocab_size, (12,), generator=torch.Generator().manual_seed(23)).tolist()
     ran = []
-    real = kernels.linear_pair
-    monkeypatch.setattr(kernels, "linear_pair", lambda *a: ran.append(real(*a)) or ran[-1])
+    real = Compressor.step_one
+
+    def step_one(self, x, state):
+        entries = real(self, x, state)
+        ran.append(entries is not None)
+        return entries
+
+    monkeypatch.setattr(Compressor, "step_one", step_one)
 
     def decode():
         cache = m.new_cache()
@@ -280,7 +287,7 @@ def test_compressor_and_indexer_one_token_calls_equal_the_plain_ones(model, monk
 
     fast, forked = decode()
     assert ran and all(ran)
-    monkeypatch.setattr(Compressor, "project_one", lambda self, x, state: None)
+    monkeypatch.setattr(Compressor, "step_one", lambda self, x, state: None)
     monkeypatch.setattr(kernels, "index_query_one", lambda *a: None)
     plain, plain_forked = decode()
     assert torch.equal(forked, fast[5:]) and torch.equal(plain_forked, plain[5:])
