@@ -24,21 +24,35 @@ class Block:
     ffn: MoE
     eps: float
 
-    def __call__(
-        self, streams: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor, cache: LayerCache
-    ) -> torch.Tensor:
-        return self.run(streams, token_ids, lambda x: self.attn(x, positions, cache))
+    def __call__(self, streams: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor, cache: LayerCache,
+                 pending: Pending | None = None) -> tuple[torch.Tensor, Pending]:
+        return self.run(streams, token_ids, lambda x: self.attn(x, positions, cache), pending)
 
     def decode_batch(self, streams: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor,
-                     caches: list[LayerCache]) -> torch.Tensor:
+                     caches: list[LayerCache], pending: Pending | None = None) -> tuple[torch.Tensor, Pending]:
         """One token of each of B sequences: streams [B, hc, D], one cache each."""
-        return self.run(streams, token_ids, lambda x: self.attn.decode_batch(x, positions, caches))
+        return self.run(streams, token_ids, lambda x: self.attn.decode_batch(x, positions, caches), pending)
 
-    def run(self, streams: torch.Tensor, token_ids: torch.Tensor,
-            attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """The block around `attend` (normed input [T, D] -> attention output [T, D])."""
-        x, post, comb = self.hc_attn.collapse_normed(streams, self.attn_norm, self.eps)
+    def run(self, streams: torch.Tensor, token_ids: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor],
+            pending: Pending | None = None) -> tuple[torch.Tensor, Pending]:
+        """The block around `attend` (normed input [T, D] -> attention output [T, D]) -> (streams, pending): the
+        ffn's output is left pending, not yet expanded into the streams; the next block expands it in the same
+        compiled call as its own collapse, `complete` after the last. `pending` from the previous block comes in
+        likewise (None: the streams are complete)."""
+        if pending is None:
+            x, post, comb = self.hc_attn.collapse_normed(streams, self.attn_norm, self.eps)
+        else:
+            streams, x, post, comb = self.hc_attn.expand_collapse_normed(pending[0], streams, pending[1], pending[2],
+                                                                         self.attn_norm, self.eps)
         out = attend(x)
         streams, x, post, comb = self.hc_ffn.expand_collapse_normed(out, streams, post, comb, self.ffn_norm, self.eps)
-        out = self.ffn(x, token_ids)
-        return HyperConnection.expand(out, streams, post, comb)
+        return streams, (self.ffn(x, token_ids), post, comb)
+
+
+# a sub-block's output [T, D] with the post [T, hc] and comb [T, hc, hc] that expand it into the residual streams
+Pending = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def complete(streams: torch.Tensor, pending: Pending | None) -> torch.Tensor:
+    """The streams with a pending sub-block output expanded into them."""
+    return streams if pending is None else HyperConnection.expand(pending[0], streams, pending[1], pending[2])

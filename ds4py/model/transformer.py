@@ -20,7 +20,7 @@ from ds4py.memory.expert_cache import ExpertCache, StreamedExperts
 from ds4py.memory.layer_stream import StreamedBlocks
 from ds4py.memory.read_ahead import ReadAhead
 from ds4py.model.attention import Attention
-from ds4py.model.block import Block
+from ds4py.model.block import Block, complete
 from ds4py.model.compressor import Compressor
 from ds4py.model.hyper_connection import HyperConnection, HyperHead
 from ds4py.model.indexer import Indexer
@@ -51,11 +51,11 @@ class Transformer:
         token_ids = token_ids.to(self.device)
         if self.read_ahead is not None:
             self.read_ahead.start(token_ids)
-        streams = self.streams(token_ids)
+        streams, pending = self.streams(token_ids), None
         for layer, layer_cache in enumerate(cache.layers):
-            streams = self.blocks[layer](streams, positions, token_ids, layer_cache)
+            streams, pending = self.blocks[layer](streams, positions, token_ids, layer_cache, pending)
         cache.tokens.extend(token_ids.tolist())
-        return self.final_hidden(streams)
+        return self.final_hidden(complete(streams, pending))
 
     def decode_batch(self, token_ids: torch.Tensor, caches: list[Cache]) -> torch.Tensor:
         """One next token for each of B sequences (token_ids [B], one cache each) -> hidden [B, D]."""
@@ -63,12 +63,13 @@ class Transformer:
         token_ids = token_ids.to(self.device)
         if self.read_ahead is not None:
             self.read_ahead.start(token_ids)
-        streams = self.streams(token_ids)
+        streams, pending = self.streams(token_ids), None
         for layer in range(len(self.blocks)):
-            streams = self.blocks[layer].decode_batch(streams, positions, token_ids, [c.layers[layer] for c in caches])
+            streams, pending = self.blocks[layer].decode_batch(streams, positions, token_ids,
+                                                               [c.layers[layer] for c in caches], pending)
         for c, t in zip(caches, token_ids.tolist()):
             c.tokens.append(t)
-        return self.final_hidden(streams)
+        return self.final_hidden(complete(streams, pending))
 
     def streams(self, token_ids: torch.Tensor) -> torch.Tensor:
         """token_ids [T] -> the embeddings copied into hc_mult residual streams [T, hc, D]."""
