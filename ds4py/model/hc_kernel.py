@@ -163,7 +163,15 @@ inline void project_rows(const float* flat, int64_t n, const float* fn, int64_t 
       const v16f f = load(flat + i);
       for (int r = 0; r < 8; r++) acc[r] += f * load(w + r * n + i);
     }
-    for (int r = 0; r < 8; r++) mix[j + r - j0] = finish(acc[r], w + r * n);
+    // the eight rows' lane sums side by side (each row's still in lane order, then its tail): independent chains
+    float lanes[8][16], sum[8] = {};
+    for (int r = 0; r < 8; r++) std::memcpy(lanes[r], &acc[r], sizeof lanes[r]);
+    for (int l = 0; l < 16; l++)
+      for (int r = 0; r < 8; r++) sum[r] += lanes[r][l];
+    for (int r = 0; r < 8; r++) {
+      for (int64_t i = n / 16 * 16; i < n; i++) sum[r] += flat[i] * w[r * n + i];
+      mix[j + r - j0] = sum[r];
+    }
   }
   for (; j < j1; j++) {
     const float* w = fn + j * n;
