@@ -306,6 +306,26 @@ extern "C" int ds4py_hc_expand_collapse(const void* out, const void* streams, in
                            comb, w, wbf, out_eps, normed);
 }
 
+// A connection's fixed parameters for ds4py_hc_expand_collapse_plan (built once, `hc_kernel.HcPlan`).
+struct HcPlan {
+  int64_t hc, D;
+  const float *fn, *base, *scale;  // float32, contiguous
+  int32_t iters;
+  float hc_eps, norm_eps;
+  const void* w;                   // the sub-block's norm weight [D], float32 or bf16 bits (wbf)
+  int32_t wbf;
+  float out_eps;
+};
+
+// ds4py_hc_expand_collapse with the collapse's parameters from a plan: the same call, fewer arguments.
+extern "C" int ds4py_hc_expand_collapse_plan(const HcPlan* p, const void* out, const void* streams, int bf16,
+                                             int64_t T, const float* post_in, const float* comb_in, void* next,
+                                             float* post, float* comb, void* normed) {
+  return ds4py_hc_expand_collapse(out, streams, bf16, T, (int)p->hc, p->D, post_in, comb_in, next, p->fn, p->base,
+                                  p->scale, p->iters, p->hc_eps, p->norm_eps, post, comb, p->w, p->wbf, p->out_eps,
+                                  normed);
+}
+
 // out [T, D], streams [T, hc, D] (both float32, or both bf16 bits) -> next [T, hc, D]:
 // next_k = post_k * out + sum_j comb[j, k] * streams_j, in float32, rounded once.
 extern "C" void ds4py_hc_expand(const void* out, const void* streams, int bf16, int64_t T, int hc, int64_t D,
@@ -327,6 +347,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds4py_hc_expand_collapse.restype = ctypes.c_int
     lib.ds4py_hc_expand_collapse.argtypes = [p, p, i32, i64, i32, i64, p, p, p, p, p, p, i32, f32, f32, p, p, p, i32,
                                              f32, p]
+    lib.ds4py_hc_expand_collapse_plan.restype = ctypes.c_int
+    lib.ds4py_hc_expand_collapse_plan.argtypes = [ctypes.POINTER(HcPlan), p, p, i32, i64, p, p, p, p, p, p]
     lib.ds4py_hc_expand.restype = None
     lib.ds4py_hc_expand.argtypes = [p, p, i32, i64, i32, i64, p, p, p]
 
@@ -479,6 +501,59 @@ def hc_expand_collapse(out: torch.Tensor, streams: torch.Tensor, post: torch.Ten
                                       base.data_ptr(), scale.data_ptr(), iters, hc_eps, norm_eps, post_out.data_ptr(),
                                       comb_out.data_ptr(), weight.data_ptr(), int(weight.dtype == torch.bfloat16),
                                       norm[1], normed.data_ptr())
+    if rc:
+        raise RuntimeError(f"ds4py_hc_expand_collapse failed ({rc})")
+    return nxt, normed, post_out, comb_out
+
+
+class HcPlan(ctypes.Structure):
+    """A connection's collapse parameters and its sub-block's norm as `ds4py_hc_expand_collapse_plan` reads them
+    (the C struct HcPlan); `keep` holds the tensors it points into."""
+
+    _fields_ = [("hc", ctypes.c_int64), ("D", ctypes.c_int64), ("fn", ctypes.c_void_p), ("base", ctypes.c_void_p),
+                ("scale", ctypes.c_void_p), ("iters", ctypes.c_int32), ("hc_eps", ctypes.c_float),
+                ("norm_eps", ctypes.c_float), ("w", ctypes.c_void_p), ("wbf", ctypes.c_int32),
+                ("out_eps", ctypes.c_float)]
+
+
+def hc_plan(fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc: int, iters: int, hc_eps: float,
+            norm_eps: float, norm: tuple[torch.Tensor, float]) -> HcPlan | None:
+    """The plan of `hc_expand_collapse_one` for these parameters (fn [(2 + hc) * hc, hc * D]), or None where the
+    compiled code does not take them."""
+    weight = norm[0]
+    D = fn.shape[1] // hc if fn.dim() == 2 and hc else 0
+    if (not all(t.is_cpu and t.dtype == torch.float32 and t.is_contiguous() for t in (fn, base, scale))
+            or fn.shape != ((2 + hc) * hc, hc * D) or base.numel() != (2 + hc) * hc or scale.numel() != 3
+            or not weight.is_cpu or weight.dtype not in (torch.float32, torch.bfloat16) or weight.numel() != D
+            or _load() is None):
+        return None
+    weight = weight.contiguous()
+    plan = HcPlan(hc, D, fn.data_ptr(), base.data_ptr(), scale.data_ptr(), iters, hc_eps, norm_eps,
+                  weight.data_ptr(), int(weight.dtype == torch.bfloat16), norm[1])
+    plan.keep = (fn, base, scale, weight)
+    return plan
+
+
+def hc_expand_collapse_one(plan: HcPlan, out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor,
+                           comb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`hc_expand_collapse` for one decoding token (streams [1, hc, D]) with its parameters from `hc_plan`: the
+    same call and values, the checks made once in the plan; None where it does not apply."""
+    dtype = streams.dtype
+    if (dtype not in (torch.float32, torch.bfloat16) or out.dtype != dtype or streams.shape != (1, plan.hc, plan.D)
+            or out.shape != (1, plan.D) or not (streams.is_cpu and out.is_cpu and streams.is_contiguous()
+                                                 and out.is_contiguous())
+            or post.dtype != torch.float32 or comb.dtype != torch.float32 or not post.is_contiguous()
+            or not comb.is_contiguous() or (torch.is_grad_enabled() and (streams.requires_grad or out.requires_grad))):
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    hc = plan.hc
+    nxt, normed = torch.empty_like(streams), torch.empty(1, plan.D, dtype=dtype)
+    post_out, comb_out = torch.empty(1, hc), torch.empty(1, hc, hc)
+    rc = lib.ds4py_hc_expand_collapse_plan(plan, out.data_ptr(), streams.data_ptr(), int(dtype == torch.bfloat16), 1,
+                                           post.data_ptr(), comb.data_ptr(), nxt.data_ptr(), post_out.data_ptr(),
+                                           comb_out.data_ptr(), normed.data_ptr())
     if rc:
         raise RuntimeError(f"ds4py_hc_expand_collapse failed ({rc})")
     return nxt, normed, post_out, comb_out
