@@ -5,8 +5,9 @@ once per token on the tiny model (four ratio-4 compressors closing every fourth 
 dispatch where the arithmetic takes ~1 us. A prompt's windows go in the same call, split over the threads, so
 decoding and prefill make the same entries.
 
-The values are torch's up to float32 summation order and the last bit of exp, cos and sin: in bf16 the gated
-logits, the weights, each product and the sums are rounded to bf16 where torch's bf16 ops round them.
+The values are torch's up to float32 rounding (fused multiply-adds, the last bit of exp, cos and sin): in bf16
+the gated logits, the weights, each product and the sums are rounded to bf16 where torch's bf16 ops round them
+(the tests' bf16 entries are torch's bit for bit). The loops run over the channels, 16 to a vector.
 Compiled at first use like `ds4py.formats.kernels`; `close_windows` returns None where it does not apply and the
 caller runs torch's ops."""
 
@@ -29,11 +30,22 @@ _SOURCE = r"""
 namespace {
 inline float round_to(float f, int bf) { return bf ? rowops::round_bf16(f) : f; }
 
+// f rounded to bf16 when bf, branch-free (bf16_to_float(float_to_bf16(f)): nearest even, NaN -> the quiet NaN) so
+// the loops over channels vectorize
+inline float round_bits(float f, int bf) {
+  if (!bf) return f;
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u = f != f ? 0x7FC00000u : (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
 template <bool BF>
 void close_window(const void* kv, const void* gate, int64_t w, int64_t m, int64_t d, int overlap, const void* ape,
                   const void* prev_kv, const void* prev_gate, const float* norm, float eps, const float* inv_freq,
                   int64_t half, int64_t position, void* out, std::vector<float>& ks, std::vector<float>& gs,
-                  std::vector<float>& pooled) {
+                  std::vector<float>& pooled, std::vector<float>& mx, std::vector<float>& sum) {
   const int64_t od = overlap ? 2 * d : d, S = overlap ? 2 * m : m;
   ks.resize(S * d);
   gs.resize(S * d);
@@ -42,30 +54,32 @@ void close_window(const void* kv, const void* gate, int64_t w, int64_t m, int64_
   // (channels [0, d); the state's for window 0, empty when there is none), slots [m, 2m) this window's second
   for (int64_t s = 0; s < S; s++) {
     const bool prev = overlap && s < m;
-    const int64_t row = prev ? (w - 1) * m + s : w * m + (s - (overlap ? m : 0));
-    const int64_t col = overlap && !prev ? d : 0;
-    for (int64_t c = 0; c < d; c++) {
-      float k, g;
-      if (prev && w == 0) {
-        k = prev_kv ? load_float(prev_kv, s * d + c, BF) : 0.0f;
-        g = prev_gate ? load_float(prev_gate, s * d + c, BF) : -INFINITY;
-      } else {
-        k = load_float(kv, row * od + col + c, BF);
-        g = round_to(load_float(gate, row * od + col + c, BF) + load_float(ape, (row % m) * od + col + c, BF), BF);
-      }
-      ks[s * d + c] = k;
-      gs[s * d + c] = g;
+    float *k = ks.data() + s * d, *g = gs.data() + s * d;
+    if (prev && w == 0) {  // the state's previous window (or none: empty slots)
+      for (int64_t c = 0; c < d; c++) k[c] = prev_kv ? load_float(prev_kv, s * d + c, BF) : 0.0f;
+      for (int64_t c = 0; c < d; c++) g[c] = prev_gate ? load_float(prev_gate, s * d + c, BF) : -INFINITY;
+      continue;
     }
+    const int64_t row = prev ? (w - 1) * m + s : w * m + (s - (overlap ? m : 0));
+    const int64_t at = row * od + (overlap && !prev ? d : 0), bias = (row % m) * od + (overlap && !prev ? d : 0);
+    for (int64_t c = 0; c < d; c++) k[c] = load_float(kv, at + c, BF);
+    for (int64_t c = 0; c < d; c++)
+      g[c] = round_bits(load_float(gate, at + c, BF) + load_float(ape, bias + c, BF), BF);
   }
-  for (int64_t c = 0; c < d; c++) {  // softmax over the slots (float32), the weights in the dtype, the gated sum
-    float mx = -INFINITY;
-    for (int64_t s = 0; s < S; s++) mx = std::max(mx, gs[s * d + c]);
-    float sum = 0.0f;
-    for (int64_t s = 0; s < S; s++) sum += gs[s * d + c] = std::exp(gs[s * d + c] - mx);
-    float acc = 0.0f;
-    for (int64_t s = 0; s < S; s++) acc += round_to(ks[s * d + c] * round_to(gs[s * d + c] / sum, BF), BF);
-    pooled[c] = round_to(acc, BF);
-  }
+  // softmax over the slots per channel (float32), the weights in the dtype, the gated sum: slots outer, channels
+  // inner (the loops over channels vectorize; each channel's sums still run over the slots in order)
+  mx.assign(d, -INFINITY);
+  sum.assign(d, 0.0f);
+  std::fill(pooled.begin(), pooled.end(), 0.0f);
+  for (int64_t s = 0; s < S; s++)
+    for (int64_t c = 0; c < d; c++) mx[c] = std::max(mx[c], gs[s * d + c]);
+  for (int64_t s = 0; s < S; s++)
+    for (int64_t c = 0; c < d; c++) gs[s * d + c] = std::exp(gs[s * d + c] - mx[c]);
+  for (int64_t s = 0; s < S; s++)
+    for (int64_t c = 0; c < d; c++) sum[c] += gs[s * d + c];
+  for (int64_t s = 0; s < S; s++)
+    for (int64_t c = 0; c < d; c++) pooled[c] += round_bits(ks[s * d + c] * round_bits(gs[s * d + c] / sum[c], BF), BF);
+  for (int64_t c = 0; c < d; c++) pooled[c] = round_bits(pooled[c], BF);
   std::vector<char> normed(d * (BF ? 2 : 4));
   if (BF) {
     std::vector<uint16_t> p(d);
@@ -101,13 +115,13 @@ extern "C" int ds4py_compress_windows(const void* kv, const void* gate, int64_t 
   try {
     const size_t es = bf ? 2 : 4;
     at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, m * d)), [&](int64_t w0, int64_t w1) {
-      std::vector<float> ks, gs, pooled;
+      std::vector<float> ks, gs, pooled, mx, sum;
       for (int64_t w = w0; w < w1; w++) {
         void* row = (char*)out + w * d * es;
         if (bf) close_window<true>(kv, gate, w, m, d, overlap, ape, prev_kv, prev_gate, norm, eps, inv_freq, half,
-                                   first + w * m, row, ks, gs, pooled);
+                                   first + w * m, row, ks, gs, pooled, mx, sum);
         else close_window<false>(kv, gate, w, m, d, overlap, ape, prev_kv, prev_gate, norm, eps, inv_freq, half,
-                                 first + w * m, row, ks, gs, pooled);
+                                 first + w * m, row, ks, gs, pooled, mx, sum);
       }
     });
   } catch (...) {
@@ -134,11 +148,11 @@ extern "C" int ds4py_compress_step(const void* x, int bf, int64_t n, void* pair,
   int rc = ((PairFn)pair)(x, bf, n, a, b, (char*)kv + p * od * es, (char*)gate + p * od * es);
   if (rc || p != m - 1) return rc;
   try {
-    std::vector<float> ks, gs, pooled;
+    std::vector<float> ks, gs, pooled, mx, sum;
     if (bf) close_window<true>(kv, gate, 0, m, d, overlap, ape, prev_kv, prev_gate, norm, eps, inv_freq, half, first,
-                               entry, ks, gs, pooled);
+                               entry, ks, gs, pooled, mx, sum);
     else close_window<false>(kv, gate, 0, m, d, overlap, ape, prev_kv, prev_gate, norm, eps, inv_freq, half, first,
-                             entry, ks, gs, pooled);
+                             entry, ks, gs, pooled, mx, sum);
     if (overlap)
       for (int64_t s = 0; s < m; s++)
         for (int64_t c = 0; c < d; c++) {
