@@ -2252,9 +2252,9 @@ def linear_pair_address() -> int | None:
 
 def index_query_one(q_residual: torch.Tensor, x: torch.Tensor, wq: Matrix, wp: Matrix, heads: int, head_dim: int,
                     rotation: torch.Tensor, wscale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One token's indexer query in one compiled call: q [heads, head_dim] = wq q_residual, rotated by rotation
-    [1, half] complex64 (as `rope.rotate`), and the head weights w [heads] float32 = (wp x in x's dtype) * wscale;
-    or None where it does not apply."""
+    """One token's indexer query in one compiled call: q [1, heads, head_dim] = wq q_residual, rotated by rotation
+    [1, half] complex64 (as `rope.rotate`), and the head weights w [1, heads] float32 = (wp x in x's dtype) *
+    wscale; or None where it does not apply."""
     dtype = x.dtype
     if (dtype not in (torch.float32, torch.bfloat16) or q_residual.dtype != dtype or not (x.is_cpu and
             q_residual.is_cpu) or x.shape[0] != 1 or q_residual.shape[0] != 1 or rotation.dtype != torch.complex64
@@ -2270,8 +2270,8 @@ def index_query_one(q_residual: torch.Tensor, x: torch.Tensor, wq: Matrix, wp: M
     if rotation.is_conj() or not rotation.is_contiguous():
         rotation = rotation.resolve_conj().contiguous()
     q_residual, x = q_residual.contiguous(), x.contiguous()
-    q = torch.empty(heads, head_dim, dtype=dtype)
-    w = torch.empty(heads, dtype=torch.float32)
+    q = torch.empty(1, heads, head_dim, dtype=dtype)
+    w = torch.empty(1, heads, dtype=torch.float32)
     rc = lib.ds4py_index_query_one(q_residual.data_ptr(), q_residual.shape[-1], x.data_ptr(), x.shape[-1],
                                    int(dtype == torch.bfloat16), wq, wp, heads, head_dim, rotation.data_ptr(), half,
                                    wscale, q.data_ptr(), w.data_ptr())

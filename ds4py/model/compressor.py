@@ -94,7 +94,8 @@ class Compressor:
                     prev_kv, prev_gate = state.overlap_kv.contiguous(), state.overlap_gate.contiguous()
         x = x if x.is_contiguous() else x.contiguous()
         rc = step(x.data_ptr(), int(x.dtype == torch.bfloat16), a.cols, pair, ctypes.byref(a), ctypes.byref(b),
-                  block[0].data_ptr(), block[1].data_ptr(), p, m, d, int(self.overlap), ape.data_ptr(),
+                  block.data_ptr(), block.data_ptr() + block.stride(0) * block.element_size(), p, m, d,
+                  int(self.overlap), ape.data_ptr(),
                   None if prev_kv is None else prev_kv.data_ptr(), None if prev_gate is None else prev_gate.data_ptr(),
                   norm.data_ptr(), self.eps, inv_freq.data_ptr(), inv_freq.numel(), first,
                   None if entry is None else entry.data_ptr(),

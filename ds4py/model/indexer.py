@@ -11,7 +11,7 @@ import torch
 from ds4py.cache import CompressorState
 from ds4py.formats import Weight, kernels
 from ds4py.model.compressor import Compressor
-from ds4py.model.indexer_kernel import index_one, index_rows
+from ds4py.model.indexer_kernel import index_rows
 from ds4py.model.rope import Rotary, rotate
 
 SCORE_BUDGET = 1 << 24  # float32 scores held at once in prefill (64 MiB)
@@ -42,7 +42,7 @@ class Indexer:
         q, w = self.query(x, q_residual, positions)  # [T, heads, head_dim] rotated, [T, heads] float32
         scale = self.head_dim**-0.5
         if T == 1:  # one token sees every entry emitted so far
-            done = index_one(q[0], w[0], keys, scale, k)
+            done = index_rows(q, w, keys, None, scale, k)  # (index_one's call, without its views)
             return done[0] if done is not None else stable_topk(self.totals(q, w, keys.float().T), k)
         visible = (positions + 1) // self.compressor.ratio  # entries [0, visible) are closed
         # the compiled scores are [queries, n] (no heads dimension), torch's [queries * heads, n]: V4 Flash at 128K
@@ -83,7 +83,7 @@ class Indexer:
                 done = kernels.index_query_one(q_residual, x, wq, wp, self.n_heads, self.head_dim, rotation,
                                                self.n_heads**-0.5)
                 if done is not None:
-                    return done[0][None], done[1][None]
+                    return done
         q = rotate(self.wq_b.linear(q_residual).view(T, self.n_heads, self.head_dim), rotation)
         return q, self.weights_proj.linear(x).float().mul_(self.n_heads**-0.5)
 
