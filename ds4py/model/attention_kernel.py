@@ -30,16 +30,7 @@ _SOURCE = r"""
 #include <vector>
 """ + kernels.BF16_C + r"""
 namespace {
-// f rounded to bf16 when bf (bf16_to_float(float_to_bf16(f)): nearest even, NaN -> the quiet NaN), branch-free
-// so the loops over a query's logits and outputs vectorize
-inline float round_to(float f, int bf) {
-  if (!bf) return f;
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u = f != f ? 0x7FC00000u : (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float round_to(float f, int bf) { return round_if_bf16(f, bf); }  // branch-free: the loops vectorize
 
 // a query's share of a prompt's call below this many multiply-adds goes with others to one thread
 constexpr int64_t PAR_MIN_WORK = 32768;

@@ -28,18 +28,7 @@ _SOURCE = r"""
 #include <vector>
 """ + kernels.BF16_C + kernels.ROW_OPS_C + r"""
 namespace {
-inline float round_to(float f, int bf) { return bf ? rowops::round_bf16(f) : f; }
-
-// f rounded to bf16 when bf, branch-free (bf16_to_float(float_to_bf16(f)): nearest even, NaN -> the quiet NaN) so
-// the loops over channels vectorize
-inline float round_bits(float f, int bf) {
-  if (!bf) return f;
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u = f != f ? 0x7FC00000u : (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float round_to(float f, int bf) { return round_if_bf16(f, bf); }  // branch-free: the loops vectorize
 
 template <bool BF>
 void close_window(const void* kv, const void* gate, int64_t w, int64_t m, int64_t d, int overlap, const void* ape,
@@ -64,7 +53,7 @@ void close_window(const void* kv, const void* gate, int64_t w, int64_t m, int64_
     const int64_t at = row * od + (overlap && !prev ? d : 0), bias = (row % m) * od + (overlap && !prev ? d : 0);
     for (int64_t c = 0; c < d; c++) k[c] = load_float(kv, at + c, BF);
     for (int64_t c = 0; c < d; c++)
-      g[c] = round_bits(load_float(gate, at + c, BF) + load_float(ape, bias + c, BF), BF);
+      g[c] = round_to(load_float(gate, at + c, BF) + load_float(ape, bias + c, BF), BF);
   }
   // softmax over the slots per channel (float32), the weights in the dtype, the gated sum: slots outer, channels
   // inner (the loops over channels vectorize; each channel's sums still run over the slots in order)
@@ -78,8 +67,8 @@ void close_window(const void* kv, const void* gate, int64_t w, int64_t m, int64_
   for (int64_t s = 0; s < S; s++)
     for (int64_t c = 0; c < d; c++) sum[c] += gs[s * d + c];
   for (int64_t s = 0; s < S; s++)
-    for (int64_t c = 0; c < d; c++) pooled[c] += round_bits(ks[s * d + c] * round_bits(gs[s * d + c] / sum[c], BF), BF);
-  for (int64_t c = 0; c < d; c++) pooled[c] = round_bits(pooled[c], BF);
+    for (int64_t c = 0; c < d; c++) pooled[c] += round_to(ks[s * d + c] * round_to(gs[s * d + c] / sum[c], BF), BF);
+  for (int64_t c = 0; c < d; c++) pooled[c] = round_to(pooled[c], BF);
   std::vector<char> normed(d * (BF ? 2 : 4));
   if (BF) {
     std::vector<uint16_t> p(d);
