@@ -11,6 +11,7 @@ import torch
 
 from ds4py.cache import LayerCache
 from ds4py.formats import Weight, kernels
+from ds4py.model import row_kernels
 from ds4py.model.attention_kernel import attend_one, attend_rows
 from ds4py.model.compressor import Compressor
 from ds4py.model.indexer import Indexer
@@ -65,9 +66,12 @@ class Attention:
                 q_residual, qkv = done
                 return q_residual, qkv[:, :H], qkv[:, H], rot
         q_residual = rms_norm(self.wq_a.linear(x), self.q_norm, self.eps)
-        q = unweighted_rms_norm(self.wq_b.linear(q_residual).view(T, H, hd), self.eps)
-        kv = rms_norm(self.wkv.linear(x), self.kv_norm, self.eps)  # [T, hd]
-        qkv = rotate(torch.cat([q, kv.unsqueeze(1)], dim=1), rot)  # [T, H + 1, hd]: one rotation for both
+        q, kv = self.wq_b.linear(q_residual), self.wkv.linear(x)  # [T, H * hd], [T, hd]
+        qkv = row_kernels.qkv_rows(q, kv, H, self.kv_norm, self.eps, rot)  # the norms and rotation in one call
+        if qkv is None:
+            q = unweighted_rms_norm(q.view(T, H, hd), self.eps)
+            kv = rms_norm(kv, self.kv_norm, self.eps)
+            qkv = rotate(torch.cat([q, kv.unsqueeze(1)], dim=1), rot)  # [T, H + 1, hd]: one rotation for both
         return q_residual, qkv[:, :H], qkv[:, H].contiguous(), rot
 
     def project_one(self, x: torch.Tensor, rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -23,7 +23,34 @@ _SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 #include <vector>
-""" + kernels.BF16_C + kernels.ROW_OPS_C
+""" + kernels.BF16_C + kernels.ROW_OPS_C + r"""
+// A prompt's attention projections finished in one pass: q [T, H * hd] (wq_b's output) normed per head without a
+// weight (ds4py_rms_rows with round_scale = bf), kv [T, hd] (wkv's) normed with w [hd] (float32, or bf16 bits when
+// wbf), then both rotated by rot [T, half] (cos, sin) pairs as ds4py_rope_rows rotates -> qkv [T, H + 1, hd]; the
+// values of those calls one by one. Tokens split over the threads.
+extern "C" void ds4py_qkv_rows(const void* q, const void* kv, int bf, int64_t T, int64_t H, int64_t hd, const void* w,
+                               int wbf, float eps, const float* rot, int64_t half, void* qkv) {
+  const size_t es = bf ? 2 : 4;
+  std::vector<float> wf(hd);
+  for (int64_t i = 0; i < hd; i++) wf[i] = load_float(w, i, wbf);
+  const int64_t grain = std::max<int64_t>(1, rowops::ROWS_GRAIN / std::max<int64_t>((H + 1) * hd, 1));
+  at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<char> normed((H + 1) * hd * es);
+    for (int64_t t = t0; t < t1; t++) {
+      for (int64_t h = 0; h < H; h++) {
+        const void* row = (const char*)q + (t * H + h) * hd * es;
+        if (bf) rowops::rms_row<true>(row, hd, nullptr, eps, 1, normed.data() + h * hd * es);
+        else rowops::rms_row<false>(row, hd, nullptr, eps, 0, normed.data() + h * hd * es);
+      }
+      const void* kr = (const char*)kv + t * hd * es;
+      if (bf) rowops::rms_row<true>(kr, hd, wf.data(), eps, 0, normed.data() + H * hd * es);
+      else rowops::rms_row<false>(kr, hd, wf.data(), eps, 0, normed.data() + H * hd * es);
+      ds4py_rope_rows(normed.data(), bf, 1, H + 1, hd, half, rot + t * 2 * half, 0,
+                      (char*)qkv + t * (H + 1) * hd * es);
+    }
+  });
+}
+"""
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -31,6 +58,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds4py_rms_rows.restype = None
     lib.ds4py_rms_rows.argtypes = [p, i32, i64, i64, p, i32, f32, i32, p]
     lib.ds4py_rope_rows.restype = None
+    lib.ds4py_qkv_rows.restype = None
+    lib.ds4py_qkv_rows.argtypes = [p, p, i32, i64, i64, i64, p, i32, f32, p, i64, p]
     lib.ds4py_rope_rows.argtypes = [p, i32, i64, i64, i64, i64, p, i32, p]
 
 
@@ -93,3 +122,25 @@ def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor | None:
     lib.ds4py_rope_rows(x.data_ptr(), int(x.dtype == torch.bfloat16), T, x.numel() // (T * x.shape[-1]), x.shape[-1],
                         half, rotation.data_ptr(), int(conj), y.data_ptr())
     return y
+
+
+def qkv_rows(q: torch.Tensor, kv: torch.Tensor, heads: int, kv_norm: torch.Tensor, eps: float,
+             rotation: torch.Tensor) -> torch.Tensor | None:
+    """A prompt's attention projections finished in one call: q [T, heads * hd] normed per head without a weight,
+    kv [T, hd] normed with kv_norm, both rotated by rotation [T, half] complex64 -> qkv [T, heads + 1, hd]: the
+    values of `unweighted_rms_norm`, `rms_norm`, the concatenation and `rope.rotate` one by one; or None."""
+    T, hd = kv.shape[0], kv.shape[-1]
+    if (not _applies(q) or q.dtype != kv.dtype or not kv.is_cpu or kv.dim() != 2 or q.shape != (T, heads * hd)
+            or kv_norm.dtype not in _FLOATS or not kv_norm.is_cpu or kv_norm.numel() != hd
+            or rotation.dtype != torch.complex64 or not rotation.is_cpu or rotation.is_conj()
+            or rotation.numel() != T * rotation.shape[-1] or 2 * rotation.shape[-1] > hd):
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    q, kv, kv_norm, rotation = q.contiguous(), kv.contiguous(), kv_norm.contiguous(), rotation.contiguous()
+    qkv = torch.empty(T, heads + 1, hd, dtype=q.dtype)
+    lib.ds4py_qkv_rows(q.data_ptr(), kv.data_ptr(), int(q.dtype == torch.bfloat16), T, heads, hd, kv_norm.data_ptr(),
+                       int(kv_norm.dtype == torch.bfloat16), eps, rotation.data_ptr(), rotation.shape[-1],
+                       qkv.data_ptr())
+    return qkv

@@ -61,3 +61,21 @@ def test_rows_on_the_threads_equal_rows_alone():
     rot = Rotary.make(8, 10000.0, None).rotation(torch.arange(300))
     whole = row_kernels.rotate(x, rot)
     assert all(torch.equal(whole[t:t + 1], row_kernels.rotate(x[t:t + 1], rot[t:t + 1])) for t in range(0, 300, 37))
+
+
+@DTYPES
+@pytest.mark.parametrize("T", [1, 300])
+def test_qkv_rows_equal_the_norms_concatenation_and_rotation(dtype, T):
+    """A prompt's q heads and kv normed and rotated in one call: the bits of the compiled calls one by one."""
+    gen = torch.Generator().manual_seed(T)
+    H, hd = 4, 32
+    q, kv = torch.randn(T, H * hd, generator=gen).to(dtype), torch.randn(T, hd, generator=gen).to(dtype)
+    weight = torch.rand(hd, generator=gen) + 0.5
+    rotation = Rotary.make(8, 10000.0, None).rotation(torch.arange(5, 5 + T))
+    ours = row_kernels.qkv_rows(q, kv, H, weight, 1e-6, rotation)
+    if ours is None:
+        pytest.skip("the row kernels could not be built here")
+    q_normed = norms.unweighted_rms_norm(q.view(T, H, hd), 1e-6)
+    want = rotate(torch.cat([q_normed, norms.rms_norm(kv, weight, 1e-6).unsqueeze(1)], dim=1), rotation)
+    assert ours.shape == (T, H + 1, hd) and torch.equal(ours, want)
+    assert row_kernels.qkv_rows(q, kv, H + 1, weight, 1e-6, rotation) is None  # shapes that do not match
