@@ -106,22 +106,34 @@ extern "C" int ds4py_index_rows(const void* q, int qbf, int64_t T, int64_t H, in
     const int64_t G = (H + 15) / 16, Hp = G * 16;
     // per query: q transposed [hd, Hp] and w [Hp], heads zero-padded
     std::vector<float> qt(T * hd * Hp, 0.0f), wp(T * Hp, 0.0f);
-    for (int64_t t = 0; t < T; t++)
-      for (int64_t h = 0; h < H; h++) {
-        wp[t * Hp + h] = w[t * H + h];
-        for (int64_t d = 0; d < hd; d++) qt[(t * hd + d) * Hp + h] = load_float(q, (t * H + h) * hd + d, qbf);
-      }
+    at::parallel_for(0, T, std::max<int64_t>(1, 16384 / (H * hd)), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; t++)
+        for (int64_t h = 0; h < H; h++) {
+          wp[t * Hp + h] = w[t * H + h];
+          for (int64_t d = 0; d < hd; d++) qt[(t * hd + d) * Hp + h] = load_float(q, (t * H + h) * hd + d, qbf);
+        }
+    });
     constexpr int64_t BLOCK = 64;  // entries widened to float32 at a time (32 KB at hd = 128)
     const int64_t nb = (n + BLOCK - 1) / BLOCK;
     auto seen = [&](int64_t t) { return visible ? visible[t] : n; };
+    // a prompt's queries over few entries (at most 2^20 values): the entries widened once for all of them, not
+    // once per query and block (the same floats either way)
+    std::vector<float> all(T > 1 && n * hd <= (1 << 20) ? n * hd : 0);
+    if (!all.empty())
+      at::parallel_for(0, n, 256, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; j++)
+          widen_to_float((const char*)keys + j * kstride * (kbf ? 2 : 4), kbf, hd, all.data() + j * hd);
+      });
     at::parallel_for(0, T * nb, 4, [&](int64_t u0, int64_t u1) {  // units: (query, block of entries)
-      std::vector<float> kf(BLOCK * hd);
+      std::vector<float> kf(all.empty() ? BLOCK * hd : 0);
       for (int64_t u = u0; u < u1; u++) {
         const int64_t t = u / nb, j0 = u % nb * BLOCK, rows = std::min(BLOCK, seen(t) - j0);
         if (rows <= 0) continue;
-        for (int64_t r = 0; r < rows; r++)
-          widen_to_float((const char*)keys + (j0 + r) * kstride * (kbf ? 2 : 4), kbf, hd, kf.data() + r * hd);
-        SCORE_ROWS[G - 1](qt.data() + t * hd * Hp, wp.data() + t * Hp, kf.data(), hd, rows, scale,
+        const float* rows_f = all.empty() ? kf.data() : all.data() + j0 * hd;
+        if (all.empty())
+          for (int64_t r = 0; r < rows; r++)
+            widen_to_float((const char*)keys + (j0 + r) * kstride * (kbf ? 2 : 4), kbf, hd, kf.data() + r * hd);
+        SCORE_ROWS[G - 1](qt.data() + t * hd * Hp, wp.data() + t * Hp, rows_f, hd, rows, scale,
                           totals + t * n + j0);
       }
     });
