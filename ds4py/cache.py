@@ -31,12 +31,13 @@ class CompressorState:
         """[n_entries, dim] compressed, normed, rotated KV entries."""
         return None if self.storage is None else self.storage[: self.n_entries]
 
-    def grow(self, n: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
-        """n more entry rows [n, dim] to be written in place (counted as entries from now on)."""
+    def grow(self, n: int, dim: int, like: torch.Tensor) -> torch.Tensor:
+        """n more entry rows [n, dim] to be written in place (counted as entries from now on), doubling the storage
+        (a tensor like `like`) when full: amortised O(1) per entry."""
         need = self.n_entries + n
-        if self.storage is None or need > self.storage.shape[0] or self.storage.dtype != dtype:
+        if self.storage is None or need > self.storage.shape[0]:
             capacity = max(need, 2 * (0 if self.storage is None else self.storage.shape[0]), 64)
-            grown = torch.empty(capacity, dim, dtype=dtype)
+            grown = like.new_empty(capacity, dim)
             if self.n_entries:
                 grown[: self.n_entries] = self.storage[: self.n_entries]
             self.storage = grown
@@ -45,17 +46,9 @@ class CompressorState:
         return rows
 
     def append(self, new: torch.Tensor) -> torch.Tensor:
-        """Append entries in place, doubling the storage when full (amortised O(1) per entry)."""
-        need = self.n_entries + new.shape[0]
-        if self.storage is None or need > self.storage.shape[0]:
-            capacity = max(need, 2 * (0 if self.storage is None else self.storage.shape[0]), 64)
-            grown = new.new_empty(capacity, new.shape[1])
-            if self.n_entries:
-                grown[: self.n_entries] = self.storage[: self.n_entries]
-            self.storage = grown
-        self.storage[self.n_entries:need] = new
-        self.n_entries = need
-        return self.storage[:need]
+        """Append entries [n, dim] in place (`grow`) -> all entries."""
+        self.grow(new.shape[0], new.shape[1], new).copy_(new)
+        return self.storage[: self.n_entries]
 
     def copy(self) -> CompressorState:
         """Pending and overlap tensors are replaced, never written in place, so they can be shared, except the

@@ -87,7 +87,7 @@ class Compressor:
         entry = next_kv = next_gate = prev_kv = prev_gate = None
         first = state.n_entries * m  # the window's first position
         if p == m - 1:  # this token closes the window
-            entry = state.grow(1, d, x.dtype)
+            entry = state.grow(1, d, x)
             if self.overlap:
                 next_kv, next_gate = x.new_empty(m, d), x.new_empty(m, d)
                 if state.overlap_kv is not None:
@@ -123,8 +123,8 @@ class Compressor:
         if not close_windows(kv, gate, m, d, self.overlap, ape, *prev, self.norm, self.eps, self.rotary.inv_freq,
                              first_position, out):
             return None
-        if self.overlap:  # (a copy: kv may be the pending window, written again from the next token on)
-            state.overlap_kv, state.overlap_gate = kv[-m:, :d].clone(), gate[-m:, :d] + ape[:, :d]
+        if self.overlap:
+            state.overlap_kv, state.overlap_gate = kv[-m:, :d], gate[-m:, :d] + ape[:, :d]
         return state.append(out)
 
     def __call__(self, x: torch.Tensor, state: CompressorState) -> torch.Tensor:
@@ -148,8 +148,6 @@ class Compressor:
         done = self.close_compiled(kv[:usable], gate[:usable], state, first_position)
         if done is not None:
             return done
-        if state.pending_rows is not None and kv.data_ptr() == state.pending_rows.data_ptr():
-            kv = kv.clone()  # the pending window is written again from the next token on: keep what outlives it
         kv = kv[:usable].view(n, m, -1)
         gate = gate[:usable].view(n, m, -1) + self.ape_as(gate.dtype)
         if self.overlap and n == 1 and state.overlap_kv is not None:  # decoding: one window, after another
