@@ -55,7 +55,6 @@ BF16_TILE_ROWS = 1024
 # hyper-connections' collapse (needs <ATen/Parallel.h> and BF16_C before it)
 ROW_OPS_C = r"""
 namespace rowops {
-inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }  // as torch's .to(bfloat16) rounds
 
 inline void store(void* p, int64_t i, float f, int bf) {
   if (bf) ((uint16_t*)p)[i] = float_to_bf16(f);
@@ -77,7 +76,7 @@ void rms_row(const void* x, int64_t n, const float* wf, float eps, int round_sca
   for (; i < n; i++) ss += (double)load_float(x, i, BF) * load_float(x, i, BF);
   for (int l = 0; l < 8; l++) ss += acc[l];
   float s = 1.0f / std::sqrt((float)(ss / n) + eps);
-  if (round_scale) s = round_bf16(s);
+  if (round_scale) s = round_if_bf16(s, 1);
   if (wf) {
     for (int64_t j = 0; j < n; j++) store(y, j, load_float(x, j, BF) * s * wf[j], BF);
   } else {

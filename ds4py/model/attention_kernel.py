@@ -30,8 +30,6 @@ _SOURCE = r"""
 #include <vector>
 """ + kernels.BF16_C + r"""
 namespace {
-inline float round_to(float f, int bf) { return round_if_bf16(f, bf); }  // branch-free: the loops vectorize
-
 // a query's share of a prompt's call below this many multiply-adds goes with others to one thread
 constexpr int64_t PAR_MIN_WORK = 32768;
 
@@ -141,13 +139,14 @@ void attend_query(const void* q, int64_t H, int64_t hd, const Keys& keys, int64_
   for (int64_t h = 0; h < H; h++) {
     float* ph = p + h * P;
     float mx = sinks[h];
-    for (int64_t j = 0; j < L; j++) ph[j] = round_to(ph[j], BF) * scale;  // torch: the bf16 matmul's, .float() * scale
+    // torch: the bf16 matmul's output, then .float() * scale
+    for (int64_t j = 0; j < L; j++) ph[j] = round_if_bf16(ph[j], BF) * scale;
     for (int64_t j = 0; j < L; j++) mx = std::max(mx, ph[j]);
     ph[L] = sinks[h];
     for (int64_t j = 0; j <= L; j++) ph[j] = std::exp(ph[j] - mx);
     float sum = 0.0f;
     for (int64_t j = 0; j <= L; j++) sum += ph[j];
-    for (int64_t j = 0; j < L; j++) ph[j] = round_to(ph[j] / sum, BF);  // the probabilities in q's dtype
+    for (int64_t j = 0; j < L; j++) ph[j] = round_if_bf16(ph[j] / sum, BF);  // the probabilities in q's dtype
   }
   const int64_t first = hd - 2 * half;
   std::vector<float>& o = s.qf;  // q is no longer needed: each head's output over it
@@ -162,11 +161,12 @@ void attend_query(const void* q, int64_t H, int64_t hd, const Keys& keys, int64_
         const v16 e = weighted16(v16{}, ph + W, kf, C, hd, d0);
         std::memcpy(a, &acc, sizeof a);
         std::memcpy(c, &e, sizeof c);
-        for (int l = 0; l < LANES; l++) oh[d0 + l] = round_to(round_to(a[l], BF) + round_to(c[l], BF), BF);
+        for (int l = 0; l < LANES; l++)
+          oh[d0 + l] = round_if_bf16(round_if_bf16(a[l], BF) + round_if_bf16(c[l], BF), BF);
       } else {
         const v16 all = weighted16(acc, ph + W, kf, C, hd, d0);
         std::memcpy(a, &all, sizeof a);
-        for (int l = 0; l < LANES; l++) oh[d0 + l] = round_to(a[l], BF);
+        for (int l = 0; l < LANES; l++) oh[d0 + l] = round_if_bf16(a[l], BF);
       }
     }
     for (int64_t i = 0; i < half; i++) {  // as ds4py_rope_rows

@@ -28,8 +28,6 @@ _SOURCE = r"""
 #include <vector>
 """ + kernels.BF16_C + kernels.ROW_OPS_C + r"""
 namespace {
-inline float round_to(float f, int bf) { return round_if_bf16(f, bf); }  // branch-free: the loops vectorize
-
 template <bool BF>
 void close_window(const void* kv, const void* gate, int64_t w, int64_t m, int64_t d, int overlap, const void* ape,
                   const void* prev_kv, const void* prev_gate, const float* norm, float eps, const float* inv_freq,
@@ -53,7 +51,7 @@ void close_window(const void* kv, const void* gate, int64_t w, int64_t m, int64_
     const int64_t at = row * od + (overlap && !prev ? d : 0), bias = (row % m) * od + (overlap && !prev ? d : 0);
     for (int64_t c = 0; c < d; c++) k[c] = load_float(kv, at + c, BF);
     for (int64_t c = 0; c < d; c++)
-      g[c] = round_to(load_float(gate, at + c, BF) + load_float(ape, bias + c, BF), BF);
+      g[c] = round_if_bf16(load_float(gate, at + c, BF) + load_float(ape, bias + c, BF), BF);
   }
   // softmax over the slots per channel (float32), the weights in the dtype, the gated sum: slots outer, channels
   // inner (the loops over channels vectorize; each channel's sums still run over the slots in order)
@@ -67,8 +65,9 @@ void close_window(const void* kv, const void* gate, int64_t w, int64_t m, int64_
   for (int64_t s = 0; s < S; s++)
     for (int64_t c = 0; c < d; c++) sum[c] += gs[s * d + c];
   for (int64_t s = 0; s < S; s++)
-    for (int64_t c = 0; c < d; c++) pooled[c] += round_to(ks[s * d + c] * round_to(gs[s * d + c] / sum[c], BF), BF);
-  for (int64_t c = 0; c < d; c++) pooled[c] = round_to(pooled[c], BF);
+    for (int64_t c = 0; c < d; c++)
+      pooled[c] += round_if_bf16(ks[s * d + c] * round_if_bf16(gs[s * d + c] / sum[c], BF), BF);
+  for (int64_t c = 0; c < d; c++) pooled[c] = round_if_bf16(pooled[c], BF);
   std::vector<char> normed(d * (BF ? 2 : 4));
   if (BF) {
     std::vector<uint16_t> p(d);
@@ -147,7 +146,7 @@ extern "C" int ds4py_compress_step(const void* x, int bf, int64_t n, void* pair,
         for (int64_t c = 0; c < d; c++) {
           std::memcpy((char*)next_kv + (s * d + c) * es, (const char*)kv + (s * od + c) * es, es);
           const float g = load_float(gate, s * od + c, bf) + load_float(ape, s * od + c, bf);
-          rowops::store(next_gate, s * d + c, round_to(g, bf), bf);
+          rowops::store(next_gate, s * d + c, round_if_bf16(g, bf), bf);
         }
   } catch (...) {
     return 2;
