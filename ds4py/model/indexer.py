@@ -42,7 +42,7 @@ class Indexer:
         q, w = self.query(x, q_residual, positions)  # [T, heads, head_dim] rotated, [T, heads] float32
         scale = self.head_dim**-0.5
         if T == 1:  # one token sees every entry emitted so far
-            done = index_rows(q, w, keys, None, scale, k)  # (index_one's call, without its views)
+            done = index_rows(q, w, keys, None, scale, k)  # one query seeing every entry
             return done[0] if done is not None else stable_topk(self.totals(q, w, keys.float().T), k)
         visible = (positions + 1) // self.compressor.ratio  # entries [0, visible) are closed
         # the compiled scores are [queries, n] (no heads dimension), torch's [queries * heads, n]: V4 Flash at 128K

@@ -6,7 +6,7 @@ on the tiny model, where the arithmetic takes ~1 us.
 Each score is summed in float32 in a fixed order (the heads 16 at a time over head_dim, then across them),
 whatever the number of entries, so it can differ from torch's matmul in the last bits; the top k are chosen as
 `stable_topk` chooses (largest first, ties to the earlier entry; -0.0 equals 0.0). Compiled at first use like
-`ds4py.formats.kernels`; `index_one` returns None where it does not apply (not the CPU, other dtypes, more than
+`ds4py.formats.kernels`; `index_rows` returns None where it does not apply (not the CPU, other dtypes, more than
 MAX_HEADS heads, autograd, no compiler) and the caller runs torch's ops."""
 
 from __future__ import annotations
@@ -166,14 +166,6 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 _load = kernels.lazy_library("ds4py_index", _SOURCE, ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"],
                              declare=_declare)
-
-
-def index_one(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: float,
-              k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One query's q [H, hd] (rotated), head weights w [H] float32 and the compressed keys [n, hd] -> (top [1, k]
-    int64, the k best entries as `stable_topk` orders them; totals [n] float32, every entry's score), or None."""
-    done = index_rows(q[None], w[None], keys, None, scale, k) if q.dim() == 2 and w.dim() == 1 else None
-    return None if done is None else (done[0], done[1][0])
 
 
 def index_rows(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor | None, scale: float,

@@ -1,4 +1,5 @@
-"""The indexer's compiled one-token step against its torch ops (`Indexer.totals` then `stable_topk`)."""
+"""The indexer's compiled scores and top-k (a decoding query, a prompt's rows) against its torch ops (`Indexer.totals`
+then `stable_topk`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def torch_totals(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: fl
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("H, hd, n, k", [(16, 16, 75, 3), (4, 32, 9, 9), (64, 128, 700, 512), (40, 24, 301, 17)])
-def test_index_one_equals_the_torch_ops(H, hd, n, k, dtype):
+def test_one_query_equals_the_torch_ops(H, hd, n, k, dtype):
     """The same scores up to float32 summation order and the same entries in the same order, including ties: a
     third of the entries score exactly 0 (every head's dot negative), where the earlier entry goes first."""
     gen = torch.Generator().manual_seed(H * n)
@@ -25,9 +26,10 @@ def test_index_one_equals_the_torch_ops(H, hd, n, k, dtype):
     keys[::3] = -keys[::3].abs()
     keys = keys.to(dtype)
     scale = hd**-0.5
-    if indexer_kernel.index_one(q, w, keys, scale, k) is None:
+    done = indexer_kernel.index_rows(q[None], w[None], keys, None, scale, k)  # one query seeing every entry
+    if done is None:
         pytest.skip("the indexer kernel could not be built here")
-    top, totals = indexer_kernel.index_one(q, w, keys, scale, k)
+    top, totals = done[0], done[1][0]
     want = torch_totals(q, w, keys, scale)
     assert (totals[::3] == 0).all() and not torch.signbit(totals[::3]).any()
     torch.testing.assert_close(totals, want[0], rtol=1e-5, atol=1e-5 * want.abs().max().item())
@@ -35,10 +37,10 @@ def test_index_one_equals_the_torch_ops(H, hd, n, k, dtype):
     assert torch.equal(top, stable_topk(want, k))  # and on torch's (no near-ties in these cases)
 
 
-def test_index_one_declines_what_it_does_not_cover():
-    q, w, keys = torch.randn(200, 16), torch.randn(200), torch.randn(10, 16)
-    assert indexer_kernel.index_one(q, w, keys, 0.25, 3) is None  # more than MAX_HEADS heads
-    assert indexer_kernel.index_one(q[:4], w[:4].double(), keys, 0.25, 3) is None  # float64 weights
+def test_index_rows_declines_what_it_does_not_cover():
+    q, w, keys = torch.randn(1, 200, 16), torch.randn(1, 200), torch.randn(10, 16)
+    assert indexer_kernel.index_rows(q, w, keys, None, 0.25, 3) is None  # more than MAX_HEADS heads
+    assert indexer_kernel.index_rows(q[:, :4], w[:, :4].double(), keys, None, 0.25, 3) is None  # float64 weights
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
