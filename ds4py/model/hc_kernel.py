@@ -344,9 +344,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds4py_hc_collapse.argtypes = [p, i32, i64, i32, i64, p, p, p, i32, f32, f32, p, p, p, p, p, i32, f32, p]
     lib.ds4py_hc_head.restype = ctypes.c_int
     lib.ds4py_hc_head.argtypes = [p, i32, i64, i32, i64, p, p, p, f32, f32, p, p, p, i32, f32, p]
-    lib.ds4py_hc_expand_collapse.restype = ctypes.c_int
-    lib.ds4py_hc_expand_collapse.argtypes = [p, p, i32, i64, i32, i64, p, p, p, p, p, p, i32, f32, f32, p, p, p, i32,
-                                             f32, p]
     lib.ds4py_hc_expand_collapse_plan.restype = ctypes.c_int
     lib.ds4py_hc_expand_collapse_plan.argtypes = [ctypes.POINTER(HcPlan), p, p, i32, i64, p, p, p, p, p, p]
     lib.ds4py_hc_expand.restype = None
@@ -475,37 +472,6 @@ def hc_expand(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor,
     return nxt
 
 
-def hc_expand_collapse(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
-                       fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int, hc_eps: float,
-                       norm_eps: float, norm: tuple[torch.Tensor, float],
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """`hc_expand` of a sub-block's out [T, D] into streams [T, hc, D], then `hc_collapse` of the result for the
-    next sub-block (fn, base, scale; normed by norm = (weight [D], eps)) in one compiled call -> (next streams, normed
-    x [T, D], post, comb), the same values as the two calls; None where either does not apply."""
-    weight = norm[0]
-    if (not _collapsible(streams, fn, base, scale) or out.dtype != streams.dtype or not out.is_cpu
-            or tuple(out.shape) != (streams.shape[0], streams.shape[2]) or not weight.is_cpu
-            or weight.dtype not in (torch.float32, torch.bfloat16) or weight.numel() != streams.shape[2]
-            or post.dtype != torch.float32 or comb.dtype != torch.float32 or not post.is_contiguous()
-            or not comb.is_contiguous()):
-        return None
-    lib = _load()
-    if lib is None:
-        return None
-    T, hc, D = streams.shape
-    streams, out, weight = streams.contiguous(), out.contiguous(), weight.contiguous()
-    nxt, normed = torch.empty_like(streams), streams.new_empty(T, D)
-    post_out, comb_out = torch.empty(T, hc), torch.empty(T, hc, hc)
-    rc = lib.ds4py_hc_expand_collapse(out.data_ptr(), streams.data_ptr(), int(streams.dtype == torch.bfloat16), T, hc,
-                                      D, post.data_ptr(), comb.data_ptr(), nxt.data_ptr(), fn.data_ptr(),
-                                      base.data_ptr(), scale.data_ptr(), iters, hc_eps, norm_eps, post_out.data_ptr(),
-                                      comb_out.data_ptr(), weight.data_ptr(), int(weight.dtype == torch.bfloat16),
-                                      norm[1], normed.data_ptr())
-    if rc:
-        raise RuntimeError(f"ds4py_hc_expand_collapse failed ({rc})")
-    return nxt, normed, post_out, comb_out
-
-
 class HcPlan(ctypes.Structure):
     """A connection's collapse parameters and its sub-block's norm as `ds4py_hc_expand_collapse_plan` reads them
     (the C struct HcPlan); `keep` holds the tensors it points into."""
@@ -518,7 +484,7 @@ class HcPlan(ctypes.Structure):
 
 def hc_plan(fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc: int, iters: int, hc_eps: float,
             norm_eps: float, norm: tuple[torch.Tensor, float]) -> HcPlan | None:
-    """The plan of `hc_expand_collapse_one` for these parameters (fn [(2 + hc) * hc, hc * D]), or None where the
+    """The plan of `hc_expand_collapse` for these parameters (fn [(2 + hc) * hc, hc * D]), or None where the
     compiled code does not take them."""
     weight = norm[0]
     D = fn.shape[1] // hc if fn.dim() == 2 and hc else 0
@@ -534,24 +500,30 @@ def hc_plan(fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc: int, 
     return plan
 
 
-def hc_expand_collapse_one(plan: HcPlan, out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor,
-                           comb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """`hc_expand_collapse` for one decoding token (streams [1, hc, D]) with its parameters from `hc_plan`: the
-    same call and values, the checks made once in the plan; None where it does not apply."""
-    dtype = streams.dtype
-    if (dtype not in (torch.float32, torch.bfloat16) or out.dtype != dtype or streams.shape != (1, plan.hc, plan.D)
-            or out.shape != (1, plan.D) or not (streams.is_cpu and out.is_cpu and streams.is_contiguous()
-                                                 and out.is_contiguous())
-            or post.dtype != torch.float32 or comb.dtype != torch.float32 or not post.is_contiguous()
-            or not comb.is_contiguous() or (torch.is_grad_enabled() and (streams.requires_grad or out.requires_grad))):
+def hc_expand_collapse(plan: HcPlan, out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor,
+                       comb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`hc_expand` of a sub-block's out [T, D] into streams [T, hc, D], then `hc_collapse` of the result for the
+    next sub-block (its parameters and norm from `hc_plan`, checked there once) in one compiled call -> (next
+    streams, normed x [T, D], post, comb), the same values as the two calls; None where it does not apply (as
+    `hc_collapse`: a few tokens, or any number of them where the streams are small)."""
+    dtype, T = streams.dtype, streams.shape[0]
+    if (dtype not in (torch.float32, torch.bfloat16) or out.dtype != dtype or streams.shape != (T, plan.hc, plan.D)
+            or out.shape != (T, plan.D) or (T > FUSED_MAX_T and plan.hc * plan.D > FUSED_SMALL_N)
+            or not (streams.is_cpu and out.is_cpu) or post.dtype != torch.float32 or comb.dtype != torch.float32
+            or not post.is_contiguous() or not comb.is_contiguous()
+            or (torch.is_grad_enabled() and (streams.requires_grad or out.requires_grad))):
         return None
     lib = _load()
     if lib is None:
         return None
+    if not streams.is_contiguous():
+        streams = streams.contiguous()
+    if not out.is_contiguous():
+        out = out.contiguous()
     hc = plan.hc
-    nxt, normed = torch.empty_like(streams), torch.empty(1, plan.D, dtype=dtype)
-    post_out, comb_out = torch.empty(1, hc), torch.empty(1, hc, hc)
-    rc = lib.ds4py_hc_expand_collapse_plan(plan, out.data_ptr(), streams.data_ptr(), int(dtype == torch.bfloat16), 1,
+    nxt, normed = torch.empty_like(streams), torch.empty(T, plan.D, dtype=dtype)
+    post_out, comb_out = torch.empty(T, hc), torch.empty(T, hc, hc)
+    rc = lib.ds4py_hc_expand_collapse_plan(plan, out.data_ptr(), streams.data_ptr(), int(dtype == torch.bfloat16), T,
                                            post.data_ptr(), comb.data_ptr(), nxt.data_ptr(), post_out.data_ptr(),
                                            comb_out.data_ptr(), normed.data_ptr())
     if rc:

@@ -13,7 +13,6 @@ from ds4py.model.hc_kernel import (
     hc_collapse,
     hc_expand,
     hc_expand_collapse,
-    hc_expand_collapse_one,
     hc_head,
     hc_plan,
     hc_weights,
@@ -30,8 +29,8 @@ class HyperConnection:
     sinkhorn_iters: int
     hc_eps: float
     norm_eps: float
-    # (the norm weight, its eps, hc_kernel.HcPlan or None): `expand_collapse_normed`'s for one token, made again
-    # for another weight
+    # (the norm weight, its eps, hc_kernel.HcPlan or None): `expand_collapse_normed`'s, made again for another
+    # weight
     plan: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def weights(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -84,17 +83,11 @@ class HyperConnection:
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The previous sub-block's `expand` (its post and comb), then this connection's `collapse_normed` ->
         (streams, normed x, post, comb); one compiled call where both are compiled (decoding), the same values."""
-        if streams.shape[0] == 1:  # decoding: the parameters checked once, in the plan
-            plan = self.plan
-            if plan is None or plan[0] is not weight or plan[1] != eps:
-                plan = self.plan = (weight, eps, hc_plan(self.fn, self.base, self.scale, self.hc, self.sinkhorn_iters,
-                                                         self.hc_eps, self.norm_eps, (weight, eps)))
-            if plan[2] is not None:
-                fused = hc_expand_collapse_one(plan[2], out, streams, post, comb)
-                if fused is not None:
-                    return fused
-        fused = hc_expand_collapse(out, streams, post, comb, self.fn, self.base, self.scale, self.sinkhorn_iters,
-                                   self.hc_eps, self.norm_eps, (weight, eps))
+        plan = self.plan  # the parameters checked once, for this norm
+        if plan is None or plan[0] is not weight or plan[1] != eps:
+            plan = self.plan = (weight, eps, hc_plan(self.fn, self.base, self.scale, self.hc, self.sinkhorn_iters,
+                                                     self.hc_eps, self.norm_eps, (weight, eps)))
+        fused = None if plan[2] is None else hc_expand_collapse(plan[2], out, streams, post, comb)
         if fused is not None:
             return fused
         streams = HyperConnection.expand(out, streams, post, comb)
