@@ -139,9 +139,10 @@ inline void store_value(void* p, int64_t i, float f) {
   else ((float*)p)[i] = f;
 }
 
+namespace {
 // mix[j - j0] = fn row j . flat (n values) for rows [j0, j1): each row summed in 16 lanes, then the lanes in
 // order, then the tail; eight rows at a time (independent chains of multiply-adds), each summed as alone
-inline void project_rows(const float* flat, int64_t n, const float* fn, int64_t j0, int64_t j1, float* mix) {
+void project_rows(const float* flat, int64_t n, const float* fn, int64_t j0, int64_t j1, float* mix) {
   auto finish = [&](const v16f& acc, const float* w) {
     float lanes[16];
     std::memcpy(lanes, &acc, sizeof lanes);
@@ -180,6 +181,7 @@ inline void project_rows(const float* flat, int64_t n, const float* fn, int64_t 
     mix[j - j0] = finish(acc, w);
   }
 }
+}  // namespace
 
 // head: the final collapse (HyperHead): fn has only the hc rows of pre, and post / comb are not made
 template <bool BF>
