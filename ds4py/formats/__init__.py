@@ -58,13 +58,22 @@ class Dense(Weight):
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor
         self.shape = tuple(tensor.shape)
+        self.packed = None  # small_gemm's form of a small bf16 matrix (False: it has none), made at first use
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.tensor.to(dtype)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.tensor if self.tensor.dtype == x.dtype else self.tensor.to(x.dtype)
-        return F.linear(x, w)
+        w = self.tensor
+        if w.dtype == torch.bfloat16 and x.dtype == torch.bfloat16:  # a small bf16 matrix: one compiled call
+            from ds4py.formats import small_gemm
+
+            if self.packed is None:
+                self.packed = small_gemm.pack(w) or False
+            y = small_gemm.linear(x, self.packed) if self.packed else None
+            if y is not None:
+                return y
+        return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
 
     def expert(self, e: int) -> Dense:
         return Dense(self.tensor[e])

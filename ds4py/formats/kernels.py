@@ -1640,7 +1640,8 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0")
 
 
-def _generic() -> bool:
+def generic() -> bool:
+    """DS4PY_KERNELS_GENERIC=1: the compiled libraries that have SIMD code are built without it (for testing)."""
     return _env_flag("DS4PY_KERNELS_GENERIC")
 
 
@@ -1758,20 +1759,20 @@ def _lib() -> ctypes.CDLL | None:
     global _warned
     if disabled():
         return None
-    generic = _generic()
-    if generic in _libs:
-        return _libs[generic]
+    portable = generic()
+    if portable in _libs:
+        return _libs[portable]
     with _lock:
-        if generic not in _libs:
+        if portable not in _libs:
             try:
-                _libs[generic] = _compile(generic)
+                _libs[portable] = _compile(portable)
             except Exception as e:  # no compiler, no headers, ...: the torch fallback still works
-                _libs[generic] = None
+                _libs[portable] = None
                 if not _warned:
                     _warned = True
                     warnings.warn(f"ds4py: CPU kernels unavailable, using dequantize + F.linear ({e!r:.300})",
                                   RuntimeWarning, stacklevel=3)
-    return _libs[generic]
+    return _libs[portable]
 
 
 def available() -> bool:
