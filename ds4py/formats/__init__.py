@@ -27,6 +27,10 @@ class Weight:
         """x [..., in] -> [..., out] for a 2-D weight."""
         return F.linear(x, self.dequantize(x.dtype))
 
+    def linear_f32(self, x: torch.Tensor) -> torch.Tensor:
+        """`linear(x).float()` (the output head's logits), in one pass where the format has one."""
+        return self.linear(x).float()
+
     def expert(self, e: int) -> Weight:
         """The 2-D weight of expert `e` of a 3-D stack, sharing the packed storage."""
         raise NotImplementedError
@@ -128,6 +132,13 @@ class BF16Matrix(Weight):
         if x.shape[-1] and x.numel() // x.shape[-1] <= kernels.BF16_KERNEL_MAX_T:
             return kernels.bf16_linear(x, self.tensor)
         return kernels.tiled_linear(x, self.tensor)
+
+    def linear_f32(self, x: torch.Tensor) -> torch.Tensor:
+        from ds4py.formats import kernels
+
+        if x.shape[-1] and x.numel() // x.shape[-1] <= kernels.BF16_KERNEL_MAX_T:
+            return kernels.bf16_linear(x, self.tensor, as_float32=True)
+        return kernels.tiled_linear(x, self.tensor).float()
 
     def rows(self, start: int, stop: int) -> BF16Matrix:
         """Rows [start, stop), sharing the storage."""

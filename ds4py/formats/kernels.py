@@ -905,6 +905,15 @@ extern "C" int ds4py_bf16_linear(const float* x, int64_t T, int64_t k, const uin
   return 0;
 }
 
+// ds4py_bf16_linear, then each result rounded to bf16 in place (still float32): what .to(bfloat16).float() gives,
+// without the two passes over a 129280-row head's output
+extern "C" int ds4py_bf16_linear_rounded(const float* x, int64_t T, int64_t k, const uint16_t* w, int64_t rows,
+                                         int64_t wstride, float* y) {
+  const int rc = ds4py_bf16_linear(x, T, k, w, rows, wstride, y);
+  if (rc) return rc;
+  for (int64_t i = 0; i < T * rows; i++) y[i] = round_if_bf16(y[i], 1);
+  return 0;
+}
 
 // Repack MXFP4 rows (ggml blocks, row r at src + r * sstride) into the R16 layout at dst (rows % 16 == 0).
 extern "C" int ds4py_mxfp4_repack16(const uint8_t* src, int64_t sstride, uint8_t* dst, int64_t rows, int64_t n) {
@@ -1747,10 +1756,10 @@ def _compile(generic: bool) -> ctypes.CDLL:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                    ctypes.c_int]
-    fn = lib.ds4py_bf16_linear
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_void_p]
+    for fn in (lib.ds4py_bf16_linear, lib.ds4py_bf16_linear_rounded):
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                       ctypes.c_int64, ctypes.c_void_p]
     return lib
 
 
@@ -1910,11 +1919,12 @@ def tiled_linear(x: torch.Tensor, w: torch.Tensor, tile: int = BF16_TILE_ROWS) -
     return out
 
 
-def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def bf16_linear(x: torch.Tensor, w: torch.Tensor, as_float32: bool = False) -> torch.Tensor:
     """x [..., in] (float32 or bfloat16) @ w.T for w bfloat16 [out, in] -> [..., out] in x.dtype, with the compiled
     kernel: weights widened exactly to float32, float32 products and sums (bf16 x is widened once; its
     result is rounded once at the end). Each row's result does not depend on the other rows of x. Falls
-    back to `tiled_linear` off the CPU, for other dtypes, with autograd, or without kernels."""
+    back to `tiled_linear` off the CPU, for other dtypes, with autograd, or without kernels. as_float32: the
+    result as float32 (`.float()` of it, a bf16 x's rounding done in the call)."""
     if w.dtype != torch.bfloat16 or w.dim() != 2:
         raise ValueError(f"bf16_linear: need a bfloat16 [out, in] weight, got {w.dtype} {tuple(w.shape)}")
     n = x.shape[-1]
@@ -1925,7 +1935,8 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             and not (x.requires_grad and torch.is_grad_enabled())):
         lib = _lib()
     if lib is None:
-        return tiled_linear(x, w)
+        y = tiled_linear(x, w)
+        return y.float() if as_float32 else y
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n).to(torch.float32).contiguous()
     if w.stride(1) != 1:
@@ -1933,10 +1944,13 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     rows = w.shape[0]
     y = torch.empty(x2.shape[0], rows, dtype=torch.float32)
     if x2.shape[0] and rows:
-        rc = lib.ds4py_bf16_linear(x2.data_ptr(), x2.shape[0], n, w.data_ptr(), rows, w.stride(0), y.data_ptr())
+        rounded = x.dtype == torch.bfloat16 and as_float32
+        rc = (lib.ds4py_bf16_linear_rounded if rounded else lib.ds4py_bf16_linear)(
+            x2.data_ptr(), x2.shape[0], n, w.data_ptr(), rows, w.stride(0), y.data_ptr())
         if rc:
             raise RuntimeError(f"ds4py_bf16_linear failed ({rc})")
-    return y.reshape(*lead, rows).to(x.dtype)
+    y = y.reshape(*lead, rows)
+    return y if as_float32 else y.to(x.dtype)
 
 
 def f32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

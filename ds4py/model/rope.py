@@ -36,11 +36,16 @@ def inv_freq(dim: int, base: float, yarn: dict | None = None) -> torch.Tensor:
     return interpolated * (1 - keep) + extrapolated * keep
 
 
+ROTATION_BLOCK = 256  # a decoding token's rotation is a row of the rotations of this many positions, made at once
+
+
 @dataclass
 class Rotary:
     inv_freq: torch.Tensor  # [rope_dim // 2]
     # the last `rotation` asked for: every layer of a forward pass passes the same positions tensor
     last: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    # (first position, rotation [ROTATION_BLOCK, rope_dim // 2]) of the block the last decoding token was in
+    block: tuple[int, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def make(cls, rope_dim: int, base: float, yarn: dict | None, device: torch.device | str = "cpu") -> Rotary:
@@ -53,9 +58,21 @@ class Rotary:
 
     def rotation(self, positions: torch.Tensor) -> torch.Tensor:
         """positions [T] -> cos + i sin [T, rope_dim // 2] complex64, for `rotate`; computed once for
-        the same positions tensor (the layers of one forward pass share it)."""
+        the same positions tensor (the layers of one forward pass share it). One position (decoding) is a row of
+        its block's rotations (5 torch ops a token -> 1 slice every token; cos and sin are elementwise, so the
+        values are the same)."""
         if self.last is None or self.last[0] is not positions:
-            self.last = (positions, torch.complex(*self.cos_sin(positions)))
+            if positions.numel() == 1:
+                p = int(positions)
+                block = self.block
+                if block is None or not 0 <= p - block[0] < ROTATION_BLOCK:
+                    first = p - p % ROTATION_BLOCK
+                    positions_block = torch.arange(first, first + ROTATION_BLOCK, device=positions.device)
+                    block = self.block = (first, torch.complex(*self.cos_sin(positions_block)))
+                rotation = block[1][p - block[0]:p - block[0] + 1]
+            else:
+                rotation = torch.complex(*self.cos_sin(positions))
+            self.last = (positions, rotation)
         return self.last[1]
 
 

@@ -81,7 +81,7 @@ class Transformer:
         return self.hc_head.normed(streams, self.norm, self.config.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head.linear(hidden).float()
+        return self.head.linear_f32(hidden)
 
 
 @dataclass
