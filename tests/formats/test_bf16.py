@@ -41,6 +41,10 @@ def test_kernel_matches_float_linear(lib, monkeypatch, generic):
             # float32 sums in another order, then one rounding: at most one bf16 step from the reference's rounding
             assert torch.allclose(yb.float(), ref.bfloat16().float(), rtol=2 ** -7, atol=1e-6 * ref.abs().max())
             assert rel_err(yb, ref) < 4e-3
+            # the head's logits: the bf16 result as float32, rounded in the call
+            assert torch.equal(kernels.bf16_linear(xb, w, as_float32=True), yb.float())
+            assert torch.equal(kernels.bf16_linear(x, w, as_float32=True), y)
+            assert torch.equal(BF16Matrix(w).linear_f32(xb), yb.float())
 
 
 @pytest.mark.parametrize("generic", [False, True], ids=["simd", "portable"])

@@ -12,7 +12,7 @@ from ds4py.formats import Dense
 from ds4py.model.compressor import Compressor
 from ds4py.model.hyper_connection import HyperConnection, HyperHead
 from ds4py.model.moe import Router
-from ds4py.model.rope import Rotary, apply_rope, inv_freq
+from ds4py.model.rope import ROTATION_BLOCK, Rotary, apply_rope, inv_freq
 
 CONFIG = tiny_config()
 HF_CONFIG = DeepseekV4Config(**CONFIG.to_transformers_dict())
@@ -39,6 +39,17 @@ def test_interleaved_partial_rope_and_its_inverse():
     assert torch.allclose(ours, theirs, atol=1e-6)
     assert torch.equal(ours[..., :24], x[..., :24])  # the rope slice is the last 8 channels
     assert torch.allclose(apply_rope(ours, cos, -sin), x, atol=1e-5)
+
+
+def test_a_decoding_tokens_rotation_is_its_row_of_a_prompts():
+    """One position's rotation comes from a block of ROTATION_BLOCK made at once: the same values as the rotation
+    of a prompt's positions, across block boundaries and far positions."""
+    rotary = Rotary.make(64, CONFIG.compress_rope_theta, CONFIG.yarn)
+    for start in (0, ROTATION_BLOCK - 3, 5 * ROTATION_BLOCK + 7, 1048570):
+        prompt = torch.complex(*rotary.cos_sin(torch.arange(start, start + 10)))
+        for i in range(10):
+            one = rotary.rotation(torch.tensor([start + i]))
+            assert one.shape == (1, 32) and torch.equal(one, prompt[i:i + 1]), start + i
 
 
 def test_hyper_connection_matches_transformers():
