@@ -1548,6 +1548,23 @@ extern "C" int ds4py_output_one(const void* out, int bf, int64_t groups, int64_t
   return 0;
 }
 
+// A layer's output projections for ds4py_output_one_plan (built once, `kernels.OutputPlan`)
+struct OutputPlan {
+  int64_t groups, n;                  // o_groups, values per group of the attention output
+  const uint8_t* wo_a;                // [rows_a, n] ggml rows
+  int32_t qa;
+  int64_t rows_a, stride_a;
+  const uint8_t* wo_b;                // [D, rows_a] ggml rows
+  int32_t qb;
+  int64_t D, stride_b;
+};
+
+// ds4py_output_one with the matrices from a plan: the same call, fewer arguments to convert per token
+extern "C" int ds4py_output_one_plan(const OutputPlan* p, const void* out, int bf, void* y) {
+  return ds4py_output_one(out, bf, p->groups, p->n, p->wo_a, p->qa, p->rows_a, p->stride_a, p->wo_b, p->qb, p->D,
+                          p->stride_b, y);
+}
+
 // A matrix as the one-token calls below read it: ggml rows (Q8_0 / MXFP4), bf16 bits (BF16_ROWS) or float32
 // (F32_ROWS); stride: bytes between rows.
 constexpr int BF16_ROWS = -16, F32_ROWS = -32;
@@ -1743,6 +1760,9 @@ def _compile(generic: bool) -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_void_p]
+    fn = lib.ds4py_output_one_plan
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.POINTER(OutputPlan), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     fn = lib.ds4py_linear_pair
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.POINTER(Matrix), ctypes.POINTER(Matrix),
@@ -2366,30 +2386,48 @@ def project_one(plan: ProjectPlan, x: torch.Tensor, rotation: torch.Tensor) -> t
     return q_residual, qkv
 
 
-def output_one(out: torch.Tensor, wo_a: tuple[torch.Tensor, int], wo_b: tuple[torch.Tensor, int],
-               groups: int) -> torch.Tensor | None:
-    """One token's attention output out [1, H, hd] -> [1, D] in out's dtype in one compiled call: the grouped wo_a
-    (`ggml_grouped_linear`: group g's rows of raw [groups * r, in/32*bb] times the g-th slice of out) then wo_b
-    (`ggml_linear`), the same values as those two calls. wo_a, wo_b: (raw ggml rows, qtype) of Q8_0 / MXFP4. None
-    where it does not apply."""
+class OutputPlan(ctypes.Structure):
+    """A layer's output projections as `ds4py_output_one_plan` reads them (the C struct OutputPlan): addresses into
+    tensors that the plan keeps alive in `keep`."""
+
+    _fields_ = [("groups", ctypes.c_int64), ("n", ctypes.c_int64), ("wo_a", ctypes.c_void_p), ("qa", ctypes.c_int32),
+                ("rows_a", ctypes.c_int64), ("stride_a", ctypes.c_int64), ("wo_b", ctypes.c_void_p),
+                ("qb", ctypes.c_int32), ("D", ctypes.c_int64), ("stride_b", ctypes.c_int64)]
+
+
+def output_plan(wo_a: tuple[torch.Tensor, int], wo_b: tuple[torch.Tensor, int], groups: int,
+                width: int) -> OutputPlan | None:
+    """The plan of a layer's output projections for `output_one`: wo_a [groups * r, width / groups] and wo_b
+    [D, groups * r] as (raw ggml rows, qtype) of Q8_0 / MXFP4; width: heads * head_dim. None where it does not
+    apply."""
     (raw_a, qa), (raw_b, qb) = wo_a, wo_b
-    n = out.numel() // groups if groups else 0
+    n = width // groups if groups else 0
     rows_a, D = raw_a.shape[0], raw_b.shape[0]
-    if (not out.is_cpu or out.dtype not in (torch.float32, torch.bfloat16) or out.shape[0] != 1 or n * groups !=
-            out.numel() or n % 32 or qa not in (Q8_0, MXFP4) or qb not in (Q8_0, MXFP4) or rows_a % groups
+    if (n * groups != width or n % 32 or qa not in (Q8_0, MXFP4) or qb not in (Q8_0, MXFP4) or rows_a % groups
             or rows_a % 32 or any(not r.is_cpu or r.dim() != 2 or r.dtype != torch.uint8 or r.stride(1) != 1
                                   for r in (raw_a, raw_b))
-            or raw_a.shape[1] != n // 32 * BLOCK_BYTES[qa] or raw_b.shape[1] != rows_a // 32 * BLOCK_BYTES[qb]
-            or (out.requires_grad and torch.is_grad_enabled())):
+            or raw_a.shape[1] != n // 32 * BLOCK_BYTES[qa] or raw_b.shape[1] != rows_a // 32 * BLOCK_BYTES[qb]):
+        return None
+    plan = OutputPlan(groups=groups, n=n, wo_a=raw_a.data_ptr(), qa=qa, rows_a=rows_a, stride_a=raw_a.stride(0),
+                      wo_b=raw_b.data_ptr(), qb=qb, D=D, stride_b=raw_b.stride(0))
+    plan.keep = (raw_a, raw_b)
+    return plan
+
+
+def output_one(plan: OutputPlan, out: torch.Tensor) -> torch.Tensor | None:
+    """One token's attention output out [1, H, hd] -> [1, D] in out's dtype in one compiled call: the grouped wo_a
+    (`ggml_grouped_linear`: group g's rows times the g-th slice of out) then wo_b (`ggml_linear`), the same values
+    as those two calls. None where it does not apply."""
+    if (not out.is_cpu or out.dtype not in (torch.float32, torch.bfloat16) or out.shape[0] != 1
+            or out.numel() != plan.groups * plan.n or (out.requires_grad and torch.is_grad_enabled())):
         return None
     lib = _lib()
     if lib is None:
         return None
     if not out.is_contiguous():
         out = out.contiguous()
-    y = torch.empty(1, D, dtype=out.dtype)
-    rc = lib.ds4py_output_one(out.data_ptr(), int(out.dtype == torch.bfloat16), groups, n, raw_a.data_ptr(), qa,
-                              rows_a, raw_a.stride(0), raw_b.data_ptr(), qb, D, raw_b.stride(0), y.data_ptr())
+    y = torch.empty(1, plan.D, dtype=out.dtype)
+    rc = lib.ds4py_output_one_plan(plan, out.data_ptr(), int(out.dtype == torch.bfloat16), y.data_ptr())
     if rc:
         raise RuntimeError(f"ds4py_output_one failed ({rc})")
     return y

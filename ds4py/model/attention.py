@@ -42,6 +42,8 @@ class Attention:
     indexer: Indexer | None = None
     # (the weights it was made from, kernels.ProjectPlan or None): `project_one`'s plan, made again if one changes
     plan: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    # (wo_a, wo_b, kernels.OutputPlan or None): `output`'s one-token plan, made again if one changes
+    out_plan: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """x [T, D] at absolute `positions` [T] (consecutive) -> [T, D]; updates `cache`."""
@@ -88,9 +90,13 @@ class Attention:
     def output(self, out: torch.Tensor) -> torch.Tensor:
         """[T, H, hd] attention output -> [T, D]."""
         if out.shape[0] == 1:  # decoding: both projections in one compiled call where the weights allow
-            rows_a, rows_b = self.wo_a.kernel_rows(), self.wo_b.kernel_rows()
-            if rows_a is not None and rows_b is not None:
-                y = kernels.output_one(out, rows_a, rows_b, self.o_groups)
+            plan = self.out_plan
+            if plan is None or plan[0] is not self.wo_a or plan[1] is not self.wo_b:
+                rows = self.wo_a.kernel_rows(), self.wo_b.kernel_rows()
+                plan = self.out_plan = (self.wo_a, self.wo_b, None if None in rows else kernels.output_plan(
+                    *rows, self.o_groups, self.n_heads * self.head_dim))
+            if plan[2] is not None:
+                y = kernels.output_one(plan[2], out)
                 if y is not None:
                     return y
         return self.wo_b.linear(self.grouped_wo_a(out))

@@ -96,7 +96,9 @@ def test_output_projection_in_one_call_equals_the_two_calls(model, dtype):
     for block in model.transformer.blocks:
         attn = block.attn
         out = torch.randn(1, attn.n_heads, attn.head_dim, generator=gen).to(dtype)
-        fused = kernels.output_one(out, attn.wo_a.kernel_rows(), attn.wo_b.kernel_rows(), attn.o_groups)
+        plan = kernels.output_plan(attn.wo_a.kernel_rows(), attn.wo_b.kernel_rows(), attn.o_groups,
+                                   attn.n_heads * attn.head_dim)
+        fused = kernels.output_one(plan, out)
         assert fused is not None and torch.equal(attn.output(out), fused)
         assert torch.equal(fused, attn.wo_b.linear(attn.grouped_wo_a(out)))
 
