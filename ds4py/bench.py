@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from ds4py.sampling import greedy
+
 
 def peak_rss_bytes() -> int:
     """This process's peak RSS. Linux's VmHWM, since ru_maxrss survives exec and so can report the
@@ -50,7 +52,7 @@ def measure(model, prompt_tokens: int, gen_tokens: int, depth: int, repeats: int
             t0 = time.perf_counter()
             for _ in range(gen_tokens):
                 logits = model.prefill([token], cache)
-                token = int(logits.argmax())
+                token = greedy(logits)
             tg.append(gen_tokens / (time.perf_counter() - t0))
     out = {"depth": depth}
     if pp:

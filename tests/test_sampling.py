@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ds4py.sampling import Sampler, SamplingParams, StopMatcher, apply_penalties, filter_logits
+from ds4py.sampling import Sampler, SamplingParams, StopMatcher, apply_penalties, filter_logits, greedy
 
 g = torch.Generator().manual_seed(0)
 LOGITS = torch.randn(50, generator=g) * 2
@@ -71,3 +71,19 @@ def test_stop_strings_hold_back_and_trim():
     assert m.feed("ate of things") == ("STate of things", False)
     assert m.feed("S") == ("", False)
     assert m.flush() == "S"
+
+
+def test_greedy_is_torch_argmax():
+    """numpy's argmax on the CPU: the first of equal maxima, a NaN the largest, as torch.argmax."""
+    gen = torch.Generator().manual_seed(0)
+    cases = [torch.randn(129280, generator=gen), torch.zeros(7), torch.tensor([1.0, 3.0, 3.0, 2.0]),
+             torch.tensor([-float("inf"), -float("inf")]), torch.tensor([1.0, float("nan"), 5.0, float("nan")]),
+             torch.tensor([float("inf"), 1.0, float("inf")]), torch.randn(50, generator=gen).double(),
+             torch.randn(64, generator=gen)[::2], torch.randn(33, generator=gen).bfloat16()]
+    ties = torch.randn(1000, generator=gen).round()
+    cases.append(ties)
+    for logits in cases:
+        assert greedy(logits) == int(logits.argmax()), logits
+    with torch.inference_mode():
+        x = torch.randn(100, generator=gen)
+        assert greedy(x) == int(x.argmax())
