@@ -181,6 +181,40 @@ void project_rows(const float* flat, int64_t n, const float* fn, int64_t j0, int
     mix[j - j0] = finish(acc, w);
   }
 }
+
+// project_rows of four tokens at once (flat [4, n] -> mix [4, rows]): four rows by four tokens side by side, so each
+// load of fn serves four tokens; every (token, row) sum is made exactly as project_rows makes it
+void project_rows4(const float* flat, int64_t n, const float* fn, int64_t rows, float* mix) {
+  auto load = [](const float* p) {
+    v16f v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  };
+  int64_t j = 0;
+  for (; j + 4 <= rows; j += 4) {
+    const float* w = fn + j * n;
+    v16f acc[4][4] = {};  // [token][row]
+    for (int64_t i = 0; i + 16 <= n; i += 16) {
+      v16f wv[4];
+      for (int r = 0; r < 4; r++) wv[r] = load(w + r * n + i);
+      for (int t = 0; t < 4; t++) {
+        const v16f f = load(flat + t * n + i);
+        for (int r = 0; r < 4; r++) acc[t][r] += f * wv[r];
+      }
+    }
+    for (int t = 0; t < 4; t++) {
+      float lanes[4][16], sum[4] = {};
+      for (int r = 0; r < 4; r++) std::memcpy(lanes[r], &acc[t][r], sizeof lanes[r]);
+      for (int l = 0; l < 16; l++)
+        for (int r = 0; r < 4; r++) sum[r] += lanes[r][l];
+      for (int r = 0; r < 4; r++) {
+        for (int64_t i = n / 16 * 16; i < n; i++) sum[r] += flat[t * n + i] * w[r * n + i];
+        mix[t * rows + j + r] = sum[r];
+      }
+    }
+  }
+  for (int t = 0; t < 4; t++) project_rows(flat + t * n, n, fn, j, rows, mix + t * rows + j);
+}
 }  // namespace
 
 // head: the final collapse (HyperHead): fn has only the hc rows of pre, and post / comb are not made
@@ -193,25 +227,31 @@ void hc_collapse(const void* streams, int64_t T, int hc, int64_t D, const float*
   // several tokens: split over the threads (each token's projection then runs on one); one token: its projection's
   // rows split over the threads. Every value is computed the same way either way.
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-  std::vector<float> flat(n), mix((t1 - t0) * rows), acc(D);
+  std::vector<float> flat(4 * n), mix((t1 - t0) * rows), acc(D);
   for (int64_t t = t0; t < t1; t++) {
     const int64_t off = t * n;
+    const int slot = T > 1 ? (int)((t - t0) % 4) : 0;  // several tokens: normed four at a time, then projected
+    float* f = flat.data() + slot * n;
     double lanes[8] = {};  // the mean of squares, in float64 so the order of the sum does not matter
-    for (int64_t i = 0; i < n; i++) flat[i] = load_value<BF>(streams, off + i);
+    for (int64_t i = 0; i < n; i++) f[i] = load_value<BF>(streams, off + i);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
-      for (int l = 0; l < 8; l++) lanes[l] += (double)flat[i + l] * flat[i + l];
-    for (; i < n; i++) lanes[0] += (double)flat[i] * flat[i];
+      for (int l = 0; l < 8; l++) lanes[l] += (double)f[i + l] * f[i + l];
+    for (; i < n; i++) lanes[0] += (double)f[i] * f[i];
     double ss = 0.0;
     for (int l = 0; l < 8; l++) ss += lanes[l];
     const float r = 1.0f / std::sqrt((float)(ss / n) + norm_eps);
-    for (int64_t i = 0; i < n; i++) flat[i] *= r;
+    for (int64_t i = 0; i < n; i++) f[i] *= r;
     float* mx = mix.data() + (t - t0) * rows;
-    if (T > 1) project_rows(flat.data(), n, fn, 0, rows, mx);  // (this thread's token)
-    else
+    if (T > 1) {  // (this thread's tokens)
+      if (slot == 3) project_rows4(flat.data(), n, fn, rows, mx - 3 * rows);
+      else if (t == t1 - 1)
+        for (int s = 0; s <= slot; s++) project_rows(flat.data() + s * n, n, fn, 0, rows, mx - (slot - s) * rows);
+    } else {
       at::parallel_for(0, rows, std::max<int64_t>(8, 32768 / n), [&](int64_t j0, int64_t j1) {  // small: one thread
-        project_rows(flat.data(), n, fn, j0, j1, mx + j0);
+        project_rows(f, n, fn, j0, j1, mx + j0);
       });
+    }
   }
   if (head) {
     for (int64_t t = t0; t < t1; t++)
