@@ -146,3 +146,17 @@ def test_compiled_final_collapse_and_norm_match_torch(T, dtype):
     wide = HyperHead(fn=torch.randn(hc, hc * FUSED_SMALL_N, generator=g), base=head.base, scale=head.scale,
                      hc_eps=1e-6, norm_eps=1e-6)
     assert hc_head(big, wide.fn, wide.base, wide.scale, 1e-6, 1e-6, torch.ones(FUSED_SMALL_N), 1e-6) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_a_prompts_collapse_is_each_tokens_alone(dtype):
+    """A prompt's tokens are projected four at a time, Sinkhorn-Knopp'd eight at a time: each token's values are
+    still those of the token collapsed alone, bit for bit (T = 23: groups and a remainder)."""
+    h = random_hyper(4, 50, 7)  # 200 values per token: a 16-value tail
+    streams = torch.randn(23, 4, 50, generator=torch.Generator().manual_seed(8)).to(dtype)
+    weight = torch.rand(50, generator=torch.Generator().manual_seed(9)) + 0.5
+    together = hc_collapse(streams, h.fn, h.base, h.scale, 20, 1e-6, 1e-6, norm=(weight, 1e-6))
+    assert together is not None
+    for t in range(23):
+        alone = hc_collapse(streams[t:t + 1], h.fn, h.base, h.scale, 20, 1e-6, 1e-6, norm=(weight, 1e-6))
+        assert all(torch.equal(a[t:t + 1], b) for a, b in zip(together, alone, strict=True)), t
