@@ -179,6 +179,58 @@ inline void widen_to_float(const void* src, int bf, int64_t n, float* dst) {
 }
 """
 
+# The clamped SwiGLU of float32 rows (scalar and, where DS4PY_AVX512, 16 at a time with a vectorised exp), for
+# the experts here and `ds4py.formats.small_gemm`'s (needs <cmath>, <algorithm> and immintrin.h under
+# DS4PY_AVX512 before it)
+SWIGLU_C = r"""
+inline float swiglu(float gate, float up, float limit) {  // clamped SwiGLU, as ds4py.model.moe.swiglu
+  if (limit > 0) {
+    gate = std::min(gate, limit);
+    up = std::min(std::max(up, -limit), limit);
+  }
+  return gate / (1.0f + std::exp(-gate)) * up;
+}
+
+#if DS4PY_AVX512
+// e^x for 16 floats: 2^k e^r with k = round(x log2 e), r = x - k ln 2 (ln 2 in two parts), e^r by Cephes' expf
+// polynomial: within 2 ulp of expf (std::exp does not vectorise: one call per value cost more than the matmuls
+// around it for a prompt's experts). Past 88.7 it overflows to inf and below -103.9 to 0, as expf.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(89.0f)), _mm512_set1_ps(-104.0f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, k);
+}
+#endif
+
+// h[i] = swiglu(h[i], up[i]) for i < n
+inline void swiglu_rows(float* h, const float* up, int64_t n, float limit) {
+  int64_t i = 0;
+#if DS4PY_AVX512
+  const __m512 lim = _mm512_set1_ps(limit), nlim = _mm512_set1_ps(-limit), one = _mm512_set1_ps(1.0f);
+  for (; i + 16 <= n; i += 16) {
+    __m512 g = _mm512_loadu_ps(h + i), u = _mm512_loadu_ps(up + i);
+    if (limit > 0) {
+      g = _mm512_min_ps(g, lim);
+      u = _mm512_min_ps(_mm512_max_ps(u, nlim), lim);
+    }
+    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    _mm512_storeu_ps(h + i, _mm512_mul_ps(silu, u));
+  }
+#endif
+  for (; i < n; i++) h[i] = swiglu(h[i], up[i], limit);
+}
+"""
+
 _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -993,53 +1045,7 @@ extern "C" int ds4py_f32_linear(const float* x, int64_t T, int64_t k, const floa
 }
 
 namespace {
-inline float swiglu(float gate, float up, float limit) {  // clamped SwiGLU, as ds4py.model.moe.swiglu
-  if (limit > 0) {
-    gate = std::min(gate, limit);
-    up = std::min(std::max(up, -limit), limit);
-  }
-  return gate / (1.0f + std::exp(-gate)) * up;
-}
-
-#if DS4PY_AVX512
-// e^x for 16 floats: 2^k e^r with k = round(x log2 e), r = x - k ln 2 (ln 2 in two parts), e^r by Cephes' expf
-// polynomial: within 2 ulp of expf (std::exp does not vectorise: one call per value cost more than the matmuls
-// around it for a prompt's experts). Past 88.7 it overflows to inf and below -103.9 to 0, as expf.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(89.0f)), _mm512_set1_ps(-104.0f));
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, k);
-}
-#endif
-
-// h[i] = swiglu(h[i], up[i]) for i < n
-inline void swiglu_rows(float* h, const float* up, int64_t n, float limit) {
-  int64_t i = 0;
-#if DS4PY_AVX512
-  const __m512 lim = _mm512_set1_ps(limit), nlim = _mm512_set1_ps(-limit), one = _mm512_set1_ps(1.0f);
-  for (; i + 16 <= n; i += 16) {
-    __m512 g = _mm512_loadu_ps(h + i), u = _mm512_loadu_ps(up + i);
-    if (limit > 0) {
-      g = _mm512_min_ps(g, lim);
-      u = _mm512_min_ps(_mm512_max_ps(u, nlim), lim);
-    }
-    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-    _mm512_storeu_ps(h + i, _mm512_mul_ps(silu, u));
-  }
-#endif
-  for (; i < n; i++) h[i] = swiglu(h[i], up[i], limit);
-}
-
+""" + SWIGLU_C + r"""
 // N rows [r0, r0 + N) of one matrix (ggml rows at w with row stride `stride`, or R16 groups of `cols` values;
 // N a multiple of 16) against activation rows [t0, t0 + tt): y[t * ystride + r].
 template <int N>

@@ -36,15 +36,26 @@ _SOURCE = r"""
 #endif
 """ + kernels.BF16_C + r"""
 namespace {
+""" + kernels.SWIGLU_C + r"""
 constexpr int TR = 6;   // activation rows per tile
 constexpr int NV = 4;   // 16-column vectors per pass
 
+// the tile's results: bf16 bits (BF) or float32, rows ys apart
+template <bool BF>
+inline void store16(void* y, int64_t i, const float* f, int64_t m) {
+  for (int64_t j = 0; j < m; j++) {
+    if (BF) ((uint16_t*)y)[i + j] = float_to_bf16(f[j]);
+    else ((float*)y)[i + j] = f[j];
+  }
+}
+
 #if DS4PY_AVX512 && defined(__AVX512BF16__)
 #define DS4PY_DPBF16 1
-// rows [0, R) of the tile times the columns [c0, c0 + 16 * V): xp the tile's bf16 pairs [R, kp / 2] (32-bit words),
-// wp W's pairs [kp / 2, np] (word (p, c) = W[c, 2p], W[c, 2p + 1]); vdpbf16ps adds the odd product, then the even
-template <int R, int V>
-inline void tile(const uint32_t* xp, int64_t kh, const uint32_t* wp, int64_t np, int64_t c0, uint16_t* y, int64_t n) {
+// rows [0, R) of the tile times the columns [c0, c0 + 16 * V): xp the tile's bf16 pairs [R, kh] (32-bit words),
+// wp W's pairs [kh, np] (word (p, c) = W[c, 2p], W[c, 2p + 1]); vdpbf16ps adds the odd product, then the even
+template <int R, int V, bool BF>
+inline void tile(const uint32_t* xp, int64_t kh, const uint32_t* wp, int64_t np, int64_t c0, void* y, int64_t ys,
+                 int64_t n) {
   __m512 acc[R][V];
   for (int r = 0; r < R; r++)
     for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_ps();
@@ -60,29 +71,58 @@ inline void tile(const uint32_t* xp, int64_t kh, const uint32_t* wp, int64_t np,
     for (int v = 0; v < V; v++) {
       const int64_t c = c0 + 16 * v;
       if (c >= n) break;
-      const __m256i b = (__m256i)_mm512_cvtneps_pbh(acc[r][v]);
       const int64_t m = std::min<int64_t>(16, n - c);
-      _mm256_mask_storeu_epi16(y + r * n + c, (__mmask16)((1u << m) - 1), b);
+      if (BF) {
+        const __m256i b = (__m256i)_mm512_cvtneps_pbh(acc[r][v]);
+        _mm256_mask_storeu_epi16((uint16_t*)y + r * ys + c, (__mmask16)((1u << m) - 1), b);
+      } else {
+        _mm512_mask_storeu_ps((float*)y + r * ys + c, (__mmask16)((1u << m) - 1), acc[r][v]);
+      }
     }
 }
 
-template <int R>
-void row_tile(const uint32_t* xp, int64_t kh, const uint32_t* wp, int64_t np, uint16_t* y, int64_t n) {
+template <int R, bool BF>
+void row_tile(const uint32_t* xp, int64_t kh, const uint32_t* wp, int64_t np, void* y, int64_t ys, int64_t n) {
   for (int64_t c0 = 0; c0 < np; c0 += 16 * NV) {  // up to NV vectors per pass: each broadcast serves them all
     switch (std::min<int64_t>(NV, (np - c0) / 16)) {
-      case 1: tile<R, 1>(xp, kh, wp, np, c0, y, n); break;
-      case 2: tile<R, 2>(xp, kh, wp, np, c0, y, n); break;
-      case 3: tile<R, 3>(xp, kh, wp, np, c0, y, n); break;
-      default: tile<R, NV>(xp, kh, wp, np, c0, y, n);
+      case 1: tile<R, 1, BF>(xp, kh, wp, np, c0, y, ys, n); break;
+      case 2: tile<R, 2, BF>(xp, kh, wp, np, c0, y, ys, n); break;
+      case 3: tile<R, 3, BF>(xp, kh, wp, np, c0, y, ys, n); break;
+      default: tile<R, NV, BF>(xp, kh, wp, np, c0, y, ys, n);
     }
   }
 }
 
-using RowTile = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, uint16_t*, int64_t);
-const RowTile ROW_TILES[TR] = {row_tile<1>, row_tile<2>, row_tile<3>, row_tile<4>, row_tile<5>, row_tile<6>};
+using RowTile = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, void*, int64_t, int64_t);
+const RowTile ROW_TILES[2][TR] = {
+    {row_tile<1, false>, row_tile<2, false>, row_tile<3, false>, row_tile<4, false>, row_tile<5, false>,
+     row_tile<6, false>},
+    {row_tile<1, true>, row_tile<2, true>, row_tile<3, true>, row_tile<4, true>, row_tile<5, true>,
+     row_tile<6, true>}};
 #else
 #define DS4PY_DPBF16 0
 #endif
+
+// tr <= TR rows of y [tr, n] (row stride ys; bf16 bits when BF, else float32) = the tile xp (bf16 pairs [tr, kh])
+// times W (pairs wp [kh, np]): per value float32 fused multiply-adds over the pairs, odd product then even
+template <bool BF>
+void tile_rows(const uint32_t* xp, int tr, int64_t kh, const uint32_t* wp, int64_t n, int64_t np, void* y,
+               int64_t ys) {
+#if DS4PY_DPBF16
+  ROW_TILES[BF][tr - 1](xp, kh, wp, np, y, ys, n);
+#else
+  for (int r = 0; r < tr; r++)
+    for (int64_t c = 0; c < n; c++) {
+      float s = 0.0f;
+      for (int64_t p = 0; p < kh; p++) {
+        const uint32_t xw = xp[r * kh + p], ww = wp[p * np + c];
+        s = std::fma(bf16_to_float(xw >> 16), bf16_to_float(ww >> 16), s);
+        s = std::fma(bf16_to_float(xw & 0xFFFF), bf16_to_float(ww & 0xFFFF), s);
+      }
+      store16<BF>(y, r * ys + c, &s, 1);
+    }
+#endif
+}
 }  // namespace
 
 extern "C" int ds4py_small_gemm_dpbf16() { return DS4PY_DPBF16; }
@@ -102,23 +142,82 @@ extern "C" void ds4py_small_gemm(const uint16_t* x, int64_t T, int64_t k, int64_
       const int64_t t0 = tl * TR;
       const int tr = (int)std::min<int64_t>(TR, T - t0);
       for (int r = 0; r < tr; r++) std::memcpy(xt.data() + r * 2 * kh, x + (t0 + r) * xs, k * 2);
-      const uint32_t* xp = (const uint32_t*)xt.data();
-#if DS4PY_DPBF16
-      ROW_TILES[tr - 1](xp, kh, wp, np, y + t0 * n, n);
-#else
-      for (int r = 0; r < tr; r++)
-        for (int64_t c = 0; c < n; c++) {
-          float s = 0.0f;
-          for (int64_t p = 0; p < kh; p++) {
-            const uint32_t xw = xp[r * kh + p], ww = wp[p * np + c];
-            s = std::fma(bf16_to_float(xw >> 16), bf16_to_float(ww >> 16), s);
-            s = std::fma(bf16_to_float(xw & 0xFFFF), bf16_to_float(ww & 0xFFFF), s);
-          }
-          y[(t0 + r) * n + c] = float_to_bf16(s);
-        }
-#endif
+      tile_rows<true>((const uint32_t*)xt.data(), tr, kh, wp, n, np, y + t0 * n, n);
     }
   });
+}
+
+// A prompt's mixture of experts with small bf16 matrices, in one call. x bf16 bits [T, n]; ids, w [T, k]: each
+// token's routed experts (of E) and weights; then S shared experts on every token with weight 1. Expert e (routed
+// 0..E-1, then shared E..E+S-1) has W1, W3 [inter[e], n] and W2 [n, inter[e]] as packed pairs at mats[3e..3e+2]
+// (see ds4py_small_gemm; inter[e] even). Per (token, expert) pair: h = swiglu(W1 x, W3 x) in float32 (the products
+// as ds4py_small_gemm sums them), rounded to bf16, then W2 h in float32; out [T, n] bf16 = per token the sum of its
+// pairs' w * W2 h in pair order (routed by ascending expert id, then shared), rounded once. Every pair's values are
+// the same whatever the other tokens are. Returns 0, 1 for bad ids or sizes, 2 out of memory.
+extern "C" int ds4py_moe_small(const uint16_t* x, int64_t T, int64_t n, int64_t E, int64_t k, const int64_t* ids,
+                               const float* w, int64_t S, const int64_t* mats, const int64_t* inter, float limit,
+                               uint16_t* out) {
+  const int64_t P = T * k, X = E + S;
+  for (int64_t i = 0; i < P; i++)
+    if (ids[i] < 0 || ids[i] >= E) return 1;
+  for (int64_t e = 0; e < X; e++)
+    if (inter[e] < 2 || inter[e] % 2) return 1;
+  try {
+    std::vector<int64_t> start(X + 1, 0);  // expert e's pairs: [start[e], start[e + 1])
+    for (int64_t i = 0; i < P; i++) start[ids[i] + 1]++;
+    for (int64_t s = 0; s < S; s++) start[E + s + 1] = T;
+    for (int64_t e = 0; e < X; e++) start[e + 1] += start[e];
+    const int64_t Q = start[X];
+    std::vector<int64_t> tok(Q), next(start.begin(), start.end() - 1);
+    std::vector<float> wts(Q, 1.0f);
+    for (int64_t i = 0; i < P; i++) {  // tokens ascending within an expert (a stable sort of the flattened ids)
+      const int64_t j = next[ids[i]]++;
+      tok[j] = i / k;
+      wts[j] = w[i];
+    }
+    for (int64_t s = 0; s < S; s++)
+      for (int64_t t = 0; t < T; t++) tok[start[E + s] + t] = t;
+    std::vector<int64_t> ustart(X + 1, 0);  // units: tiles of TR pairs of one expert
+    for (int64_t e = 0; e < X; e++) ustart[e + 1] = ustart[e] + (start[e + 1] - start[e] + TR - 1) / TR;
+    const int64_t nh = (n + 1) / 2, np = (n + 15) / 16 * 16;
+    int64_t imax = 0;
+    for (int64_t e = 0; e < X; e++) imax = std::max(imax, inter[e]);
+    const int64_t ip = (imax + 15) / 16 * 16;
+    std::vector<float> y(Q * n);  // each pair's W2 h
+    at::parallel_for(0, ustart[X], 1, [&](int64_t u0, int64_t u1) {
+      std::vector<uint16_t> xt(TR * 2 * nh, 0), ht(TR * imax, 0);
+      std::vector<float> h(TR * ip), up(TR * ip);
+      int64_t e = 0;
+      for (int64_t u = u0; u < u1; u++) {
+        while (ustart[e + 1] <= u) e++;
+        const int64_t p0 = start[e] + (u - ustart[e]) * TR, I = inter[e], ipe = (I + 15) / 16 * 16;
+        const int tr = (int)std::min<int64_t>(TR, start[e + 1] - p0);
+        for (int r = 0; r < tr; r++) std::memcpy(xt.data() + r * 2 * nh, x + tok[p0 + r] * n, n * 2);
+        const uint32_t* xp = (const uint32_t*)xt.data();
+        tile_rows<false>(xp, tr, nh, (const uint32_t*)mats[3 * e], I, ipe, h.data(), I);
+        tile_rows<false>(xp, tr, nh, (const uint32_t*)mats[3 * e + 1], I, ipe, up.data(), I);
+        swiglu_rows(h.data(), up.data(), tr * I, limit);
+        for (int64_t i = 0; i < tr * I; i++) ht[i] = float_to_bf16(h[i]);
+        tile_rows<false>((const uint32_t*)ht.data(), tr, I / 2, (const uint32_t*)mats[3 * e + 2], n, np,
+                         y.data() + p0 * n, n);
+      }
+    });
+    // every token's pairs in pair order, split over the threads by column
+    at::parallel_for(0, (n + 15) / 16, 1, [&](int64_t c0, int64_t c1) {
+      const int64_t d0 = c0 * 16, d1 = std::min(n, c1 * 16);
+      std::vector<float> acc(T * (d1 - d0), 0.0f);
+      for (int64_t q = 0; q < Q; q++) {
+        float* o = acc.data() + tok[q] * (d1 - d0);
+        const float* yq = y.data() + q * n;
+        for (int64_t d = d0; d < d1; d++) o[d - d0] += wts[q] * yq[d];
+      }
+      for (int64_t t = 0; t < T; t++)
+        for (int64_t d = d0; d < d1; d++) out[t * n + d] = float_to_bf16(acc[t * (d1 - d0) + d - d0]);
+    });
+  } catch (...) {
+    return 2;
+  }
+  return 0;
 }
 """
 
@@ -128,6 +227,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds4py_small_gemm.restype = None
     lib.ds4py_small_gemm.argtypes = [p, i64, i64, i64, p, i64, i64, p]
     lib.ds4py_small_gemm_dpbf16.restype = ctypes.c_int
+    lib.ds4py_moe_small.restype = ctypes.c_int
+    lib.ds4py_moe_small.argtypes = [p, i64, i64, i64, i64, p, p, i64, p, p, ctypes.c_float, p]
 
 
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
@@ -183,3 +284,62 @@ def linear(x: torch.Tensor, packed: Packed) -> torch.Tensor | None:
     lib.ds4py_small_gemm(x2.data_ptr(), T, n, x2.stride(0), packed.wp.data_ptr(), packed.rows, packed.wp.shape[1],
                          y.data_ptr())
     return y
+
+
+@dataclass
+class PackedMoE:
+    """A layer's experts as ds4py_moe_small reads them: each one's W1, W3, W2 packed (`pack`), routed then shared."""
+
+    mats: torch.Tensor   # [experts * 3] int64: the packed matrices' addresses
+    inter: torch.Tensor  # [experts] int64: each expert's W1 rows
+    routed: int
+    shared: int
+    n: int               # the model width
+    keep: list           # the Packed matrices the addresses point into
+
+
+def pack_moe(routed: list[tuple[torch.Tensor, ...]], shared: list[tuple[torch.Tensor, ...]]) -> PackedMoE | None:
+    """Experts as bf16 (W1 [inter, n], W3 [inter, n], W2 [n, inter]) trios -> their packed form, or None where one does
+    not fit the call (too large, an odd inter, shapes that disagree)."""
+    trios = list(routed) + list(shared)
+    if not trios:
+        return None
+    n = trios[0][0].shape[1]
+    keep, inter = [], []
+    for w1, w3, w2 in trios:
+        i = w1.shape[0]
+        if w1.shape != (i, n) or w3.shape != (i, n) or w2.shape != (n, i) or i % 2:
+            return None
+        packed = [pack(w) for w in (w1, w3, w2)]
+        if None in packed:
+            return None
+        keep.extend(packed)
+        inter.append(i)
+    mats = torch.tensor([p.wp.data_ptr() for p in keep], dtype=torch.int64)
+    return PackedMoE(mats, torch.tensor(inter, dtype=torch.int64), len(routed), len(shared), n, keep)
+
+
+def moe(packed: PackedMoE, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+        limit: float) -> torch.Tensor | None:
+    """A prompt's routed experts (ids [T, k], weights [T, k] float32) and the shared ones on x [T, n] bf16 in one call
+    -> [T, n] bf16: per token the float32 sum, in pair order (ascending expert id, then the shared), of each
+    expert's W2 swiglu(W1 x, W3 x) (its hidden rounded to bf16, as a bf16 model's) times its weight, rounded once.
+    None where it does not apply."""
+    if (x.dtype != torch.bfloat16 or not x.is_cpu or x.dim() != 2 or x.shape[1] != packed.n
+            or ids.shape != weights.shape or ids.dim() != 2 or ids.shape[0] != x.shape[0]
+            or (x.requires_grad and torch.is_grad_enabled())):
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    T, k = ids.shape
+    x = x.contiguous()
+    ids = ids.to(torch.int64).contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    out = torch.empty(T, packed.n, dtype=torch.bfloat16)
+    rc = lib.ds4py_moe_small(x.data_ptr(), T, packed.n, packed.routed, k, ids.data_ptr(), weights.data_ptr(),
+                             packed.shared, packed.mats.data_ptr(), packed.inter.data_ptr(), limit, out.data_ptr())
+    if rc:
+        raise ValueError(f"ds4py_moe_small failed ({rc}): expert ids outside [0, {packed.routed}) or an odd inter"
+                         if rc == 1 else f"ds4py_moe_small failed ({rc})")
+    return out

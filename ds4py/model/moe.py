@@ -11,7 +11,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ds4py.formats import Weight, kernels
+from ds4py.formats import Weight, kernels, small_gemm
 
 SCORE_FUNCS = {
     "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
@@ -70,6 +70,8 @@ class MoE:
     read_ahead: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     # (the weights it was made from, kernels.MoEPlan or None): `whole_one`'s plan, made again if a weight changes
     plan: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    # (the weights it was made from, small_gemm.PackedMoE or None): `small_experts`
+    small: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __call__(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1 and self.read_ahead is None:
@@ -146,6 +148,11 @@ class MoE:
         # where its matrices are large
         gemm = x.dtype == torch.bfloat16 and T >= kernels.BF16_GEMM_MIN_T
         big = gemm and self.w1.shape[-2] * self.w1.shape[-1] >= kernels.BF16_GEMM_MIN_VALUES
+        if gemm and not big:  # small experts: routed and shared in one call over their bf16 copies
+            packed = self.small_experts()
+            out = None if packed is None else small_gemm.moe(packed, x, weights, ids, self.swiglu_limit)
+            if out is not None:
+                return out
         plan = self.current_plan()  # resident stacks: the grouping and the call in C (the same pairs as below)
         if plan is not None and not (big and int(torch.bincount(ids.flatten()).max()) >= kernels.BF16_GEMM_MIN_T):
             out = kernels.moe_many(plan, x, weights, ids, shared=not gemm)
@@ -181,6 +188,24 @@ class MoE:
         if streamed:
             out = acc.to(x.dtype)
         return self.add_shared(x, out) if gemm else out
+
+    def small_experts(self) -> small_gemm.PackedMoE | None:
+        """The routed and shared experts as bf16 copies packed for `small_gemm.moe` (made once, again if a weight was
+        replaced), or None: streamed experts, or matrices over small_gemm.MAX_VALUES (V4 Flash's)."""
+        made_from = (self.w1, self.w2, self.w3, self.shared)
+        if self.small is None or any(a is not b for a, b in zip(self.small[0], made_from)):
+            mats = [self.w1, self.w3, self.w2] + list(self.shared or ())
+            fits = all(w.nbytes > 0 and w.shape[-2] * w.shape[-1] <= small_gemm.MAX_VALUES for w in mats)
+            packed = None
+            if fits:
+                w1, w3, w2 = (w.dequantize(torch.bfloat16) for w in (self.w1, self.w3, self.w2))
+                shared = []
+                if self.shared is not None:
+                    s1, s2, s3 = (w.dequantize(torch.bfloat16) for w in self.shared)
+                    shared.append((s1, s3, s2))
+                packed = small_gemm.pack_moe(list(zip(w1, w3, w2)), shared)
+            self.small = (made_from, packed)
+        return self.small[1]
 
     def add_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out + the shared experts on x, matrix by matrix (`Weight.linear`: a long bf16 prompt's bf16 GEMM)."""

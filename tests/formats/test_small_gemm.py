@@ -97,3 +97,61 @@ def test_weights_use_it_for_bf16_prompts(lib, build):
         w = random_weight(qtype, 48, 96, gen)
         x = torch.randn(kernels.BF16_GEMM_MIN_T, 96, generator=gen).bfloat16()
         assert torch.equal(w.linear(x), definition(x, w.dequantize(torch.bfloat16)))
+
+
+def random_moe(E: int, n: int, inter: int, shared_inter: int, gen: torch.Generator):
+    def trio(i):
+        return ((torch.randn(i, n, generator=gen) / n**0.5).bfloat16(), (torch.randn(i, n, generator=gen) / n**0.5)
+                .bfloat16(), (torch.randn(n, i, generator=gen) / i**0.5).bfloat16())
+    return [trio(inter) for _ in range(E)], [trio(shared_inter)]
+
+
+def moe_definition(routed, shared, x, weights, ids, limit):
+    """Pair by pair in float64 from each pair's bf16-rounded hidden (computed by `definition`'s sums, unrounded)."""
+    from ds4py.model.moe import swiglu
+
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
+    for t in range(x.shape[0]):
+        pairs = sorted(zip(ids[t].tolist(), weights[t].tolist())) + [(len(routed) + s, 1.0) for s in range(len(shared))]
+        for e, w in pairs:
+            w1, w3, w2 = (routed + shared)[e]
+            h = swiglu(x[t].float() @ w1.float().T, x[t].float() @ w3.float().T, limit).bfloat16()
+            out[t] += w * (h.double() @ w2.double().T)
+    return out
+
+
+@pytest.mark.parametrize("T", [1, 7, 300])
+def test_small_moe_matches_its_definition(build, T):
+    gen = torch.Generator().manual_seed(T)
+    routed, shared = random_moe(8, 64, 32, 48, gen)
+    packed = small_gemm.pack_moe(routed, shared)
+    x = torch.randn(T, 64, generator=gen).bfloat16()
+    ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(T)])
+    weights = torch.rand(T, 2, generator=gen)
+    out = small_gemm.moe(packed, x, weights, ids, 10.0)
+    ref = moe_definition(routed, shared, x, weights, ids, 10.0)
+    assert out.dtype == torch.bfloat16 and out.shape == (T, 64)
+    # float32 sums (and a hidden value's bf16 rounding that a float32 sum can tip): the final rounding dominates
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 4e-3
+    # each token's values do not depend on the others
+    for t in (0, T - 1):
+        alone = small_gemm.moe(packed, x[t:t + 1], weights[t:t + 1], ids[t:t + 1], 10.0)
+        assert torch.equal(alone[0], out[t])
+
+
+def test_small_moe_portable_agrees_with_simd_and_rejects_bad_ids(monkeypatch):
+    if small_gemm._load() is None:
+        pytest.skip("no compiler")
+    gen = torch.Generator().manual_seed(5)
+    routed, shared = random_moe(4, 32, 16, 16, gen)
+    packed = small_gemm.pack_moe(routed, shared)
+    x = torch.randn(40, 32, generator=gen).bfloat16()
+    ids, weights = torch.randint(0, 4, (40, 2), generator=gen), torch.rand(40, 2, generator=gen)
+    simd = small_gemm.moe(packed, x, weights, ids, 7.0)
+    monkeypatch.setenv("DS4PY_KERNELS_GENERIC", "1")
+    portable = small_gemm.moe(packed, x, weights, ids, 7.0).float()
+    # the same sums; the SiLU's exp is the AVX-512 polynomial (within 2 ulp of expf) in one, expf in the other
+    assert ((portable - simd.float()).abs() <= simd.float().abs() * 2**-7 + 1e-6).all()
+    with pytest.raises(ValueError, match="expert ids"):
+        small_gemm.moe(packed, x, weights, ids + 4, 7.0)
+    assert small_gemm.pack_moe([(torch.zeros(3, 32).bfloat16(),) * 2 + (torch.zeros(32, 3).bfloat16(),)], []) is None

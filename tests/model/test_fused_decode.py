@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ds4py
-from ds4py.formats import kernels
+from ds4py.formats import kernels, small_gemm
 from ds4py.model import hc_kernel, hyper_connection
 from ds4py.model.moe import MoE
 from ds4py.synthetic import make_model
@@ -238,7 +238,8 @@ def test_attention_query_blocks_equal_the_whole_chunk(model, monkeypatch):
 
 def test_whole_chunk_expert_takes_the_gemm_only_when_its_matrices_are_large(model, monkeypatch):
     """A bf16 chunk where a routed expert has >= BF16_GEMM_MIN_T tokens: small experts (the tiny model's) stay in
-    the grouped call; large ones (here: the threshold lowered) go through the per-expert bf16 GEMMs."""
+    one call (`small_gemm.moe`, routed and shared); large ones (here: the threshold lowered) go through the
+    per-expert bf16 GEMMs."""
     gen = torch.Generator().manual_seed(19)
     x = torch.randn(900, model.config.hidden_size, generator=gen).bfloat16()
     token_ids = torch.randint(0, model.config.vocab_size, (900,), generator=gen)
@@ -246,8 +247,8 @@ def test_whole_chunk_expert_takes_the_gemm_only_when_its_matrices_are_large(mode
     weights, ids = block.ffn.router(x, token_ids)
     assert int(torch.bincount(ids.flatten()).max()) >= kernels.BF16_GEMM_MIN_T
     calls = []
-    real = kernels.moe_many
-    monkeypatch.setattr(kernels, "moe_many", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = small_gemm.moe
+    monkeypatch.setattr(small_gemm, "moe", lambda *a, **k: calls.append(1) or real(*a, **k))
     grouped = block.ffn(x, token_ids)
     assert calls == [1]
     monkeypatch.setattr(kernels, "BF16_GEMM_MIN_VALUES", 1)
