@@ -1,14 +1,15 @@
 """A prompt's products with small bf16 matrices in one compiled call. Where a matrix holds a few thousand values
 (the tiny preset's: 16-256 x 32-64) a 512-token product is ~1M multiply-adds, ~5 us of arithmetic on 2 cores,
-but `F.linear` takes 16-35 us (oneDNN's dispatch and threading); a prompt chunk of the tiny preset makes ~50 of
-them. Here W is held once as float32, transposed and padded to 16 columns ([in, out16]); each call widens a
-tile of 6 activation rows to float32 and multiplies it by every 64 output columns at once (24 AVX-512
-accumulators), tiles split over the threads.
+but `F.linear` takes 14-24 us (oneDNN's dispatch and threading); a prompt chunk of the tiny preset makes ~50 of
+them. Here W is held once transposed as bf16 pairs, columns padded to 16 ([in / 2, out16] 32-bit words); each call
+multiplies a tile of 6 activation rows by up to 64 output columns at once (24 AVX-512 accumulators, vdpbf16ps),
+tiles split over the threads. `moe` runs a prompt's small experts, routed and shared, through the same tiles.
 
-Values: float32 products and sums in input order, each result rounded once to bf16: those of F.linear on the
-same bf16 operands up to float32 summation order (oneDNN's blocking), so a result can differ from it by one bf16
-unit in the last place. Compiled at first use like `ds4py.formats.kernels`; `linear` returns None where it does
-not apply (not the CPU, not bf16, autograd, no compiler), and the caller runs F.linear."""
+Values: float32 fused multiply-adds over the input pairs (odd product, then even), each result rounded once to bf16:
+those of F.linear on the same bf16 operands up to float32 summation order (oneDNN's blocking; the same bits in
+every case tried here), so a result can differ from it by one bf16 unit in the last place. Compiled at first use
+like `ds4py.formats.kernels`; `linear` returns None where it does not apply (not the CPU, not bf16, autograd, no
+compiler), and the caller runs F.linear."""
 
 from __future__ import annotations
 
@@ -248,7 +249,7 @@ def simd() -> bool:
 
 @dataclass
 class Packed:
-    """A bf16 matrix W [out, in] as the call reads it: float32, transposed, columns padded to 16."""
+    """A bf16 matrix W [out, in] as the call reads it: transposed as bf16 pairs, columns padded to 16."""
 
     wp: torch.Tensor  # [(in + 1) // 2, out16] int32: each word W[c, 2p], W[c, 2p + 1] (bf16 bits, low first)
     rows: int         # out

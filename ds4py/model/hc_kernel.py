@@ -227,7 +227,7 @@ void hc_collapse(const void* streams, int64_t T, int hc, int64_t D, const float*
   // several tokens: split over the threads (each token's projection then runs on one); one token: its projection's
   // rows split over the threads. Every value is computed the same way either way.
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-  std::vector<float> flat(4 * n), mix((t1 - t0) * rows), acc(D);
+  std::vector<float> flat((T > 1 ? 4 : 1) * n), mix((t1 - t0) * rows), acc(D);  // prompts: four tokens' rows
   for (int64_t t = t0; t < t1; t++) {
     const int64_t off = t * n;
     const int slot = T > 1 ? (int)((t - t0) % 4) : 0;  // several tokens: normed four at a time, then projected
