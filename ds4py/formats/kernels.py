@@ -179,9 +179,9 @@ inline void widen_to_float(const void* src, int bf, int64_t n, float* dst) {
 }
 """
 
-# The clamped SwiGLU of float32 rows (scalar and, where DS4PY_AVX512, 16 at a time with a vectorised exp), for
-# the experts here and `ds4py.formats.small_gemm`'s (needs <cmath>, <algorithm> and immintrin.h under
-# DS4PY_AVX512 before it)
+# The clamped SwiGLU of float32 rows (scalar and, where DS4PY_AVX512 or DS4PY_AVX2, 16 or 8 at a time with a
+# vectorised exp, the same bits in both), for the experts here and `ds4py.formats.small_gemm`'s (needs <cmath>,
+# <algorithm> and immintrin.h under DS4PY_AVX512 / DS4PY_AVX2 before it)
 SWIGLU_C = r"""
 inline float swiglu(float gate, float up, float limit) {  // clamped SwiGLU, as ds4py.model.moe.swiglu
   if (limit > 0) {
@@ -210,6 +210,30 @@ inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(p, k);
 }
+#elif DS4PY_AVX2
+// exp16's operations on 8 floats (AVX2 + FMA), the same bits: its scalef(p, k) = p 2^k (k in [-150, 128]) as
+// (p 2^k1) 2^k2 with k1 = floor(k / 2), both powers normal floats, so the first product is exact and the second
+// rounds once, as scalef does (also to a subnormal, or past the largest float to inf).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(89.0f)), _mm256_set1_ps(-104.0f));
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256 k1 = _mm256_floor_ps(_mm256_mul_ps(k, _mm256_set1_ps(0.5f)));
+  const __m256i e1 = _mm256_cvtps_epi32(k1), e2 = _mm256_cvtps_epi32(_mm256_sub_ps(k, k1));
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e1, bias), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e2, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
 #endif
 
 // h[i] = swiglu(h[i], up[i]) for i < n
@@ -225,6 +249,17 @@ inline void swiglu_rows(float* h, const float* up, int64_t n, float limit) {
     }
     const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
     _mm512_storeu_ps(h + i, _mm512_mul_ps(silu, u));
+  }
+#elif DS4PY_AVX2
+  const __m256 lim = _mm256_set1_ps(limit), nlim = _mm256_set1_ps(-limit), one = _mm256_set1_ps(1.0f);
+  for (; i + 8 <= n; i += 8) {
+    __m256 g = _mm256_loadu_ps(h + i), u = _mm256_loadu_ps(up + i);
+    if (limit > 0) {
+      g = _mm256_min_ps(g, lim);
+      u = _mm256_min_ps(_mm256_max_ps(u, nlim), lim);
+    }
+    const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    _mm256_storeu_ps(h + i, _mm256_mul_ps(silu, u));
   }
 #endif
   for (; i < n; i++) h[i] = swiglu(h[i], up[i], limit);
@@ -243,8 +278,16 @@ _SOURCE = r"""
     && !defined(DS4PY_GENERIC)
 #include <immintrin.h>
 #define DS4PY_AVX512 1
+#define DS4PY_AVX2 0
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(DS4PY_GENERIC)
+// AVX2 + FMA without AVX512-VNNI (most desktop CPUs): the AVX512 code's operations in 256-bit halves, the
+// same values where the AVX512 code's sums are kept (the int8 dots are exact; float lanes added in its order)
+#include <immintrin.h>
+#define DS4PY_AVX512 0
+#define DS4PY_AVX2 1
 #else
 #define DS4PY_AVX512 0
+#define DS4PY_AVX2 0
 #endif
 
 namespace {
@@ -263,6 +306,23 @@ inline int64_t grain_for(int64_t work, int64_t grain) {
   return std::max<int64_t>(grain, (PAR_MIN_WORK + std::max<int64_t>(work, 1) - 1) / std::max<int64_t>(work, 1));
 }
 constexpr int XQ_OFFSET = DS4PY_AVX512 ? 128 : 0;
+
+#if DS4PY_AVX2
+// The sum of 16 float lanes (lo: lanes 0-7, hi: 8-15) in _mm512_reduce_add_ps's order (GCC's: lanes i + i+8,
+// then i + i+4, i + i+2, i + i+1), so a 16-lane AVX512 accumulator kept as two 256-bit halves sums to its bits.
+inline float reduce16(__m256 lo, __m256 hi) {
+  const __m256 t3 = _mm256_add_ps(hi, lo);
+  const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+  const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, _MM_SHUFFLE(1, 1, 1, 1)));
+}
+
+// int32 lanes i = sum of the four products u[4i + j] * s[4i + j] (u unsigned, s signed; every pair's sum within
+// int16, as the callers' values keep it): vpdpbusd's lanes without VNNI
+inline __m256i dot4(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+#endif
 // Software prefetch distance, bytes ahead of the pair of blocks being read (a thread's rows are contiguous, so
 // past a row's end this fetches the next row), by tile height. Weights from DRAM, 2 threads, Q8_0 4096x4096
 // T=1/4/8: 0.40/1.11/2.18 ms without, 0.38/0.48/1.50 ms with; MXFP4 2048x4096 T=4/8: 0.35/0.85 -> 0.21/0.46 ms.
@@ -329,6 +389,24 @@ void quantize_acts(const float* x, int64_t T, int64_t n, Acts& a, int64_t xstrid
         __m128i qh = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, vid)));
         __m256i qq = _mm256_xor_si256(_mm256_set_m128i(qh, ql), _mm256_set1_epi8((char)0x80));
         _mm256_storeu_si256((__m256i*)(q + b * 32), qq);
+#elif DS4PY_AVX2
+        __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
+               v3 = _mm256_loadu_ps(v + 24);
+        const __m256 nz = _mm256_set1_ps(-0.0f);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(nz, v0), _mm256_andnot_ps(nz, v1)),
+                                 _mm256_max_ps(_mm256_andnot_ps(nz, v2), _mm256_andnot_ps(nz, v3)));
+        __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        const __m256 vid = _mm256_set1_ps(id);
+        const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, vid)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, vid)),
+                      i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, vid)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, vid));
+        // packs interleave 128-bit lanes: [0-3, 8-11, 4-7, 12-15] per pack; the permute puts them back in order
+        const __m256i p16 = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        _mm256_storeu_si256((__m256i*)(q + b * 32),
+                            _mm256_permutevar8x32_epi32(p16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
 #else
         const float d = quantize_block(v, (int8_t*)(q + b * 32));
 #endif
@@ -389,6 +467,55 @@ void row_dot(const uint8_t* wr, const Acts& a, int64_t t0, float* y, int64_t yst
     }
   }
   for (int t = 0; t < TT; t++) y[t * ystride] = _mm512_reduce_add_ps(acc[t]);
+}
+#elif DS4PY_AVX2
+// One weight block's 32 int8 values (element order of the activations) and its scale; a missing block (past the
+// row's end: the AVX512 code's zero-padded second of a pair) is zeros.
+template <int QT>
+inline __m256i load_block(const uint8_t* blk, bool present, float& d) {
+  if (!present) {
+    d = 0.0f;
+    return _mm256_setzero_si256();
+  }
+  if (QT == Q8_0) {
+    d = half_at(blk);
+    return _mm256_loadu_si256((const __m256i*)(blk + 2));
+  }
+  const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)KVALUES));
+  const __m128i q = _mm_loadu_si128((const __m128i*)(blk + 1));
+  const __m256i codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F));
+  d = E8M0_HALF.v[blk[0]];
+  return _mm256_shuffle_epi8(table, codes);
+}
+
+// The AVX512 row_dot's operations with its 16 lanes in two halves: lanes 0-7 take the even block of each pair,
+// 8-15 the odd one. The int8 dot of 4 values per lane is exact either way (here |w| times x with w's sign:
+// |w| <= 128, |x| <= 127, so vpmaddubsw's pair sums stay within int16); the float steps and the final sum are
+// the AVX512 code's, so the results are its bits.
+template <int QT, int TT>
+void row_dot(const uint8_t* wr, const Acts& a, int64_t t0, float* y, int64_t ystride) {
+  constexpr int64_t BB = QT == Q8_0 ? 34 : 17;
+  __m256 lo[TT], hi[TT];
+  for (int t = 0; t < TT; t++) lo[t] = hi[t] = _mm256_setzero_ps();
+  const uint8_t* xq[TT];
+  const float* xs[TT];
+  for (int t = 0; t < TT; t++) { xq[t] = a.qrow(t0 + t); xs[t] = a.srow(t0 + t); }
+  for (int64_t b = 0; b < a.nb; b += 2) {
+    _mm_prefetch((const char*)(wr + b * BB + PF_DIST[TT]), _MM_HINT_T0);
+    float d0, d1;
+    const __m256i w0 = load_block<QT>(wr + b * BB, true, d0), w1 = load_block<QT>(wr + (b + 1) * BB, b + 1 < a.nb, d1);
+    const __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);
+    const __m256 dw0 = _mm256_set1_ps(d0), dw1 = _mm256_set1_ps(d1);
+    for (int t = 0; t < TT; t++) {
+      const __m256i x0 = _mm256_loadu_si256((const __m256i*)(xq[t] + b * 32));
+      const __m256i x1 = _mm256_loadu_si256((const __m256i*)(xq[t] + b * 32 + 32));
+      const __m256 s0 = _mm256_mul_ps(dw0, _mm256_loadu_ps(xs[t] + b * 8));
+      const __m256 s1 = _mm256_mul_ps(dw1, _mm256_loadu_ps(xs[t] + b * 8 + 8));
+      lo[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4(u0, _mm256_sign_epi8(x0, w0))), s0, lo[t]);
+      hi[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4(u1, _mm256_sign_epi8(x1, w1))), s1, hi[t]);
+    }
+  }
+  for (int t = 0; t < TT; t++) y[t * ystride] = reduce16(lo[t], hi[t]);
 }
 #else
 template <int QT, int TT>
@@ -587,6 +714,60 @@ void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t y
     }
   }
   for (int t = 0; t < TT; t++) _mm512_storeu_ps(y + t * ystride, acc[t]);
+}
+#elif DS4PY_AVX2
+// The AVX512 r16_dot with rows 0-7 and 8-15 in two halves (each 64-byte vector of the group holds rows 0-7 in its
+// first 32 bytes): the same exact int32 dots (vpmaddubsw of the unsigned table values, <= 24, and the int8
+// activations stays within int16) and the same float steps, so the same bits.
+template <int TT>
+void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t ystride) {
+  const __m256i table =
+      _mm256_broadcastsi128_si256(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  __m256 acc[TT][2];
+  for (int t = 0; t < TT; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  const int8_t* q0 = a.q.data() + t0 * a.nb * 32;
+  const int32_t* c0 = a.c.data() + t0 * a.nb;
+  const float* d0 = a.d.data() + t0 * a.nb;
+  for (int64_t b = 0; b < a.nb; b++) {
+    const uint8_t* blk = wg + b * R16_BLOCK;
+    for (int l = 0; l < 5; l++) _mm_prefetch((const char*)(blk + 4096 + 64 * l), _MM_HINT_T0);
+    __m256 dw[2];
+    for (int h = 0; h < 2; h++) {  // 2^(e - 128), exact: e >= 2 through the exponent bits, else the table
+      const __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 8 * h)));
+      dw[h] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23));
+      if (__builtin_expect(_mm256_movemask_epi8(_mm256_cmpgt_epi32(_mm256_set1_epi32(2), e)) != 0, 0)) {
+        float v[8];
+        for (int r = 0; r < 8; r++) v[r] = E8M0_HALF.v[blk[8 * h + r]];
+        dw[h] = _mm256_loadu_ps(v);
+      }
+    }
+    __m256i lo[4][2], hi[4][2];
+    for (int v = 0; v < 4; v++)
+      for (int h = 0; h < 2; h++) {
+        const __m256i W = _mm256_loadu_si256((const __m256i*)(blk + 16 + 64 * v + 32 * h));
+        lo[v][h] = _mm256_shuffle_epi8(table, _mm256_and_si256(W, m4));
+        hi[v][h] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(W, 4), m4));
+      }
+    for (int t = 0; t < TT; t++) {
+      const int8_t* qc = q0 + (t * a.nb + b) * 32;
+      int32_t g4[8];
+      std::memcpy(g4, qc, 32);
+      const __m256 sd = _mm256_set1_ps(d0[t * a.nb + b]);
+      for (int h = 0; h < 2; h++) {
+        __m256i dot = _mm256_set1_epi32(c0[t * a.nb + b]);
+        for (int v = 0; v < 4; v++) {
+          dot = _mm256_add_epi32(dot, dot4(lo[v][h], _mm256_set1_epi32(g4[v])));
+          dot = _mm256_add_epi32(dot, dot4(hi[v][h], _mm256_set1_epi32(g4[4 + v])));
+        }
+        acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw[h], sd), acc[t][h]);
+      }
+    }
+  }
+  for (int t = 0; t < TT; t++) {
+    _mm256_storeu_ps(y + t * ystride, acc[t][0]);
+    _mm256_storeu_ps(y + t * ystride + 8, acc[t][1]);
+  }
 }
 #else
 template <int TT>
@@ -869,6 +1050,102 @@ void bf16_dot(const uint16_t* w, int64_t wstride, int64_t k, const float* x, int
     bf16_dot<R, TT - 2>(w, wstride, k, x + 2 * kp, kp, y + 2 * ystride, ystride);
   }
 }
+#elif DS4PY_AVX2
+// The AVX512 bf16_rows<1, TT> with each 16-lane accumulator in two halves: 32 weights as 16 bf16 (lanes 0-7 of
+// the even / odd vectors) and 16 more (lanes 8-15), the activations in the AVX512 order (per 32: 16 even, 16 odd),
+// the same fused multiply-adds per lane and the same final sum: its bits. One weight row at a time (a row's
+// operations do not depend on the rows beside it).
+template <int TT>
+void bf16_row(const uint16_t* w, int64_t k, const float* x, int64_t kp, float* y, int64_t ystride) {
+  const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
+  const int64_t kf = k / 32 * 32, k64 = k / 64 * 64;
+  __m256 acc[2][TT][2];
+  for (int u = 0; u < 2; u++)
+    for (int t = 0; t < TT; t++) acc[u][t][0] = acc[u][t][1] = _mm256_setzero_ps();
+  auto step = [&](const uint16_t* p, int64_t i, int u) {
+    for (int h = 0; h < 2; h++) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 16 * h));
+      const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
+      for (int t = 0; t < TT; t++) {
+        acc[u][t][h] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x + t * kp + i + 8 * h), acc[u][t][h]);
+        acc[u][t][h] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x + t * kp + i + 16 + 8 * h), acc[u][t][h]);
+      }
+    }
+  };
+  for (int64_t i = 0; i < k64; i += 64) {
+    _mm_prefetch((const char*)(w + i + 2048), _MM_HINT_T0);
+    _mm_prefetch((const char*)(w + i + 2048 + 32), _MM_HINT_T0);
+    step(w + i, i, 0);
+    step(w + i + 32, i + 32, 1);
+  }
+  if (k64 < kf) step(w + k64, k64, 0);
+  if (kf < kp) {  // the last partial 32: weights through a zero-padded copy
+    uint16_t pad[32] = {};
+    std::memcpy(pad, w + kf, (k - kf) * 2);
+    step(pad, kf, 0);
+  }
+  for (int t = 0; t < TT; t++)
+    y[t * ystride] = reduce16(_mm256_add_ps(acc[0][t][0], acc[1][t][0]), _mm256_add_ps(acc[0][t][1], acc[1][t][1]));
+}
+
+// 8 rows (w + r * wstride) times one activation row -> y[0..8): for each row bf16_row<1>'s operations (the same
+// bits), but the 8 final sums reduced side by side, each step of reduce16's tree one add across 2-8 rows (the
+// reduction was most of a short row's work, as for the AVX512 bf16_rows16).
+void bf16_rows8(const uint16_t* w, int64_t wstride, int64_t k, const float* x, int64_t kp, float* y) {
+  const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
+  const int64_t kf = k / 32 * 32, k64 = k / 64 * 64;
+  __m256 t3[8];
+  for (int r = 0; r < 8; r++) {
+    const uint16_t* row = w + r * wstride;
+    __m256 acc[2][2] = {{_mm256_setzero_ps(), _mm256_setzero_ps()}, {_mm256_setzero_ps(), _mm256_setzero_ps()}};
+    auto step = [&](const uint16_t* p, int64_t i, int u) {
+      for (int h = 0; h < 2; h++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 16 * h));
+        acc[u][h] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_loadu_ps(x + i + 8 * h),
+                                    acc[u][h]);
+        acc[u][h] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, hi)),
+                                    _mm256_loadu_ps(x + i + 16 + 8 * h), acc[u][h]);
+      }
+    };
+    for (int64_t i = 0; i < k64; i += 64) {
+      _mm_prefetch((const char*)(row + i + 2048), _MM_HINT_T0);
+      _mm_prefetch((const char*)(row + i + 2048 + 32), _MM_HINT_T0);
+      step(row + i, i, 0);
+      step(row + i + 32, i + 32, 1);
+    }
+    if (k64 < kf) step(row + k64, k64, 0);
+    if (kf < kp) {
+      uint16_t pad[32] = {};
+      std::memcpy(pad, row + kf, (k - kf) * 2);
+      step(pad, kf, 0);
+    }
+    // reduce16's first step: lanes i + i+8 of (acc[0] + acc[1])
+    t3[r] = _mm256_add_ps(_mm256_add_ps(acc[0][1], acc[1][1]), _mm256_add_ps(acc[0][0], acc[1][0]));
+  }
+  __m256 p[4], q[2];
+  for (int j = 0; j < 4; j++)  // rows 2j | 2j + 1 in the two 128-bit halves: i + i+4
+    p[j] = _mm256_add_ps(_mm256_permute2f128_ps(t3[2 * j], t3[2 * j + 1], 0x31),
+                         _mm256_permute2f128_ps(t3[2 * j], t3[2 * j + 1], 0x20));
+  for (int m = 0; m < 2; m++)  // rows 4m, 4m + 2 | 4m + 1, 4m + 3, two lanes each: i + i+2
+    q[m] = _mm256_add_ps(_mm256_shuffle_ps(p[2 * m], p[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm256_shuffle_ps(p[2 * m], p[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // rows 0, 2, 4, 6 | 1, 3, 5, 7: i + i+1
+  const __m256 sums = _mm256_add_ps(_mm256_shuffle_ps(q[0], q[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm256_shuffle_ps(q[0], q[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  _mm256_storeu_ps(y, _mm256_permutevar8x32_ps(sums, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
+template <int R, int TT>
+void bf16_dot(const uint16_t* w, int64_t wstride, int64_t k, const float* x, int64_t kp, float* y,
+              int64_t ystride) {
+  if constexpr (TT <= 2) {
+    for (int r = 0; r < R; r++) bf16_row<TT>(w + r * wstride, k, x, kp, y + r, ystride);
+  } else {
+    bf16_dot<R, 2>(w, wstride, k, x, kp, y, ystride);
+    bf16_dot<R, TT - 2>(w, wstride, k, x + 2 * kp, kp, y + 2 * ystride, ystride);
+  }
+}
 #else
 template <int R, int TT>
 void bf16_dot(const uint16_t* w, int64_t wstride, int64_t k, const float* x, int64_t kp, float* y,
@@ -928,11 +1205,11 @@ void row_blocks(const Dot (&dots)[BF_R][BF_T], const W* w, int64_t wstride, int6
 extern "C" int ds4py_bf16_linear(const float* x, int64_t T, int64_t k, const uint16_t* w, int64_t rows,
                                  int64_t wstride, float* y) {
   try {
-    // x rows zero-padded to kp; the AVX512 code takes each 32 values as the 16 even ones, then the 16 odd
+    // x rows zero-padded to kp; the AVX512 / AVX2 code takes each 32 values as the 16 even ones, then the 16 odd
     const int64_t kp = (k + 31) / 32 * 32;
     std::vector<float> xp(T * kp, 0.0f);
     for (int64_t t = 0; t < T; t++) {
-      if (DS4PY_AVX512) {
+      if (DS4PY_AVX512 || DS4PY_AVX2) {
         for (int64_t i = 0; i < k; i++) xp[t * kp + i / 32 * 32 + (i % 2) * 16 + (i % 32) / 2] = x[t * k + i];
       } else {
         std::memcpy(xp.data() + t * kp, x + t * k, k * 4);
@@ -947,6 +1224,17 @@ extern "C" int ds4py_bf16_linear(const float* x, int64_t T, int64_t k, const uin
         for (int64_t b = b0; b < b1; b++) bf16_rows16(w + b * 16 * wstride, wstride, k, xp.data(), kp, y + b * 16);
       });
       for (int64_t r = n16 * 16; r < rows; r++) bf16_dot<1, 1>(w + r * wstride, wstride, k, xp.data(), kp, y + r, 1);
+      return 0;
+    }
+#elif DS4PY_AVX2
+    if (T == 1) {  // as the AVX512 code, 8 rows at a time
+      const int64_t n8 = rows / 8;
+      const int64_t grain = grain_for(8 * k,
+                                      std::max<int64_t>(1, std::min<int64_t>(32, n8 / (4 * at::get_num_threads()))));
+      at::parallel_for(0, n8, grain, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; b++) bf16_rows8(w + b * 8 * wstride, wstride, k, xp.data(), kp, y + b * 8);
+      });
+      for (int64_t r = n8 * 8; r < rows; r++) bf16_dot<1, 1>(w + r * wstride, wstride, k, xp.data(), kp, y + r, 1);
       return 0;
     }
 #endif
@@ -1004,6 +1292,34 @@ void f32_dot(const float* w, int64_t wstride, int64_t k, const float* x, int64_t
   if (kf < kp) step(kf, true);
   for (int r = 0; r < R; r++)
     for (int t = 0; t < TT; t++) y[t * ystride + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+#elif DS4PY_AVX2
+// the AVX512 f32_dot, each 16-lane accumulator in two halves: its bits
+template <int R, int TT>
+void f32_dot(const float* w, int64_t wstride, int64_t k, const float* x, int64_t kp, float* y, int64_t ystride) {
+  for (int r = 0; r < R; r++) {
+    __m256 acc[TT][2];
+    for (int t = 0; t < TT; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    const float* row = w + r * wstride;
+    const int64_t kf = k / 16 * 16;
+    auto step = [&](const float* wp, int64_t i) {
+      const __m256 v0 = _mm256_loadu_ps(wp), v1 = _mm256_loadu_ps(wp + 8);
+      for (int t = 0; t < TT; t++) {
+        acc[t][0] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x + t * kp + i), acc[t][0]);
+        acc[t][1] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(x + t * kp + i + 8), acc[t][1]);
+      }
+    };
+    for (int64_t i = 0; i < kf; i += 16) {
+      _mm_prefetch((const char*)(row + i + 256), _MM_HINT_T0);
+      step(row + i, i);
+    }
+    if (kf < kp) {
+      float pad[16] = {};
+      std::memcpy(pad, row + kf, (k - kf) * 4);
+      step(pad, kf);
+    }
+    for (int t = 0; t < TT; t++) y[t * ystride + r] = reduce16(acc[t][0], acc[t][1]);
+  }
 }
 #else
 template <int R, int TT>
@@ -1636,7 +1952,7 @@ extern "C" int ds4py_index_query_one(const void* q_residual, int64_t ql, const v
   return 0;
 }
 
-extern "C" int ds4py_kernels_simd() { return DS4PY_AVX512; }
+extern "C" int ds4py_kernels_simd() { return DS4PY_AVX512 ? 2 : DS4PY_AVX2 ? 1 : 0; }
 """
 
 _lock = threading.Lock()
@@ -1815,9 +2131,15 @@ def available() -> bool:
 
 
 def simd() -> bool:
-    """Whether the compiled kernels use the AVX512-VNNI code (False: the portable loop, or no kernels)."""
+    """Whether the compiled kernels use SIMD code, AVX512-VNNI or AVX2 (the same values), not the portable loop."""
+    return isa() != "portable"
+
+
+def isa() -> str:
+    """The compiled kernels' instruction set here: "avx512" (AVX512-VNNI), "avx2" (AVX2 + FMA: the AVX512 code's
+    operations in 256-bit halves, its values), or "portable" (the plain loop; also where there are no kernels)."""
     lib = _lib()
-    return bool(lib is not None and lib.ds4py_kernels_simd())
+    return {2: "avx512", 1: "avx2"}.get(lib.ds4py_kernels_simd() if lib is not None else 0, "portable")
 
 
 def dequantize(raw: torch.Tensor, qtype: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:

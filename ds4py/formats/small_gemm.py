@@ -35,6 +35,12 @@ _SOURCE = r"""
 #else
 #define DS4PY_AVX512 0
 #endif
+#if defined(__AVX2__) && defined(__FMA__) && !defined(DS4PY_GENERIC)
+#include <immintrin.h>
+#define DS4PY_AVX2 1
+#else
+#define DS4PY_AVX2 0
+#endif
 """ + kernels.BF16_C + r"""
 namespace {
 """ + kernels.SWIGLU_C + r"""
@@ -104,6 +110,70 @@ const RowTile ROW_TILES[2][TR] = {
 #define DS4PY_DPBF16 0
 #endif
 
+#if !DS4PY_DPBF16 && DS4PY_AVX2
+// Without vdpbf16ps (AVX2, or AVX-512 without BF16): the portable loop's operations 8 columns at a time. Rows
+// [0, R) of a tile times the columns [c0, c0 + 16): xo, xe the tile's odd and even inputs as float32 [R, kh], wp
+// W's pairs [kh, np]; per value fma(odd x, odd w), then fma(even x, even w), as tile_rows' loop (the same bits).
+// 4 rows x 16 columns: 8 accumulators, 4 weight vectors and 2 broadcasts in the 16 registers.
+constexpr int AR = 4;  // rows per pass
+
+template <int R, bool BF>
+inline void tile8(const float* xo, const float* xe, int64_t kh, const uint32_t* wp, int64_t np, int64_t c0, void* y,
+                  int64_t ys, int64_t n) {
+  const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
+  __m256 acc[R][2];
+  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < kh; i++) {
+    __m256 we[2], wo[2];
+    for (int v = 0; v < 2; v++) {
+      const __m256i w = _mm256_loadu_si256((const __m256i*)(wp + i * np + c0 + 8 * v));
+      we[v] = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+      wo[v] = _mm256_castsi256_ps(_mm256_and_si256(w, hi));
+    }
+    for (int r = 0; r < R; r++) {
+      const __m256 o = _mm256_broadcast_ss(xo + r * kh + i), e = _mm256_broadcast_ss(xe + r * kh + i);
+      for (int v = 0; v < 2; v++) {
+        acc[r][v] = _mm256_fmadd_ps(o, wo[v], acc[r][v]);
+        acc[r][v] = _mm256_fmadd_ps(e, we[v], acc[r][v]);
+      }
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int v = 0; v < 2; v++) {
+      const int64_t c = c0 + 8 * v;
+      if (c >= n) break;
+      float f[8];
+      _mm256_storeu_ps(f, acc[r][v]);
+      store16<BF>(y, r * ys + c, f, std::min<int64_t>(8, n - c));
+    }
+}
+
+template <bool BF>
+void tile_rows_avx2(const uint32_t* xp, int tr, int64_t kh, const uint32_t* wp, int64_t n, int64_t np, void* y,
+                    int64_t ys) {
+  thread_local std::vector<float> split;  // the tile's odd inputs [tr, kh], then its even ones
+  split.resize(2 * TR * kh);
+  float *xo = split.data(), *xe = xo + TR * kh;
+  for (int64_t j = 0; j < tr * kh; j++) {
+    const uint32_t odd = xp[j] & 0xFFFF0000u, even = xp[j] << 16;
+    std::memcpy(xo + j, &odd, 4);
+    std::memcpy(xe + j, &even, 4);
+  }
+  for (int r0 = 0; r0 < tr; r0 += AR) {
+    void* yr = BF ? (void*)((uint16_t*)y + r0 * ys) : (void*)((float*)y + r0 * ys);
+    const float *o = xo + r0 * kh, *e = xe + r0 * kh;
+    for (int64_t c0 = 0; c0 < np; c0 += 16) {
+      switch (std::min(AR, tr - r0)) {
+        case 1: tile8<1, BF>(o, e, kh, wp, np, c0, yr, ys, n); break;
+        case 2: tile8<2, BF>(o, e, kh, wp, np, c0, yr, ys, n); break;
+        case 3: tile8<3, BF>(o, e, kh, wp, np, c0, yr, ys, n); break;
+        default: tile8<AR, BF>(o, e, kh, wp, np, c0, yr, ys, n);
+      }
+    }
+  }
+}
+#endif
+
 // tr <= TR rows of y [tr, n] (row stride ys; bf16 bits when BF, else float32) = the tile xp (bf16 pairs [tr, kh])
 // times W (pairs wp [kh, np]): per value float32 fused multiply-adds over the pairs, odd product then even
 template <bool BF>
@@ -111,6 +181,8 @@ void tile_rows(const uint32_t* xp, int tr, int64_t kh, const uint32_t* wp, int64
                int64_t ys) {
 #if DS4PY_DPBF16
   ROW_TILES[BF][tr - 1](xp, kh, wp, np, y, ys, n);
+#elif DS4PY_AVX2
+  tile_rows_avx2<BF>(xp, tr, kh, wp, n, np, y, ys);
 #else
   for (int r = 0; r < tr; r++)
     for (int64_t c = 0; c < n; c++) {
@@ -127,6 +199,7 @@ void tile_rows(const uint32_t* xp, int tr, int64_t kh, const uint32_t* wp, int64
 }  // namespace
 
 extern "C" int ds4py_small_gemm_dpbf16() { return DS4PY_DPBF16; }
+extern "C" int ds4py_small_gemm_simd() { return DS4PY_DPBF16 ? 2 : DS4PY_AVX2 ? 1 : 0; }
 
 // x bf16 bits [T, k] (row stride xs), wp W's bf16 pairs [kp / 2, np] (kp = k rounded up to even; columns n..np
 // and the pad zero) -> y bf16 bits [T, n]: y[t, c] = bf16(sum over pairs p of x[t, 2p + 1] W[c, 2p + 1] then
@@ -228,6 +301,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds4py_small_gemm.restype = None
     lib.ds4py_small_gemm.argtypes = [p, i64, i64, i64, p, i64, i64, p]
     lib.ds4py_small_gemm_dpbf16.restype = ctypes.c_int
+    lib.ds4py_small_gemm_simd.restype = ctypes.c_int
     lib.ds4py_moe_small.restype = ctypes.c_int
     lib.ds4py_moe_small.argtypes = [p, i64, i64, i64, i64, p, p, i64, p, p, ctypes.c_float, p]
 
@@ -242,9 +316,10 @@ def _load() -> ctypes.CDLL | None:
 
 
 def simd() -> bool:
-    """Whether the call runs vdpbf16ps (AVX512-BF16) here, not the portable loop (the same values)."""
+    """Whether the call runs SIMD code here (vdpbf16ps where AVX512-BF16, else AVX2's fused multiply-adds), not the
+    portable loop (the same values)."""
     lib = _load()
-    return lib is not None and bool(lib.ds4py_small_gemm_dpbf16())
+    return lib is not None and bool(lib.ds4py_small_gemm_simd())
 
 
 @dataclass

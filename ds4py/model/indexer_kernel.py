@@ -26,7 +26,7 @@ _SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 """ + kernels.BF16_C + r"""
@@ -68,6 +68,28 @@ void score_rows(const float* qt, const float* wp, const float* kf, int64_t hd, i
       for (int g = 0; g < G; g++) a[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qt + d * 16 * G + 16 * g), v0, a[g]);
     }
     totals[j] = finish(a);
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  // the AVX512 code's operations with each 16-head vector in two halves, and its final sum: its bits
+  const __m256 zero = _mm256_setzero_ps(), sc = _mm256_set1_ps(scale);
+  for (int64_t j = 0; j < rows; j++) {
+    __m256 a[G][2];
+    for (int g = 0; g < G; g++) a[g][0] = a[g][1] = zero;
+    for (int64_t d = 0; d < hd; d++) {
+      const __m256 v0 = _mm256_set1_ps(kf[j * hd + d]);
+      for (int g = 0; g < G; g++)
+        for (int h = 0; h < 2; h++)
+          a[g][h] = _mm256_fmadd_ps(_mm256_loadu_ps(qt + d * 16 * G + 16 * g + 8 * h), v0, a[g][h]);
+    }
+    __m256 sum[2] = {zero, zero};
+    for (int g = 0; g < G; g++)
+      for (int h = 0; h < 2; h++)
+        sum[h] = _mm256_fmadd_ps(_mm256_loadu_ps(wp + 16 * g + 8 * h), _mm256_mul_ps(_mm256_max_ps(a[g][h], zero), sc),
+                                 sum[h]);
+    const __m256 t3 = _mm256_add_ps(sum[1], sum[0]);  // _mm512_reduce_add_ps's order
+    const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+    const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
+    totals[j] = (_mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, _MM_SHUFFLE(1, 1, 1, 1)))) + 0.0f;
   }
 #else
   for (int64_t j = 0; j < rows; j++) {  // the same operations, lane by lane
