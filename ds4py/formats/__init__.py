@@ -77,6 +77,10 @@ class Dense(Weight):
             y = small_gemm.linear(x, self.packed) if self.packed else None
             if y is not None:
                 return y
+        if w.dtype == torch.bfloat16 and x.dtype == torch.bfloat16:
+            from ds4py.formats import kernels
+
+            return kernels.tiled_linear(x, w)  # (in float32 where the CPU has no native bf16 GEMM)
         return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
 
     def expert(self, e: int) -> Dense:

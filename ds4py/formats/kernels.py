@@ -3,8 +3,8 @@
 `q8_0_linear(x, raw)` / `mxfp4_linear(x, raw)` compute x [T, in] @ W.T for W given as its raw ggml rows
 (uint8 [out, in/32*34] or [out, in/32*17]) without dequantizing W. As in llama.cpp, the activations are
 first quantized to Q8_0 (per 32 values: int8 codes and one float scale), then every weight block is
-multiplied in int8 x int8 -> int32 (AVX512-VNNI `vpdpbusd` where the CPU has it, a plain loop the compiler
-vectorizes elsewhere) and accumulated in float with the product of the two block scales. The activation
+multiplied in int8 x int8 -> int32 (AVX512-VNNI `vpdpbusd` where the CPU has it, AVX2's `vpmaddubsw` where it
+has that, a plain loop elsewhere) and accumulated in float with the product of the two block scales. The activation
 rounding makes the result differ from `F.linear(x, W.dequantize())` by a relative ~0.5%.
 
 The C++ code is compiled at first use with `torch.utils.cpp_extension.load_inline` into
@@ -13,10 +13,12 @@ and is loaded with ctypes, not pybind11) and parallelized over output rows with 
 so it follows `torch.set_num_threads`. When it cannot be built (no compiler: one warning, then the
 fallback), when the tensors are not on the CPU, or when DS4PY_NO_KERNELS=1, the functions use
 `fallback_linear`: dequantize + `F.linear`, exactly what `Weight.linear` did before.
-DS4PY_KERNELS_GENERIC=1 builds the portable loop instead of the AVX512 code (for testing it).
+The SIMD code is AVX512-VNNI's, or on CPUs with AVX2 + FMA only its operations in 256-bit halves (the same
+values, `isa`); DS4PY_KERNELS_GENERIC=1 builds the portable loop instead (for testing it).
 
-For bf16 activations with >= BF16_GEMM_MIN_T rows (long prompts) `ggml_linear` instead dequantizes W to bf16
-with the compiled `dequantize` and calls the bf16 GEMM: exactly F.linear(x, W.dequantize(torch.bfloat16)).
+For bf16 activations with >= BF16_GEMM_MIN_T rows (long prompts) on CPUs with a native bf16 GEMM
+(`bf16_gemm_native`) `ggml_linear` instead dequantizes W to bf16 with the compiled `dequantize` and calls that
+GEMM: exactly F.linear(x, W.dequantize(torch.bfloat16)).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ MXFP4_R16 = 1039  # not a ggml type: MXFP4 repacked by groups of 16 rows (`repac
 BLOCK_BYTES = {Q8_0: 34, MXFP4: 17, MXFP4_R16: 17}
 FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 # From this many bf16 activation rows on, ggml_linear dequantizes W to bf16 (compiled, ~11 ms for 4096x4096 on
-# 2 Zen4 cores) and uses the bf16 GEMM: measured equal at T=128, 1.8x faster than the int8 kernel at T=512.
+# 2 Zen4 cores) and uses the bf16 GEMM: measured equal at T=128, 1.8x faster than the int8 kernel at T=512. Only
+# where the CPU has a native bf16 GEMM (`bf16_gemm_native`); small matrices take `small_gemm` from here on anyway.
 BF16_GEMM_MIN_T = 256
 # A prompt's routed expert goes to that GEMM (one call per expert, from Python) only when its matrices hold this
 # many values: V4 Flash's 2048 x 4096; the tiny preset's 32 x 64 stay in the layer's one grouped call (a 512-token
@@ -1988,6 +1991,23 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0")
 
 
+_BF16_NATIVE: list[bool] = []
+
+
+def bf16_gemm_native() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX-BF16: oneDNN's bf16 GEMM). There a long
+    bf16 prompt's large products dequantize W to bf16 and take that GEMM (`BF16_GEMM_MIN_T`); elsewhere they stay in
+    the int8 kernels, as decoding does: on AVX2 torch's bf16 GEMM took 451 ms for a 4096 x 4096 Q8_0 matrix at
+    T = 256, the int8 kernel 86 (2 cores). DS4PY_BF16_GEMM=1 or 0 decides instead (for tests)."""
+    forced = os.environ.get("DS4PY_BF16_GEMM", "")  # read only for long prompts' large products
+    if forced:
+        return forced != "0"
+    if not _BF16_NATIVE:
+        flags = set(_cpu_flags().split())
+        _BF16_NATIVE.append(bool(flags & {"avx512_bf16", "amx_bf16"}))
+    return _BF16_NATIVE[0]
+
+
 def generic() -> bool:
     """DS4PY_KERNELS_GENERIC=1: the compiled libraries that have SIMD code are built without it (for testing)."""
     return _env_flag("DS4PY_KERNELS_GENERIC")
@@ -2200,7 +2220,7 @@ def ggml_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
     if lib is None:
         return fallback_linear(x, raw, qtype)
     T = x.numel() // n if n else 0
-    if dtype == torch.bfloat16 and T >= BF16_GEMM_MIN_T:
+    if dtype == torch.bfloat16 and T >= BF16_GEMM_MIN_T and bf16_gemm_native():
         # long bf16 prompts: one fast dequantize to bf16, then the bf16 GEMM beats the per-block int8 kernel
         return F.linear(x, dequantize(raw, qtype, torch.bfloat16))
     xk = x.float() if dtype == torch.float16 else x
@@ -2237,7 +2257,8 @@ def ggml_grouped_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch
             or n % 32 or raw.shape[1] != n // 32 * BLOCK_BYTES[qtype]):
         return None
     if not (x.is_cpu and raw.is_cpu and x.dtype in (torch.float32, torch.bfloat16)) or (
-            x.requires_grad and torch.is_grad_enabled()) or (x.dtype == torch.bfloat16 and T >= BF16_GEMM_MIN_T):
+            x.requires_grad and torch.is_grad_enabled()) or (
+            x.dtype == torch.bfloat16 and T >= BF16_GEMM_MIN_T and bf16_gemm_native()):
         return None
     lib = _lib()
     if lib is None:
@@ -2255,7 +2276,11 @@ def mxfp4_linear(x: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
 
 def tiled_linear(x: torch.Tensor, w: torch.Tensor, tile: int = BF16_TILE_ROWS) -> torch.Tensor:
     """F.linear(x, w.to(x.dtype)) without ever converting all of w: `tile` output rows at a time (a 1 GB
-    bf16 head is never expanded to a 4 GB float32 copy). Exact: each tile is the same F.linear."""
+    bf16 head is never expanded to a 4 GB float32 copy). Exact: each tile is the same F.linear. bf16 x and w on a
+    CPU without a native bf16 GEMM (`bf16_gemm_native`): both widened to float32 (a tile of w at a time), the
+    result rounded to bf16 once (a bf16 GEMM's values up to its summation order; 5x faster on AVX2)."""
+    if x.dtype == w.dtype == torch.bfloat16 and x.is_cpu and not bf16_gemm_native():
+        return tiled_linear(x.float(), w, tile).bfloat16()
     if w.dtype == x.dtype:
         return F.linear(x, w)
     rows = w.shape[0]

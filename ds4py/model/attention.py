@@ -11,7 +11,7 @@ import torch
 
 from ds4py.cache import LayerCache
 from ds4py.formats import Weight, kernels
-from ds4py.model import row_kernels
+from ds4py.model import products, row_kernels
 from ds4py.model.attention_kernel import attend_one, attend_rows
 from ds4py.model.compressor import Compressor
 from ds4py.model.indexer import Indexer
@@ -138,21 +138,21 @@ class Attention:
         logits = [window.logits(q).float().mul_(scale).masked_fill_(window.hidden, float("-inf"))]  # [R, H, L]
         if top is not None:
             chosen = entries[top.clamp(min=0)]  # [R, k, hd]
-            c_logits = torch.einsum("thd,tkd->thk", q, chosen).float() * scale
+            c_logits = products.einsum("thd,tkd->thk", q, chosen).float() * scale
             logits.append(c_logits.masked_fill_((top < 0)[:, None, :], float("-inf")))
         elif entries is not None:
             visible = (positions + 1) // self.compressor.ratio
             closed = torch.arange(entries.shape[0], device=q.device)[None, :] < visible[:, None]
-            c_logits = torch.einsum("thd,nd->thn", q, entries).float() * scale
+            c_logits = products.einsum("thd,nd->thn", q, entries).float() * scale
             logits.append(c_logits.masked_fill_(~closed[:, None, :], float("-inf")))
         logits.append(self.sinks.float().view(1, H, 1).expand(R, H, 1))
         probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1).to(q.dtype)  # [R, H, L + C + 1]
         L = logits[0].shape[-1]
         out = window.values(probs[..., :L])  # [R, H, hd]
         if top is not None:
-            out = out + torch.einsum("thk,tkd->thd", probs[..., L:-1], chosen)
+            out = out + products.einsum("thk,tkd->thd", probs[..., L:-1], chosen)
         elif entries is not None:
-            out = out + torch.einsum("thn,nd->thd", probs[..., L:-1], entries)
+            out = out + products.einsum("thn,nd->thd", probs[..., L:-1], entries)
         return out
 
     def attend_one(self, x, q_residual, q, kv, positions, rot, cache: LayerCache) -> torch.Tensor:
@@ -171,9 +171,9 @@ class Attention:
             return out
         if entries is not None:
             keys = torch.cat([keys, entries if top is None else entries[top]])  # [S + C, hd]
-        logits = torch.mm(q.view(H, hd), keys.T).float().mul_(hd**-0.5)  # [H, S + C]
+        logits = products.mm(q.view(H, hd), keys.T).float().mul_(hd**-0.5)  # [H, S + C]
         probs = torch.softmax(torch.cat([logits, self.sinks.view(H, 1)], dim=-1), dim=-1).to(x.dtype)
-        out = torch.mm(probs[:, :-1], keys).view(1, H, hd)
+        out = products.mm(probs[:, :-1], keys).view(1, H, hd)
         return rotate(out, rot.conj())  # undo the rotation V picked up (K = V)
 
     def update_window(self, kv: torch.Tensor, cache: LayerCache) -> torch.Tensor:
@@ -197,4 +197,4 @@ class Attention:
             return torch.cat([self.wo_a.rows(i * r, (i + 1) * r).linear(x[:, i]) for i in range(g)], dim=-1)
         w = self.wo_a.dequantize(out.dtype)  # [g * o_lora, in_g]
         w = w.view(g, -1, w.shape[-1])
-        return torch.einsum("tgi,goi->tgo", out.reshape(T, g, -1), w).reshape(T, -1)
+        return products.einsum("tgi,goi->tgo", out.reshape(T, g, -1), w).reshape(T, -1)

@@ -146,8 +146,11 @@ class MoE:
         T = x.shape[0]
         # an expert with as many tokens as a long bf16 prompt is faster as a bf16 GEMM (`kernels.ggml_linear`)
         # where its matrices are large
-        gemm = x.dtype == torch.bfloat16 and T >= kernels.BF16_GEMM_MIN_T
-        big = gemm and self.w1.shape[-2] * self.w1.shape[-1] >= kernels.BF16_GEMM_MIN_VALUES
+        # (only where the CPU has a native bf16 GEMM: elsewhere large experts stay in the int8 call)
+        long_bf16 = x.dtype == torch.bfloat16 and T >= kernels.BF16_GEMM_MIN_T
+        large = self.w1.shape[-2] * self.w1.shape[-1] >= kernels.BF16_GEMM_MIN_VALUES
+        big = long_bf16 and large and kernels.bf16_gemm_native()
+        gemm = long_bf16 and (big or not large)
         if gemm and not big:  # small experts: routed and shared in one call over their bf16 copies
             packed = self.small_experts()
             out = None if packed is None else small_gemm.moe(packed, x, weights, ids, self.swiglu_limit)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ds4py.model import products
+
 BLOCK = 16
 
 
@@ -50,13 +52,13 @@ class WindowBlocks:
         """q [T, H, hd] -> q . k for every slot [T, H, L] (the hidden slots too: mask them)."""
         nb, L, hd = self.keys.shape
         H = q.shape[1]
-        return torch.bmm(self._pad(q).reshape(nb, self.B * H, hd), self.keys.transpose(1, 2)).view(-1, H, L)[:self.T]
+        return products.bmm(self._pad(q).reshape(nb, self.B * H, hd), self.keys.transpose(1, 2)).view(-1, H, L)[:self.T]
 
     def values(self, probs: torch.Tensor) -> torch.Tensor:
         """probs [T, H, L] (zero on the hidden slots) -> sum over slots of probs * key [T, H, hd]."""
         nb, L, hd = self.keys.shape
         H = probs.shape[1]
-        return torch.bmm(self._pad(probs).reshape(nb, self.B * H, L), self.keys).view(-1, H, hd)[:self.T]
+        return products.bmm(self._pad(probs).reshape(nb, self.B * H, L), self.keys).view(-1, H, hd)[:self.T]
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         missing = self.keys.shape[0] * self.B - self.T

@@ -82,7 +82,7 @@ def test_weight_linear_uses_kernel_keeps_leading_dims(lib):
         BF16Matrix(torch.zeros(4, 4))
 
 
-def test_tiled_fallback_equals_untiled():
+def test_tiled_fallback_equals_untiled(monkeypatch):
     gen = torch.Generator().manual_seed(2)
     w = torch.randn(1000, 64, generator=gen).bfloat16()
     for T in (1, 5, 40):
@@ -95,7 +95,11 @@ def test_tiled_fallback_equals_untiled():
         xh = x.half()
         assert torch.equal(kernels.tiled_linear(xh, w, tile=256), F.linear(xh, w.half()))
         xb = x.bfloat16()
+        monkeypatch.setenv("DS4PY_BF16_GEMM", "1")  # a CPU with a native bf16 GEMM: torch's
         assert torch.equal(kernels.tiled_linear(xb, w, tile=256), F.linear(xb, w))
+        monkeypatch.setenv("DS4PY_BF16_GEMM", "0")  # without: in float32, rounded once
+        assert torch.equal(kernels.tiled_linear(xb, w, tile=256), F.linear(xb.float(), w.float()).bfloat16())
+        monkeypatch.delenv("DS4PY_BF16_GEMM")
 
 
 def test_no_kernels_env_uses_the_exact_fallback(monkeypatch):

@@ -127,7 +127,10 @@ def test_shape_mismatch_is_an_error():
         kernels.q8_0_linear(torch.randn(2, 96), w.raw)
 
 
-def test_compiled_dequantize_and_long_bf16_prompts_are_exact(lib):
+def test_compiled_dequantize_and_long_bf16_prompts_are_exact(lib, monkeypatch):
+    """Long bf16 prompts where the CPU has a native bf16 GEMM (here: said to have): W dequantized to bf16, then
+    that GEMM (F.linear's values exactly)."""
+    monkeypatch.setenv("DS4PY_BF16_GEMM", "1")
     gen = torch.Generator().manual_seed(5)
     for qtype in (Q.Q8_0, Q.MXFP4):
         w = random_weight(qtype, 48, 96, gen)
@@ -182,10 +185,17 @@ def test_grouped_linear_equals_the_groups_one_by_one(lib, monkeypatch, qtype, ge
                 loop = torch.cat([kernels.ggml_linear(x[:, g], w.raw[g * r:(g + 1) * r], int(qtype))
                                   for g in range(groups)], dim=-1)
                 assert y.dtype == dtype and torch.equal(y, loop), (groups, r, n, T, dtype)
-    # not for it: long bf16 prompts (the bf16 GEMM path), rows that do not split into the groups
+    # not for it: long bf16 prompts where the CPU has a native bf16 GEMM (that path), rows that do not split into
+    # the groups; without one, long prompts too
     w = random_weight(qtype, 64, 64, gen)
     long = torch.randn(kernels.BF16_GEMM_MIN_T, 2, 64, generator=gen).bfloat16()
+    monkeypatch.setenv("DS4PY_BF16_GEMM", "1")
     assert kernels.ggml_grouped_linear(long, w.raw, int(qtype)) is None
+    monkeypatch.setenv("DS4PY_BF16_GEMM", "0")
+    loop = torch.cat([kernels.ggml_linear(long[:, g], w.raw[g * 32:(g + 1) * 32], int(qtype)) for g in range(2)], -1)
+    assert torch.equal(kernels.ggml_grouped_linear(long, w.raw, int(qtype)), loop)
+    assert torch.equal(kernels.ggml_linear(long[:, 0], w.raw, int(qtype)),
+                       kernels.ggml_linear(long[:, 0].float(), w.raw, int(qtype)).bfloat16())
     assert kernels.ggml_grouped_linear(torch.randn(1, 3, 64), w.raw, int(qtype)) is None
 
 

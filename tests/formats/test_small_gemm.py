@@ -80,7 +80,7 @@ def test_small_gemm_simd_and_portable_agree(monkeypatch):
     assert not small_gemm.simd() and torch.equal(small_gemm.linear(x, packed), simd)
 
 
-def test_weights_use_it_for_bf16_prompts(lib, build):
+def test_weights_use_it_for_bf16_prompts(lib, build, monkeypatch):
     """A small bf16 Dense matrix (any T) and a small Q8_0 / MXFP4 matrix's bf16 copy (long prompts) multiply through
     small_gemm; large ones and float32 activations keep F.linear."""
     gen = torch.Generator().manual_seed(4)
@@ -92,7 +92,11 @@ def test_weights_use_it_for_bf16_prompts(lib, build):
     assert torch.equal(d.linear(xf), F.linear(xf, d.tensor.float()))
     big = Dense(torch.randn(1024, 96, generator=gen).bfloat16())
     x = torch.randn(9, 96, generator=gen).bfloat16()
+    monkeypatch.setenv("DS4PY_BF16_GEMM", "1")  # a CPU with a native bf16 GEMM: torch's
     assert torch.equal(big.linear(x), F.linear(x, big.tensor))
+    monkeypatch.setenv("DS4PY_BF16_GEMM", "0")  # without: in float32, rounded once
+    assert torch.equal(big.linear(x), F.linear(x.float(), big.tensor.float()).bfloat16())
+    monkeypatch.delenv("DS4PY_BF16_GEMM")
     for qtype in (Q.Q8_0, Q.MXFP4):
         w = random_weight(qtype, 48, 96, gen)
         x = torch.randn(kernels.BF16_GEMM_MIN_T, 96, generator=gen).bfloat16()

@@ -239,7 +239,8 @@ def test_attention_query_blocks_equal_the_whole_chunk(model, monkeypatch):
 def test_whole_chunk_expert_takes_the_gemm_only_when_its_matrices_are_large(model, monkeypatch):
     """A bf16 chunk where a routed expert has >= BF16_GEMM_MIN_T tokens: small experts (the tiny model's) stay in
     one call (`small_gemm.moe`, routed and shared); large ones (here: the threshold lowered) go through the
-    per-expert bf16 GEMMs."""
+    per-expert bf16 GEMMs where the CPU has a native bf16 GEMM (here: said to have), else the one int8 call."""
+    monkeypatch.setenv("DS4PY_BF16_GEMM", "1")
     gen = torch.Generator().manual_seed(19)
     x = torch.randn(900, model.config.hidden_size, generator=gen).bfloat16()
     token_ids = torch.randint(0, model.config.vocab_size, (900,), generator=gen)
@@ -257,6 +258,13 @@ def test_whole_chunk_expert_takes_the_gemm_only_when_its_matrices_are_large(mode
     exact = block.ffn(x.float(), token_ids)
     # against float32 on the same inputs: the loop rounds to bf16 after each op (and its weights), the call once
     assert rel(looped.float(), exact) < 3e-2 and rel(grouped.float(), exact) <= rel(looped.float(), exact)
+    monkeypatch.setenv("DS4PY_BF16_GEMM", "0")
+    ran = []
+    real_many = kernels.moe_many
+    monkeypatch.setattr(kernels, "moe_many", lambda *a, **k: ran.append(k.get("shared")) or real_many(*a, **k))
+    int8 = block.ffn(x, token_ids)
+    assert calls == [1] and ran == [True]  # routed and shared in the int8 call
+    assert rel(int8.float(), exact) < 3e-2
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
