@@ -208,7 +208,9 @@ def main() -> int:
         mem = psutil.virtual_memory().total
     except ImportError:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    print(f"ds4py from {ds4py_version()}", file=sys.stderr)
+    from ds4py.bench import cpu_kernels
+
+    print(f"ds4py from {ds4py_version()}; CPU kernels: {cpu_kernels()}", file=sys.stderr)
     print(f"threads {args.threads}, pp{args.p}, tg{args.n}, median of {args.repeats} "
           "(transformers: warmed up, pp the median of 3 per round)")
     print("| model | test | ds4py t/s | llama.cpp t/s | ds4py/llama.cpp | transformers t/s | ds4py/transformers |")

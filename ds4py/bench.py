@@ -77,6 +77,13 @@ def model_facts(model) -> dict:
     return {"layers": model.config.num_hidden_layers, "weight_kinds": kinds, "block_weight_bytes": nbytes}
 
 
+def cpu_kernels() -> str:
+    """The compiled CPU kernels' instruction set here and whether long prompts use a native bf16 GEMM."""
+    from ds4py.formats import kernels
+
+    return f"{kernels.isa()}, bf16 GEMM {'native' if kernels.bf16_gemm_native() else 'none (float32 / int8)'}"
+
+
 def bench_main(args) -> int:
     from ds4py.cli import load_model, resolve_model_path
 
@@ -96,7 +103,7 @@ def bench_main(args) -> int:
     facts = {
         "model": str(path), "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
         "load_seconds": load_s, "peak_rss_bytes": peak_rss_bytes(), **model_facts(model),
-        "memory_mode": model.memory_plan.describe(), **streamed,
+        "memory_mode": model.memory_plan.describe(), "cpu_kernels": cpu_kernels(), **streamed,
     }
     if model.expert_cache is not None:
         st = model.expert_cache.stats
@@ -117,7 +124,7 @@ def bench_main(args) -> int:
             print(f"| {name} | ds4py-{args.device}-{args.dtype} | {facts['threads']} | tg{r['tg_tokens']}{at} | "
                   f"{r['tg_tps']:.2f} |")
     print(f"\npeak RSS {facts['peak_rss_bytes'] / 2**30:.2f} GiB, load {load_s:.1f} s, "
-          f"{facts['memory_mode']}, weights {facts['weight_kinds']}")
+          f"{facts['memory_mode']}, weights {facts['weight_kinds']}, CPU kernels {facts['cpu_kernels']}")
     if "expert_cache" in facts:
         c = facts["expert_cache"]
         print(f"expert cache: hit rate {c['hit_rate']:.3f}, {c['bytes_read'] / 2**20:.0f} MiB read, "

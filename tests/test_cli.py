@@ -115,3 +115,16 @@ def test_every_command_has_help(command, capsys):
         build_parser().parse_args([command, "--help"])
     assert e.value.code == 0
     assert f"usage: ds4py {command}" in capsys.readouterr().out
+
+
+def test_bench_reports_speeds_and_the_cpu_kernels(tiny, capsys):
+    import json
+
+    from ds4py.formats import kernels
+
+    path, _, _ = tiny
+    assert main(["bench", path, "-p", "8", "-n", "2", "--repeats", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    row = res["results"][0]
+    assert row["pp_tokens"] == 8 and row["pp_tps"] > 0 and row["tg_tokens"] == 2 and row["tg_tps"] > 0
+    assert res["facts"]["cpu_kernels"].startswith(kernels.isa() + ", bf16 GEMM ")
