@@ -188,3 +188,27 @@ def test_swiglu_is_the_defined_exp_and_ops():
         assert torch.equal(h[:m], ref), limit
         tail = gc[m:] / (1 + torch.exp(-gc[m:])) * uc[m:]
         assert ((h[m:] - tail).abs() <= tail.abs() * 1e-6).all()
+
+
+def test_indexer_scores_are_the_defined_sums():
+    """The lightning indexer's totals: per head its dot with the key by fused steps over head_dim, then per lane
+    (head % 16) w[h] * (relu(dot) * scale) fused across the groups of 16 heads, the lanes summed, + 0.0."""
+    from ds4py.model.indexer_kernel import index_rows
+
+    gen = torch.Generator().manual_seed(31)
+    T, H, hd, n = 3, 24, 16, 37  # 24 heads: two groups of 16, the second zero-padded
+    q, w = torch.randn(T, H, hd, generator=gen), torch.rand(T, H, generator=gen)
+    keys, scale = torch.randn(n, hd, generator=gen), hd**-0.5
+    out = index_rows(q, w, keys, None, scale, 5)
+    assert out is not None
+    Hp = 32
+    qp, wp = torch.zeros(T, Hp, hd), torch.zeros(T, Hp)
+    qp[:, :H], wp[:, :H] = q, w
+    dot = torch.zeros(T, Hp, n)
+    for d in range(hd):
+        dot = fma(qp[:, :, d, None].expand(T, Hp, n), keys[None, None, :, d].expand(T, Hp, n), dot)
+    lanes = torch.zeros(T, n, 16)
+    for g in range(Hp // 16):
+        relu = (dot[:, 16 * g:16 * g + 16].clamp(min=0) * scale).transpose(1, 2)  # [T, n, 16]
+        lanes = fma(wp[:, None, 16 * g:16 * g + 16].expand(T, n, 16), relu, lanes)
+    assert torch.equal(out[1], reduce16(lanes) + 0.0)
