@@ -74,7 +74,21 @@ struct Keys {
 
 // 16 floats as one value (GCC/Clang vector extension: one AVX-512 register, or what the target has); each lane's
 // arithmetic is the scalar code's, so sums keep their order and bits
+#if defined(__AVX512F__)
 typedef float v16 __attribute__((vector_size(4 * LANES)));
+inline void madd(v16& acc, float s, const v16& v) { acc += s * v; }  // fused: s * v + acc rounded once
+#else
+// two 32-byte halves (GCC kept 64-byte vectors in memory on AVX2), the same fused steps lane by lane
+typedef float v8 __attribute__((vector_size(32)));
+struct v16 {
+  v8 lo, hi;
+};
+inline void madd(v16& acc, float s, const v16& v) {
+  acc.lo += s * v.lo;
+  acc.hi += s * v.hi;
+}
+#endif
+static_assert(sizeof(v16) == 4 * LANES, "v16 holds 16 floats");
 inline v16 load16(const float* p) {
   v16 v;
   std::memcpy(&v, p, sizeof v);
@@ -97,16 +111,16 @@ inline void logits_block(const float* qf, int64_t H, int64_t hd, const float* ke
       const float* q0 = qf + h * hd;
       for (int64_t d = 0; d < hd; d++) {
         const v16 k = load16(keys_t + d * ld + b);
-        a0 += q0[d] * k;
-        a1 += q0[hd + d] * k;
-        a2 += q0[2 * hd + d] * k;
-        a3 += q0[3 * hd + d] * k;
+        madd(a0, q0[d], k);
+        madd(a1, q0[hd + d], k);
+        madd(a2, q0[2 * hd + d], k);
+        madd(a3, q0[3 * hd + d], k);
       }
       put(a0, h, b), put(a1, h + 1, b), put(a2, h + 2, b), put(a3, h + 3, b);
     }
     for (; h < H; h++) {
       v16 acc = {};
-      for (int64_t d = 0; d < hd; d++) acc += qf[h * hd + d] * load16(keys_t + d * ld + b);
+      for (int64_t d = 0; d < hd; d++) madd(acc, qf[h * hd + d], load16(keys_t + d * ld + b));
       put(acc, h, b);
     }
   }
@@ -114,7 +128,7 @@ inline void logits_block(const float* qf, int64_t H, int64_t hd, const float* ke
 
 // acc (16 output values from d0) += sum over j (in order) of p[j] * rows[j, d0 .. d0 + 16), rows [n, hd]
 inline v16 weighted16(v16 acc, const float* p, const float* rows, int64_t n, int64_t hd, int64_t d0) {
-  for (int64_t j = 0; j < n; j++) acc += p[j] * load16(rows + j * hd + d0);
+  for (int64_t j = 0; j < n; j++) madd(acc, p[j], load16(rows + j * hd + d0));
   return acc;
 }
 
