@@ -270,6 +270,19 @@ inline void swiglu_rows(float* h, const float* up, int64_t n, float limit) {
 }
 """
 
+# The sum of 16 float lanes kept as two AVX 256-bit halves in _mm512_reduce_add_ps's order, for the AVX2 code here
+# and in the model's kernels (needs immintrin.h, under AVX2, before it)
+REDUCE16_C = r"""
+// The sum of 16 float lanes (lo: lanes 0-7, hi: 8-15) in _mm512_reduce_add_ps's order (GCC's: lanes i + i+8,
+// then i + i+4, i + i+2, i + i+1), so a 16-lane AVX512 accumulator kept as two 256-bit halves sums to its bits.
+inline float reduce16(__m256 lo, __m256 hi) {
+  const __m256 t3 = _mm256_add_ps(hi, lo);
+  const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+  const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, _MM_SHUFFLE(1, 1, 1, 1)));
+}
+"""
+
 _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -312,14 +325,7 @@ inline int64_t grain_for(int64_t work, int64_t grain) {
 constexpr int XQ_OFFSET = DS4PY_AVX512 ? 128 : 0;
 
 #if DS4PY_AVX2
-// The sum of 16 float lanes (lo: lanes 0-7, hi: 8-15) in _mm512_reduce_add_ps's order (GCC's: lanes i + i+8,
-// then i + i+4, i + i+2, i + i+1), so a 16-lane AVX512 accumulator kept as two 256-bit halves sums to its bits.
-inline float reduce16(__m256 lo, __m256 hi) {
-  const __m256 t3 = _mm256_add_ps(hi, lo);
-  const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
-  const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
-  return _mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, _MM_SHUFFLE(1, 1, 1, 1)));
-}
+""" + REDUCE16_C + r"""
 
 // int32 lanes i = sum of the four products u[4i + j] * s[4i + j] (u unsigned, s signed; every pair's sum within
 // int16, as the callers' values keep it): vpdpbusd's lanes without VNNI
@@ -1057,11 +1063,11 @@ void bf16_dot(const uint16_t* w, int64_t wstride, int64_t k, const float* x, int
 #elif DS4PY_AVX2
 // The AVX512 bf16_rows<1, TT> with each 16-lane accumulator in two halves: 32 weights as 16 bf16 (lanes 0-7 of
 // the even / odd vectors) and 16 more (lanes 8-15), the activations in the AVX512 order (per 32: 16 even, 16 odd),
-// the same fused multiply-adds per lane and the same final sum: its bits. One weight row at a time (a row's
-// operations do not depend on the rows beside it).
+// the same fused multiply-adds per lane: one weight row (a row's operations do not depend on the rows beside it)
+// times TT activation rows -> each one's two accumulators added, lanes 0-7 in lo[t] and 8-15 in hi[t].
 template <int TT>
-void bf16_row(const uint16_t* w, int64_t k, const float* x, int64_t kp, float* y, int64_t ystride) {
-  const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
+inline void bf16_row_lanes(const uint16_t* w, int64_t k, const float* x, int64_t kp, __m256* lo, __m256* hi) {
+  const __m256i odd = _mm256_set1_epi32((int)0xFFFF0000u);
   const int64_t kf = k / 32 * 32, k64 = k / 64 * 64;
   __m256 acc[2][TT][2];
   for (int u = 0; u < 2; u++)
@@ -1070,7 +1076,7 @@ void bf16_row(const uint16_t* w, int64_t k, const float* x, int64_t kp, float* y
     for (int h = 0; h < 2; h++) {
       const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 16 * h));
       const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-      const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
+      const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
       for (int t = 0; t < TT; t++) {
         acc[u][t][h] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x + t * kp + i + 8 * h), acc[u][t][h]);
         acc[u][t][h] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x + t * kp + i + 16 + 8 * h), acc[u][t][h]);
@@ -1089,43 +1095,29 @@ void bf16_row(const uint16_t* w, int64_t k, const float* x, int64_t kp, float* y
     std::memcpy(pad, w + kf, (k - kf) * 2);
     step(pad, kf, 0);
   }
-  for (int t = 0; t < TT; t++)
-    y[t * ystride] = reduce16(_mm256_add_ps(acc[0][t][0], acc[1][t][0]), _mm256_add_ps(acc[0][t][1], acc[1][t][1]));
+  for (int t = 0; t < TT; t++) {
+    lo[t] = _mm256_add_ps(acc[0][t][0], acc[1][t][0]);
+    hi[t] = _mm256_add_ps(acc[0][t][1], acc[1][t][1]);
+  }
+}
+
+// bf16_row_lanes summed as the AVX512 code sums its lanes: its bits
+template <int TT>
+void bf16_row(const uint16_t* w, int64_t k, const float* x, int64_t kp, float* y, int64_t ystride) {
+  __m256 lo[TT], hi[TT];
+  bf16_row_lanes<TT>(w, k, x, kp, lo, hi);
+  for (int t = 0; t < TT; t++) y[t * ystride] = reduce16(lo[t], hi[t]);
 }
 
 // 8 rows (w + r * wstride) times one activation row -> y[0..8): for each row bf16_row<1>'s operations (the same
 // bits), but the 8 final sums reduced side by side, each step of reduce16's tree one add across 2-8 rows (the
 // reduction was most of a short row's work, as for the AVX512 bf16_rows16).
 void bf16_rows8(const uint16_t* w, int64_t wstride, int64_t k, const float* x, int64_t kp, float* y) {
-  const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
-  const int64_t kf = k / 32 * 32, k64 = k / 64 * 64;
   __m256 t3[8];
   for (int r = 0; r < 8; r++) {
-    const uint16_t* row = w + r * wstride;
-    __m256 acc[2][2] = {{_mm256_setzero_ps(), _mm256_setzero_ps()}, {_mm256_setzero_ps(), _mm256_setzero_ps()}};
-    auto step = [&](const uint16_t* p, int64_t i, int u) {
-      for (int h = 0; h < 2; h++) {
-        const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 16 * h));
-        acc[u][h] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_loadu_ps(x + i + 8 * h),
-                                    acc[u][h]);
-        acc[u][h] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, hi)),
-                                    _mm256_loadu_ps(x + i + 16 + 8 * h), acc[u][h]);
-      }
-    };
-    for (int64_t i = 0; i < k64; i += 64) {
-      _mm_prefetch((const char*)(row + i + 2048), _MM_HINT_T0);
-      _mm_prefetch((const char*)(row + i + 2048 + 32), _MM_HINT_T0);
-      step(row + i, i, 0);
-      step(row + i + 32, i + 32, 1);
-    }
-    if (k64 < kf) step(row + k64, k64, 0);
-    if (kf < kp) {
-      uint16_t pad[32] = {};
-      std::memcpy(pad, row + kf, (k - kf) * 2);
-      step(pad, kf, 0);
-    }
-    // reduce16's first step: lanes i + i+8 of (acc[0] + acc[1])
-    t3[r] = _mm256_add_ps(_mm256_add_ps(acc[0][1], acc[1][1]), _mm256_add_ps(acc[0][0], acc[1][0]));
+    __m256 lo, hi;
+    bf16_row_lanes<1>(w + r * wstride, k, x, kp, &lo, &hi);
+    t3[r] = _mm256_add_ps(hi, lo);  // reduce16's first step: lanes i + i+8
   }
   __m256 p[4], q[2];
   for (int j = 0; j < 4; j++)  // rows 2j | 2j + 1 in the two 128-bit halves: i + i+4

@@ -28,6 +28,7 @@ _SOURCE = r"""
 #include <vector>
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+""" + kernels.REDUCE16_C + r"""
 #endif
 """ + kernels.BF16_C + r"""
 namespace {
@@ -86,10 +87,7 @@ void score_rows(const float* qt, const float* wp, const float* kf, int64_t hd, i
       for (int h = 0; h < 2; h++)
         sum[h] = _mm256_fmadd_ps(_mm256_loadu_ps(wp + 16 * g + 8 * h), _mm256_mul_ps(_mm256_max_ps(a[g][h], zero), sc),
                                  sum[h]);
-    const __m256 t3 = _mm256_add_ps(sum[1], sum[0]);  // _mm512_reduce_add_ps's order
-    const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
-    const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
-    totals[j] = (_mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, _MM_SHUFFLE(1, 1, 1, 1)))) + 0.0f;
+    totals[j] = reduce16(sum[0], sum[1]) + 0.0f;
   }
 #else
   for (int64_t j = 0; j < rows; j++) {  // the same operations, lane by lane

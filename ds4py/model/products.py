@@ -12,23 +12,24 @@ import torch
 from ds4py.formats import kernels
 
 
-def _widen(*ops: torch.Tensor) -> bool:
-    return ops[0].dtype == torch.bfloat16 and ops[0].is_cpu and not kernels.bf16_gemm_native()
+def _widen(a: torch.Tensor) -> bool:
+    """Whether a product with bf16 CPU operand a runs in float32 here."""
+    return a.dtype == torch.bfloat16 and a.is_cpu and not kernels.bf16_gemm_native()
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if _widen(a, b):
+    if _widen(a):
         return torch.mm(a.float(), b.float()).bfloat16()
     return torch.mm(a, b)
 
 
 def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if _widen(a, b):
+    if _widen(a):
         return torch.bmm(a.float(), b.float()).bfloat16()
     return torch.bmm(a, b)
 
 
 def einsum(equation: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if _widen(a, b):
+    if _widen(a):
         return torch.einsum(equation, a.float(), b.float()).bfloat16()
     return torch.einsum(equation, a, b)
