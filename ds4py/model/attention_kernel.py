@@ -1,9 +1,10 @@
 """One decoding token's attention over a small cache in one compiled call: the logits of every head against the
 window's keys and the compressed entries (all, or the indexer's chosen ones), the sink, the softmax, the
 weighted sum and the inverse rotation. In torch (`Attention.attend_one`) these are ~15 ops: ~20 us of dispatch
-per layer and token on the tiny model, where the arithmetic takes ~1 us. Only for small problems
-(heads * head_dim * keys <= MAX_WORK): V4 Flash's 64 heads of 512 over 640 keys are ~40 M multiply-adds, where
-torch's bf16 matmuls are the faster code and their dispatch is noise.
+per layer and token on the tiny model, where the arithmetic takes ~1 us. Larger problems (heads * head_dim *
+keys > MAX_WORK: V4 Flash's 64 heads of 512 over up to 640 keys, ~40 M multiply-adds) take another loop, the heads
+split over the threads (`attend_heads`), except where torch multiplies bf16 natively (`kernels.bf16_gemm_native`):
+there its matmuls are the faster code and their dispatch is noise.
 
 The values are torch's up to float32 summation order and the last bit of exp: in bf16 the logits, the
 probabilities and the output are rounded to bf16 where torch's bf16 matmuls and conversions round them.
@@ -202,6 +203,151 @@ void attend_query(const void* q, int64_t H, int64_t hd, const Keys& keys, int64_
   if (bf) attend_query<true>(q, H, hd, keys, w0, W, rows, C, apart, sinks, scale, rot, half, conj, out, s);
   else attend_query<false>(q, H, hd, keys, w0, W, rows, C, apart, sinks, scale, rot, half, conj, out, s);
 }
+
+// Many large heads (V4 Flash: 64 of 512 over up to 128 + 512 keys, ~40 M multiply-adds): the heads in blocks of
+// HB split over the threads, the keys read as stored (no widened or transposed copies), each key row meeting a
+// block's queries in one pass. Per head the values of attend_query with one sum, its sums in another order and
+// its exp another polynomial (within 2 ulp): a logit as 16 lanes over d, then the lanes added; an output value
+// over the keys in order. 16 bf16 values are read as their 8 even ones and 8 odd ones (a shift and a mask, no
+// shuffles); q and the output sums are kept in that order ("lane order") and put back at the end. Where torch
+// has no native bf16 GEMM (AVX2, 2 cores) its ops took 2.3-2.9 ms for 640 keys, this 1.8; 0.7-1.0 ms for
+// 128, this 0.43.
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+constexpr int64_t HB = 8, JB = 16;
+
+// values d0 .. d0 + 16 of a row: bf16, the even ones in a and the odd ones in b; float32, the first 8 and the next 8
+template <bool BF>
+inline void load16(const void* row, int64_t d0, f8& a, f8& b) {
+  if constexpr (BF) {
+    i8 v;
+    std::memcpy(&v, (const uint16_t*)row + d0, sizeof v);
+    const i8 lo = v << 16, hi = v & (int32_t)0xFFFF0000u;
+    std::memcpy(&a, &lo, sizeof a);
+    std::memcpy(&b, &hi, sizeof b);
+  } else {
+    std::memcpy(&a, (const float*)row + d0, sizeof a);
+    std::memcpy(&b, (const float*)row + d0 + 8, sizeof b);
+  }
+}
+
+// where lane order puts value i of a group of 16: lanes 0-7 hold a, 8-15 b
+template <bool BF>
+inline int64_t lane_of(int64_t i) {
+  return BF ? (i % 2) * 8 + i / 2 : i;
+}
+
+inline f8 splat(float v) { return f8{} + v; }
+inline float sum8(const f8& v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+// exp(x) for x <= 0 (a logit minus the maximum), 8 at a time: 2^n * p(r), r = x - n ln 2 in two parts, p the
+// degree-6 Taylor polynomial (Cephes' expf); 0 below -87.3 (torch gives denormals there, < 1e-38 of the sum)
+inline f8 exp8_nonpositive(f8 x) {
+  const f8 xc = x < splat(-87.3f) ? splat(-87.3f) : x;
+  f8 n = xc * 1.44269504088896341f;
+  for (int l = 0; l < 8; l++) n[l] = std::nearbyint(n[l]);
+  const f8 r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  f8 y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  i8 e = __builtin_convertvector(n, i8) + 127;
+  e <<= 23;
+  f8 scale;
+  std::memcpy(&scale, &e, sizeof scale);
+  const f8 out = y * scale;
+  return x < splat(-87.3f) ? f8{} : out;
+}
+
+template <bool BF>
+void attend_heads(const void* q, int64_t H, int64_t hd, const void* const* keys, int64_t L, const float* sinks,
+                  float scale, const float* rot, int64_t half, int conj, void* out) {
+  const int64_t P = (L + 1 + 7) / 8 * 8, first = hd - 2 * half, es = BF ? 2 : 4;
+  at::parallel_for(0, (H + HB - 1) / HB, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> qf(HB * hd), p(HB * P), o(HB * hd), row(hd);
+    for (int64_t b = b0; b < b1; b++) {
+      const int64_t h0 = b * HB, nh = std::min(HB, H - h0);
+      std::fill(qf.begin(), qf.end(), 0.0f);
+      std::fill(p.begin(), p.end(), 0.0f);  // a missing head's probabilities stay 0
+      for (int64_t h = 0; h < nh; h++) {  // q in lane order
+        widen_to_float((const char*)q + (h0 + h) * hd * es, BF, hd, row.data());
+        for (int64_t d = 0; d < hd; d++) qf[h * hd + d / 16 * 16 + lane_of<BF>(d % 16)] = row[d];
+      }
+      for (int64_t j = 0; j < L; j++) {  // torch: the bf16 matmul's output, then .float() * scale
+        f8 acc[HB] = {};
+        for (int64_t d = 0; d < hd; d += 16) {
+          f8 ka, kb;
+          load16<BF>(keys[j], d, ka, kb);
+          for (int h = 0; h < HB; h++) {
+            f8 qa, qb;
+            load16<false>(qf.data() + h * hd, d, qa, qb);
+            acc[h] += ka * qa;
+            acc[h] += kb * qb;
+          }
+        }
+        for (int64_t h = 0; h < nh; h++) p[h * P + j] = round_if_bf16(sum8(acc[h]), BF) * scale;
+      }
+      for (int64_t h = 0; h < nh; h++) {  // the softmax with the sink, as attend_query's
+        float* ph = p.data() + h * P;
+        float mx = sinks[h0 + h];
+        for (int64_t j = 0; j < L; j++) mx = std::max(mx, ph[j]);
+        ph[L] = sinks[h0 + h];
+        for (int64_t j = L + 1; j < P; j++) ph[j] = -INFINITY;  // exp: 0
+        for (int64_t j = 0; j < P; j += 8) {
+          f8 v;
+          std::memcpy(&v, ph + j, sizeof v);
+          v = exp8_nonpositive(v - mx);
+          std::memcpy(ph + j, &v, sizeof v);
+        }
+        float sum = 0.0f;
+        for (int64_t j = 0; j <= L; j++) sum += ph[j];
+        for (int64_t j = 0; j < L; j++) ph[j] = round_if_bf16(ph[j] / sum, BF);
+        for (int64_t j = L; j < P; j++) ph[j] = 0.0f;
+      }
+      // the weighted sum: 16 values of 4 heads at a time over a block of JB keys (in the first cache level), the
+      // float32 sums carried from block to block in o (lane order), so each still runs over the keys in order
+      std::fill(o.begin(), o.end(), 0.0f);
+      for (int64_t j0 = 0; j0 < L; j0 += JB) {
+        const int64_t j1 = std::min(L, j0 + JB);
+        for (int64_t g = 0; g < HB; g += 4)
+          for (int64_t d = 0; d < hd; d += 16) {
+            f8 acc[4][2];
+            for (int h = 0; h < 4; h++) load16<false>(o.data() + (g + h) * hd, d, acc[h][0], acc[h][1]);
+            for (int64_t j = j0; j < j1; j++) {
+              f8 ka, kb;
+              load16<BF>(keys[j], d, ka, kb);
+              for (int h = 0; h < 4; h++) {
+                const float pj = p[(g + h) * P + j];
+                acc[h][0] += pj * ka;
+                acc[h][1] += pj * kb;
+              }
+            }
+            for (int h = 0; h < 4; h++) {
+              std::memcpy(o.data() + (g + h) * hd + d, &acc[h][0], sizeof(f8));
+              std::memcpy(o.data() + (g + h) * hd + d + 8, &acc[h][1], sizeof(f8));
+            }
+          }
+      }
+      for (int64_t h = 0; h < nh; h++) {
+        const float* oh = o.data() + h * hd;
+        for (int64_t d = 0; d < hd; d++) row[d] = round_if_bf16(oh[d / 16 * 16 + lane_of<BF>(d % 16)], BF);
+        for (int64_t i = 0; i < half; i++) {  // as ds4py_rope_rows
+          const float a = row[first + 2 * i], c = row[first + 2 * i + 1];
+          const float cs = rot[2 * i], sn = conj ? -rot[2 * i + 1] : rot[2 * i + 1];
+          row[first + 2 * i] = a * cs - c * sn;
+          row[first + 2 * i + 1] = a * sn + c * cs;
+        }
+        for (int64_t d = 0; d < hd; d++) {
+          if (BF) ((uint16_t*)out)[(h0 + h) * hd + d] = float_to_bf16(row[d]);
+          else ((float*)out)[(h0 + h) * hd + d] = row[d];
+        }
+      }
+    }
+  });
+}
 }  // namespace
 
 // q [H, hd], the window's keys [S, hd] (contiguous), the compressed entries (rows of hd, contiguous): all C
@@ -220,6 +366,23 @@ extern "C" int ds4py_attend_one(const void* q, int64_t H, int64_t hd, const void
   thread_local Keys keys;
   keys.fill(win, bf, S, hd);
   attend_query(q, H, hd, keys, 0, S, rows.data(), C, false, sinks, scale, rot, half, conj, bf, out, s);
+  return 0;
+}
+
+// ds4py_attend_one's arguments and values (up to float32 summation order) with attend_heads: large heads
+// (hd % 16 == 0).
+extern "C" int ds4py_attend_heads(const void* q, int64_t H, int64_t hd, const void* win, int64_t S,
+                                  const void* entries, int64_t n, const int64_t* idx, int64_t C, const float* sinks,
+                                  float scale, const float* rot, int64_t half, int conj, int bf, void* out) {
+  if (idx)
+    for (int64_t c = 0; c < C; c++)
+      if (idx[c] < 0 || idx[c] >= n) return 1;
+  const size_t es = bf ? 2 : 4;
+  std::vector<const void*> keys(S + C);  // the window's keys, then the entries
+  for (int64_t j = 0; j < S; j++) keys[j] = (const char*)win + j * hd * es;
+  for (int64_t c = 0; c < C; c++) keys[S + c] = (const char*)entries + (idx ? idx[c] : c) * hd * es;
+  if (bf) attend_heads<true>(q, H, hd, keys.data(), S + C, sinks, scale, rot, half, conj, out);
+  else attend_heads<false>(q, H, hd, keys.data(), S + C, sinks, scale, rot, half, conj, out);
   return 0;
 }
 
@@ -266,6 +429,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.ds4py_attend_one.restype = i32
     lib.ds4py_attend_one.argtypes = [p, i64, i64, p, i64, p, i64, p, i64, p, f32, p, i64, i32, i32, p]
+    lib.ds4py_attend_heads.restype = i32
+    lib.ds4py_attend_heads.argtypes = lib.ds4py_attend_one.argtypes
     lib.ds4py_attend_rows.restype = i32
     lib.ds4py_attend_rows.argtypes = [p, i64, i64, i64, p, i64, i64, p, i64, p, i64, p, p, f32, p, i64, i32, i32, p]
 
@@ -287,8 +452,11 @@ def attend_one(q: torch.Tensor, window: torch.Tensor, entries: torch.Tensor | No
             or (entries is not None and (entries.dtype != dtype or entries.dim() != 2
                                          or entries.shape[1] != q.shape[1] or not entries.is_cpu))
             or (top is not None and (top.dtype != torch.int64 or not top.is_cpu))
-            or q.numel() * (window.shape[0] + C) > MAX_WORK or (q.requires_grad and torch.is_grad_enabled())):
+            or (q.requires_grad and torch.is_grad_enabled())):
         return None
+    large = q.numel() * (window.shape[0] + C) > MAX_WORK
+    if large and kernels.bf16_gemm_native():
+        return None  # torch's bf16 matmuls (oneDNN's native ones) are the faster code there
     H, hd = q.shape
     half = rotation.shape[-1]
     if rotation.numel() != half or 2 * half > hd or hd % 16:
@@ -303,11 +471,11 @@ def attend_one(q: torch.Tensor, window: torch.Tensor, entries: torch.Tensor | No
     if top is not None:
         top = top.contiguous()
     out = torch.empty(1, H, hd, dtype=dtype)
-    rc = lib.ds4py_attend_one(q.data_ptr(), H, hd, window.data_ptr(), window.shape[0],
-                              None if entries is None else entries.data_ptr(),
-                              0 if entries is None else entries.shape[0], None if top is None else top.data_ptr(), C,
-                              sinks.data_ptr(), scale, rotation.data_ptr(), half, int(conj),
-                              int(dtype == torch.bfloat16), out.data_ptr())
+    rc = (lib.ds4py_attend_heads if large else lib.ds4py_attend_one)(
+        q.data_ptr(), H, hd, window.data_ptr(), window.shape[0],
+        None if entries is None else entries.data_ptr(), 0 if entries is None else entries.shape[0],
+        None if top is None else top.data_ptr(), C, sinks.data_ptr(), scale, rotation.data_ptr(), half, int(conj),
+        int(dtype == torch.bfloat16), out.data_ptr())
     if rc:
         raise ValueError(f"attend_one: entry indices outside [0, {entries.shape[0]})")
     return out

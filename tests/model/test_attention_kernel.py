@@ -44,16 +44,51 @@ def test_attend_one_equals_the_torch_ops(dtype, case):
     assert (ours.float() - want.float()).abs().max() <= tol * want.float().abs().max()
 
 
-def test_attend_one_declines_large_problems_and_checks_indices():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", ["window", "all entries", "chosen entries"])
+def test_large_heads_equal_the_torch_ops(dtype, case, monkeypatch):
+    """Problems over MAX_WORK (V4 Flash's 64 heads of 512) take `attend_heads` where torch has no native bf16
+    GEMM: heads in blocks of 8 (12 here: one partial block), the softmax's own exp. Within the small path's
+    bounds of torch, and of the small path itself."""
+    monkeypatch.setenv("DS4PY_BF16_GEMM", "0")
+    gen = torch.Generator().manual_seed(len(case) + 7)
+    H, hd, S, n, half = 12, 64, 13, 37, 8
+    q = torch.randn(H, hd, generator=gen).to(dtype) * 2
+    window = torch.randn(S, hd, generator=gen).to(dtype)
+    entries = None if case == "window" else torch.randn(n, hd, generator=gen).to(dtype)
+    top = torch.tensor([5, 0, 36, 11, 20]) if case == "chosen entries" else None
+    sinks = torch.randn(H, generator=gen)
+    angle = torch.rand(1, half, generator=gen) * 6
+    rotation = torch.polar(torch.ones_like(angle), angle).conj()
+    small = attention_kernel.attend_one(q, window, entries, top, sinks, hd**-0.5, rotation)
+    if small is None:
+        pytest.skip("the attention kernel could not be built here")
+    monkeypatch.setattr(attention_kernel, "MAX_WORK", 1)
+    large = attention_kernel.attend_one(q, window, entries, top, sinks, hd**-0.5, rotation)
+    want = torch_attend(q, window, entries, top, sinks, hd**-0.5, rotation)
+    assert large.shape == want.shape == (1, H, hd) and large.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    for got in (large, small):
+        assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
+    assert (large.float() - small.float()).abs().max() <= tol * small.float().abs().max()
+    monkeypatch.setenv("DS4PY_BF16_GEMM", "1")  # oneDNN's bf16 GEMM: torch's ops are the faster code
+    assert attention_kernel.attend_one(q, window, entries, top, sinks, hd**-0.5, rotation) is None
+
+
+def test_attend_one_checks_indices_and_head_sizes(monkeypatch):
+    monkeypatch.setenv("DS4PY_BF16_GEMM", "0")
     q, window, sinks = torch.randn(64, 512), torch.randn(127, 512), torch.randn(64)
     rotation = torch.ones(1, 32, dtype=torch.complex64)
-    assert attention_kernel.attend_one(q, window, None, None, sinks, 0.04, rotation) is None  # V4 Flash's size
     small = attention_kernel.attend_one(q[:2, :32], window[:3, :32], None, None, sinks[:2], 0.2, rotation[:, :4])
     if small is None:
         pytest.skip("the attention kernel could not be built here")
-    with pytest.raises(ValueError, match="entry indices"):
-        attention_kernel.attend_one(q[:2, :32], window[:3, :32], window[:3, :32], torch.tensor([3]), sinks[:2], 0.2,
-                                    rotation[:, :4])
+    assert attention_kernel.attend_one(q, window, None, None, sinks, 0.04, rotation) is not None  # V4 Flash's size
+    assert attention_kernel.attend_one(q[:, :40], window[:, :40], None, None, sinks, 0.2, rotation[:, :4]) is None
+    for max_work in (attention_kernel.MAX_WORK, 1):  # both paths
+        monkeypatch.setattr(attention_kernel, "MAX_WORK", max_work)
+        with pytest.raises(ValueError, match="entry indices"):
+            attention_kernel.attend_one(q[:2, :32], window[:3, :32], window[:3, :32], torch.tensor([3]), sinks[:2],
+                                        0.2, rotation[:, :4])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
