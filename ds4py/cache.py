@@ -69,6 +69,14 @@ class LayerCache:
     window: torch.Tensor | None = None  # [<= sliding_window - 1, head_dim]
     compressor: CompressorState | None = None
     indexer: CompressorState | None = None
+    # decoding: [2 * sliding_window, head_dim], the rows `window` is a view of, appended to in place
+    # (`Attention.append_window`)
+    window_rows: torch.Tensor | None = None
+
+    def window_in_rows(self) -> bool:
+        """Whether `window` is a view of `window_rows` (inference-mode views keep no _base: their storage says)."""
+        return (self.window is not None and self.window_rows is not None
+                and self.window.untyped_storage().data_ptr() == self.window_rows.untyped_storage().data_ptr())
 
 
 @dataclass
@@ -94,7 +102,9 @@ class Cache:
         """An independent copy: later calls on either cache do not affect the other."""
         layers = [
             LayerCache(
-                window=layer.window,  # replaced on every call, never written in place
+                # a prompt's window is replaced on every call, never written in place; a decoding one is a view of
+                # rows the original goes on writing
+                window=layer.window.clone() if layer.window_in_rows() else layer.window,
                 compressor=layer.compressor.copy() if layer.compressor else None,
                 indexer=layer.indexer.copy() if layer.indexer else None,
             )
@@ -106,7 +116,7 @@ class Cache:
     def nbytes(self) -> int:
         total = 0
         for layer in self.layers:
-            tensors = [layer.window]
+            tensors = [layer.window_rows if layer.window_in_rows() else layer.window]
             for st in (layer.compressor, layer.indexer):
                 if st is not None:
                     aliased = st.pending_rows is not None and st.buffer_kv is not None and (

@@ -179,8 +179,32 @@ class Attention:
     def update_window(self, kv: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """kv [T, hd] -> the keys [S, hd] these T tokens attend over (cached window, then kv); keeps
         the last `window - 1` in `cache.window`."""
+        if kv.shape[0] == 1 and self.window > 1:
+            return self.append_window(kv, cache)
         keys = kv if cache.window is None else torch.cat([cache.window, kv])  # [S, hd]
         cache.window = keys[-(self.window - 1):] if self.window > 1 else keys[:0]
+        return keys
+
+    def append_window(self, kv: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """`update_window` for one decoding token without a new window per token: the window is a view of rows
+        [start, end) of `cache.window_rows` [2 * window, hd], kv is written at row end and the keys are rows
+        [start, end] (the same values as the concatenation); when the rows run out, the window's last
+        `window - 1` move to the front (once every `window` tokens). A window from elsewhere (a prompt's
+        concatenation) is copied in first."""
+        W, rows, win = self.window, cache.window_rows, cache.window
+        if not cache.window_in_rows() or rows.dtype != kv.dtype:
+            rows = cache.window_rows = kv.new_empty(2 * W, kv.shape[1])
+            start, n = 0, 0 if win is None else win.shape[0]
+            if n:
+                rows[:n] = win
+        else:
+            start, n = (win.data_ptr() - rows.data_ptr()) // (rows.stride(0) * rows.element_size()), win.shape[0]
+            if start + n == rows.shape[0]:  # n <= W - 1 < start: the rows do not overlap
+                rows[:n] = win
+                start = 0
+        rows[start + n] = kv[0]
+        keys = rows[start:start + n + 1]
+        cache.window = keys[-(W - 1):]
         return keys
 
     def grouped_wo_a(self, out: torch.Tensor) -> torch.Tensor:
