@@ -47,8 +47,12 @@ class Attention:
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """x [T, D] at absolute `positions` [T] (consecutive) -> [T, D]; updates `cache`."""
+        return self.output(self.heads(x, positions, cache))
+
+    def heads(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """`__call__` before the output projections: the heads' outputs [T, H, hd]."""
         q_residual, q, kv, rot = self.project(x, positions)
-        return self.output(self.attend(x, q_residual, q, kv, positions, rot, cache))
+        return self.attend(x, q_residual, q, kv, positions, rot, cache)
 
     def decode_batch(self, x: torch.Tensor, positions: torch.Tensor, caches: list[LayerCache]) -> torch.Tensor:
         """One new token of each of B sequences: x [B, D] at positions [B] -> [B, D]. The projections
@@ -90,16 +94,21 @@ class Attention:
     def output(self, out: torch.Tensor) -> torch.Tensor:
         """[T, H, hd] attention output -> [T, D]."""
         if out.shape[0] == 1:  # decoding: both projections in one compiled call where the weights allow
-            plan = self.out_plan
-            if plan is None or plan[0] is not self.wo_a or plan[1] is not self.wo_b:
-                rows = self.wo_a.kernel_rows(), self.wo_b.kernel_rows()
-                plan = self.out_plan = (self.wo_a, self.wo_b, None if None in rows else kernels.output_plan(
-                    *rows, self.o_groups, self.n_heads * self.head_dim))
-            if plan[2] is not None:
-                y = kernels.output_one(plan[2], out)
+            plan = self.output_plan()
+            if plan is not None:
+                y = kernels.output_one(plan, out)
                 if y is not None:
                     return y
         return self.wo_b.linear(self.grouped_wo_a(out))
+
+    def output_plan(self) -> kernels.OutputPlan | None:
+        """The one-token output projections' plan (made again if a weight was replaced), or None."""
+        plan = self.out_plan
+        if plan is None or plan[0] is not self.wo_a or plan[1] is not self.wo_b:
+            rows = self.wo_a.kernel_rows(), self.wo_b.kernel_rows()
+            plan = self.out_plan = (self.wo_a, self.wo_b, None if None in rows else kernels.output_plan(
+                *rows, self.o_groups, self.n_heads * self.head_dim))
+        return plan[2]
 
     def attend(self, x, q_residual, q, kv, positions, rot, cache: LayerCache) -> torch.Tensor:
         """The attention of T consecutive tokens of one sequence over its cache -> [T, H, hd]."""

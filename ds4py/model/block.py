@@ -10,6 +10,7 @@ import torch
 
 from ds4py.cache import LayerCache
 from ds4py.model.attention import Attention
+from ds4py.model.hc_kernel import ffn_one
 from ds4py.model.hyper_connection import HyperConnection
 from ds4py.model.moe import MoE
 
@@ -26,7 +27,28 @@ class Block:
 
     def __call__(self, streams: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor, cache: LayerCache,
                  pending: Pending | None = None) -> tuple[torch.Tensor, Pending]:
+        if streams.shape[0] == 1:
+            return self.run_one(streams, positions, token_ids, cache, pending)
         return self.run(streams, token_ids, lambda x: self.attn(x, positions, cache), pending)
+
+    def run_one(self, streams: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor, cache: LayerCache,
+                pending: Pending | None) -> tuple[torch.Tensor, Pending]:
+        """`run` for one decoding token: after the attention's heads, its output projections, the ffn's collapse
+        and the MoE in one compiled call (`hc_kernel.ffn_one`: the same calls' values) where they are compiled."""
+        if pending is None:
+            x, post, comb = self.hc_attn.collapse_normed(streams, self.attn_norm, self.eps)
+        else:
+            streams, x, post, comb = self.hc_attn.expand_collapse_normed(pending[0], streams, pending[1], pending[2],
+                                                                         self.attn_norm, self.eps)
+        heads = self.attn.heads(x, positions, cache)
+        plans = self.attn.output_plan(), self.hc_ffn.plan_for(self.ffn_norm, self.eps), self.ffn.one_token_plan()
+        if None not in plans:
+            done = ffn_one(*plans, heads, streams, post, comb, self.ffn.router.hash_ids(token_ids))
+            if done is not None:
+                return done[0], done[1:]
+        out = self.attn.output(heads)
+        streams, x, post, comb = self.hc_ffn.expand_collapse_normed(out, streams, post, comb, self.ffn_norm, self.eps)
+        return streams, (self.ffn(x, token_ids), post, comb)
 
     def decode_batch(self, streams: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor,
                      caches: list[LayerCache], pending: Pending | None = None) -> tuple[torch.Tensor, Pending]:

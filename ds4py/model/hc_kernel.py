@@ -372,6 +372,26 @@ extern "C" int ds4py_hc_expand_collapse_plan(const HcPlan* p, const void* out, c
                                   normed);
 }
 
+// A decoding block's second half in one call: its attention output projections (`output` = the kernels'
+// ds4py_output_one_plan on `out_plan`), the expand of their result into the streams and the ffn's collapse
+// (ds4py_hc_expand_collapse_plan on hc), then the MoE (`moe` = ds4py_moe_one on `moe_plan`): the three calls'
+// code in their order, so their values. heads [1, H * hd], streams [1, hc, D], y / normed / moe_out [1, D]
+// (all float32, or all bf16 bits when bf16). Returns 0, or 100 / 200 / 300 + the failing call's code.
+typedef int (*OutputOneFn)(const void*, const void*, int, void*);
+typedef int (*MoeOneFn)(const void*, const void*, int, const int64_t*, void*, int, float*, int64_t*);
+extern "C" int ds4py_ffn_one(const void* output, const void* out_plan, const HcPlan* hc, const void* moe,
+                             const void* moe_plan, const void* heads, int bf16, const void* streams,
+                             const float* post_in, const float* comb_in, const int64_t* hash_ids, void* y,
+                             void* next, float* post, float* comb, void* normed, void* moe_out, float* w,
+                             int64_t* ids) {
+  int rc = ((OutputOneFn)output)(out_plan, heads, bf16, y);
+  if (rc) return 100 + rc;
+  rc = ds4py_hc_expand_collapse_plan(hc, y, streams, bf16, 1, post_in, comb_in, next, post, comb, normed);
+  if (rc) return 200 + rc;
+  rc = ((MoeOneFn)moe)(moe_plan, normed, bf16, hash_ids, moe_out, bf16, w, ids);
+  return rc ? 300 + rc : 0;
+}
+
 // out [T, D], streams [T, hc, D] (both float32, or both bf16 bits) -> next [T, hc, D]:
 // next_k = post_k * out + sum_j comb[j, k] * streams_j, in float32, rounded once.
 extern "C" void ds4py_hc_expand(const void* out, const void* streams, int bf16, int64_t T, int hc, int64_t D,
@@ -392,6 +412,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds4py_hc_head.argtypes = [p, i32, i64, i32, i64, p, p, p, f32, f32, p, p, p, i32, f32, p]
     lib.ds4py_hc_expand_collapse_plan.restype = ctypes.c_int
     lib.ds4py_hc_expand_collapse_plan.argtypes = [ctypes.POINTER(HcPlan), p, p, i32, i64, p, p, p, p, p, p]
+    lib.ds4py_ffn_one.restype = ctypes.c_int
+    lib.ds4py_ffn_one.argtypes = [p, p, ctypes.POINTER(HcPlan), p, p, p, i32, p, p, p, p, p, p, p, p, p, p, p, p]
     lib.ds4py_hc_expand.restype = None
     lib.ds4py_hc_expand.argtypes = [p, p, i32, i64, i32, i64, p, p, p]
 
@@ -575,3 +597,52 @@ def hc_expand_collapse(plan: HcPlan, out: torch.Tensor, streams: torch.Tensor, p
     if rc:
         raise RuntimeError(f"ds4py_hc_expand_collapse failed ({rc})")
     return nxt, normed, post_out, comb_out
+
+
+_KERNEL_CALLS: list[tuple[int, int] | None] = []
+
+
+def _kernel_calls() -> tuple[int, int] | None:
+    """The addresses of the kernels' ds4py_output_one_plan and ds4py_moe_one (`ffn_one` calls them), or None."""
+    if not _KERNEL_CALLS:
+        lib = kernels._lib()
+        _KERNEL_CALLS.append(None if lib is None else (
+            ctypes.cast(lib.ds4py_output_one_plan, ctypes.c_void_p).value,
+            ctypes.cast(lib.ds4py_moe_one, ctypes.c_void_p).value))
+    return _KERNEL_CALLS[0]
+
+
+def ffn_one(out_plan, hc: HcPlan, moe_plan, heads: torch.Tensor, streams: torch.Tensor, post: torch.Tensor,
+            comb: torch.Tensor, hash_ids: torch.Tensor | None) -> tuple[torch.Tensor, ...] | None:
+    """A decoding token's attention output heads [1, H, hd] through the output projections (`kernels.output_one` of
+    out_plan), the expand into streams [1, hc, D] with post and comb and the ffn's collapse (`hc_expand_collapse`
+    of hc), then the MoE (`kernels.moe_one` of moe_plan, hash_ids [1, k] on hash-routed layers) in one compiled call
+    -> (next streams, the MoE's output [1, D], post [1, hc], comb [1, hc, hc]): the three calls' values. None
+    where it does not apply (nothing was called then)."""
+    dtype = streams.dtype
+    if (dtype not in (torch.float32, torch.bfloat16) or heads.dtype != dtype or streams.shape != (1, hc.hc, hc.D)
+            or heads.numel() != out_plan.groups * out_plan.n or out_plan.D != hc.D or moe_plan.n != hc.D
+            or not (heads.is_cpu and streams.is_cpu) or post.dtype != torch.float32 or comb.dtype != torch.float32
+            or not post.is_contiguous() or not comb.is_contiguous() or kernels.disabled()
+            or (torch.is_grad_enabled() and (streams.requires_grad or heads.requires_grad))):
+        return None
+    calls, lib = _kernel_calls(), _load()
+    if calls is None or lib is None:
+        return None
+    if hash_ids is not None:
+        hash_ids = hash_ids.to(torch.int64).contiguous()
+        if hash_ids.numel() != moe_plan.k:
+            raise ValueError(f"ffn_one: {hash_ids.numel()} hash ids for {moe_plan.k} experts per token")
+    heads, streams = heads.contiguous(), streams.contiguous()
+    D, k = hc.D, moe_plan.k
+    y, normed, moe_out = torch.empty(1, D, dtype=dtype), torch.empty(1, D, dtype=dtype), torch.empty(1, D, dtype=dtype)
+    nxt, post_out, comb_out = torch.empty_like(streams), torch.empty(1, hc.hc), torch.empty(1, hc.hc, hc.hc)
+    w, ids = torch.empty(1, k), torch.empty(1, k, dtype=torch.int64)
+    rc = lib.ds4py_ffn_one(calls[0], ctypes.addressof(out_plan), hc, calls[1], ctypes.addressof(moe_plan),
+                           heads.data_ptr(), int(dtype == torch.bfloat16), streams.data_ptr(), post.data_ptr(),
+                           comb.data_ptr(), None if hash_ids is None else hash_ids.data_ptr(), y.data_ptr(),
+                           nxt.data_ptr(), post_out.data_ptr(), comb_out.data_ptr(), normed.data_ptr(),
+                           moe_out.data_ptr(), w.data_ptr(), ids.data_ptr())
+    if rc:
+        raise RuntimeError(f"ds4py_ffn_one failed ({rc})")
+    return nxt, moe_out, post_out, comb_out

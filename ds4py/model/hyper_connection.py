@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ds4py.model.hc_kernel import (
+    HcPlan,
     hc_collapse,
     hc_expand,
     hc_expand_collapse,
@@ -83,15 +84,20 @@ class HyperConnection:
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The previous sub-block's `expand` (its post and comb), then this connection's `collapse_normed` ->
         (streams, normed x, post, comb); one compiled call where both are compiled (decoding), the same values."""
-        plan = self.plan  # the parameters checked once, for this norm
-        if plan is None or plan[0] is not weight or plan[1] != eps:
-            plan = self.plan = (weight, eps, hc_plan(self.fn, self.base, self.scale, self.hc, self.sinkhorn_iters,
-                                                     self.hc_eps, self.norm_eps, (weight, eps)))
-        fused = None if plan[2] is None else hc_expand_collapse(plan[2], out, streams, post, comb)
+        plan = self.plan_for(weight, eps)
+        fused = None if plan is None else hc_expand_collapse(plan, out, streams, post, comb)
         if fused is not None:
             return fused
         streams = HyperConnection.expand(out, streams, post, comb)
         return (streams, *self.collapse_normed(streams, weight, eps))
+
+    def plan_for(self, weight: torch.Tensor, eps: float) -> HcPlan | None:
+        """`expand_collapse_normed`'s compiled plan for this norm (the parameters checked once), or None."""
+        plan = self.plan
+        if plan is None or plan[0] is not weight or plan[1] != eps:
+            plan = self.plan = (weight, eps, hc_plan(self.fn, self.base, self.scale, self.hc, self.sinkhorn_iters,
+                                                     self.hc_eps, self.norm_eps, (weight, eps)))
+        return plan[2]
 
     @staticmethod
     def expand(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:

@@ -102,6 +102,10 @@ class MoE:
         done = kernels.moe_one(plan, x, self.router.hash_ids(token_ids))
         return None if done is None else done[0]
 
+    def one_token_plan(self) -> kernels.MoEPlan | None:
+        """The plan `whole_one` runs a token with (None where it would not: no plan, or read-ahead is on)."""
+        return self.current_plan() if self.read_ahead is None else None
+
     def current_plan(self) -> kernels.MoEPlan | None:
         """The compiled calls' plan of this MoE (made again if a weight was replaced), or None."""
         made_from = (self.router.weight, self.router.bias, self.w1, self.w2, self.w3, self.shared)

@@ -8,6 +8,7 @@ import torch
 
 import ds4py
 from ds4py.formats import kernels, small_gemm
+from ds4py.model import block as block_module
 from ds4py.model import hc_kernel, hyper_connection
 from ds4py.model.moe import MoE
 from ds4py.synthetic import make_model
@@ -26,13 +27,15 @@ def test_fused_moe_equals_the_expert_loop(model, monkeypatch):
     """Each decode step from the same cache, once with the fused call and once with the loop."""
     prompt = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     calls = []
-    real_kernel = kernels.moe_one
+    real_kernel, real_chain = kernels.moe_one, block_module.ffn_one  # the MoE call, alone or after the block's others
     monkeypatch.setattr(kernels, "moe_one", lambda *a: calls.append(1) or real_kernel(*a))
+    monkeypatch.setattr(block_module, "ffn_one", lambda *a: calls.append(1) or real_chain(*a))
 
     def loop(ids, cache):
         with monkeypatch.context() as m:
             m.setattr(MoE, "whole_one", lambda self, x, token_ids: None)
             m.setattr(MoE, "fused_one", lambda self, x, w, ids: None)
+            m.setattr(block_module, "ffn_one", lambda *a: None)
             return model.prefill(ids, cache)
 
     cache = model.new_cache()
@@ -112,6 +115,7 @@ def test_fused_hyper_connections_equal_torch(model, monkeypatch):
             m.setattr(hc_kernel, "FUSED_MAX_T", 0)
             m.setattr(hc_kernel, "FUSED_SMALL_N", 0)
             m.setattr(hyper_connection, "hc_expand", lambda *a: None)  # expand is compiled at any T
+            m.setattr(block_module, "ffn_one", lambda *a: None)  # (which expands and collapses in C too)
             return model.prefill(ids, cache)
 
     cache = model.new_cache()
@@ -303,3 +307,25 @@ def test_compressor_and_indexer_one_token_calls_equal_the_plain_ones(model, monk
     plain, plain_forked = decode()
     assert torch.equal(forked, fast[5:]) and torch.equal(plain_forked, plain[5:])
     assert rel(fast, plain) < (1e-6 if dtype == "float32" else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_block_second_half_in_one_call_equals_the_calls(model, monkeypatch, dtype):
+    """A decoding token's output projections, ffn collapse and MoE in one compiled call (`hc_kernel.ffn_one`, every
+    layer: the hash-routed one too) against the three calls it chains: the same logits, bit for bit."""
+    ran = []
+    real = block_module.ffn_one
+    monkeypatch.setattr(block_module, "ffn_one", lambda *a: ran.append(1) or real(*a))
+    m = ds4py.load(model.source.path, dtype=str(dtype).removeprefix("torch."))
+    ids = list(range(3, 90))
+
+    def decode():
+        cache = m.new_cache()
+        m.prefill(ids[:40], cache)
+        return [m.prefill([t], cache) for t in ids[40:]]
+
+    chained = decode()
+    assert len(ran) == len(ids[40:]) * m.config.num_hidden_layers
+    monkeypatch.setattr(block_module, "ffn_one", lambda *a: None)
+    for want, got in zip(decode(), chained):
+        assert torch.equal(want, got)
