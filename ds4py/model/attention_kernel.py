@@ -133,6 +133,22 @@ inline v16 weighted16(v16 acc, const float* p, const float* rows, int64_t n, int
   return acc;
 }
 
+// A head's output row [hd] (float32): its last 2 * half channels rotated by rot ((cos, sin) pairs, conjugated when
+// conj: the inverse rotation) as ds4py_rope_rows does, then stored to out as float32, or as bf16 bits when bf.
+inline void rotate_store(float* row, int64_t hd, const float* rot, int64_t half, int conj, int bf, void* out) {
+  const int64_t first = hd - 2 * half;
+  for (int64_t i = 0; i < half; i++) {
+    const float a = row[first + 2 * i], b = row[first + 2 * i + 1];
+    const float c = rot[2 * i], sn = conj ? -rot[2 * i + 1] : rot[2 * i + 1];
+    row[first + 2 * i] = a * c - b * sn;
+    row[first + 2 * i + 1] = a * sn + b * c;
+  }
+  for (int64_t d = 0; d < hd; d++) {
+    if (bf) ((uint16_t*)out)[d] = float_to_bf16(row[d]);
+    else ((float*)out)[d] = row[d];
+  }
+}
+
 // One query's heads q [H, hd] over W window keys (keys' from key w0 on) and C more rows[0..C) (the compressed
 // entries, in q's dtype; each key is also the value), the sink per head: out [H, hd] =
 // softmax([q.k * scale for every key], sink) @ keys, its last 2 * half channels rotated by rot (conjugated when
@@ -163,7 +179,6 @@ void attend_query(const void* q, int64_t H, int64_t hd, const Keys& keys, int64_
     for (int64_t j = 0; j <= L; j++) sum += ph[j];
     for (int64_t j = 0; j < L; j++) ph[j] = round_if_bf16(ph[j] / sum, BF);  // the probabilities in q's dtype
   }
-  const int64_t first = hd - 2 * half;
   std::vector<float>& o = s.qf;  // q is no longer needed: each head's output over it
   for (int64_t h = 0; h < H; h++) {
     float* oh = o.data() + h * hd;
@@ -184,16 +199,7 @@ void attend_query(const void* q, int64_t H, int64_t hd, const Keys& keys, int64_
         for (int l = 0; l < LANES; l++) oh[d0 + l] = round_if_bf16(a[l], BF);
       }
     }
-    for (int64_t i = 0; i < half; i++) {  // as ds4py_rope_rows
-      const float a = oh[first + 2 * i], b = oh[first + 2 * i + 1];
-      const float c = rot[2 * i], sn = conj ? -rot[2 * i + 1] : rot[2 * i + 1];
-      oh[first + 2 * i] = a * c - b * sn;
-      oh[first + 2 * i + 1] = a * sn + b * c;
-    }
-    for (int64_t d = 0; d < hd; d++) {
-      if (BF) ((uint16_t*)out)[h * hd + d] = float_to_bf16(oh[d]);
-      else ((float*)out)[h * hd + d] = oh[d];
-    }
+    rotate_store(oh, hd, rot, half, conj, BF, (char*)out + h * hd * (BF ? 2 : 4));
   }
 }
 
@@ -265,7 +271,7 @@ inline f8 exp8_nonpositive(f8 x) {
 template <bool BF>
 void attend_heads(const void* q, int64_t H, int64_t hd, const void* const* keys, int64_t L, const float* sinks,
                   float scale, const float* rot, int64_t half, int conj, void* out) {
-  const int64_t P = (L + 1 + 7) / 8 * 8, first = hd - 2 * half, es = BF ? 2 : 4;
+  const int64_t P = (L + 1 + 7) / 8 * 8, es = BF ? 2 : 4;
   at::parallel_for(0, (H + HB - 1) / HB, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> qf(HB * hd), p(HB * P), o(HB * hd), row(hd);
     for (int64_t b = b0; b < b1; b++) {
@@ -334,16 +340,7 @@ void attend_heads(const void* q, int64_t H, int64_t hd, const void* const* keys,
       for (int64_t h = 0; h < nh; h++) {
         const float* oh = o.data() + h * hd;
         for (int64_t d = 0; d < hd; d++) row[d] = round_if_bf16(oh[d / 16 * 16 + lane_of<BF>(d % 16)], BF);
-        for (int64_t i = 0; i < half; i++) {  // as ds4py_rope_rows
-          const float a = row[first + 2 * i], c = row[first + 2 * i + 1];
-          const float cs = rot[2 * i], sn = conj ? -rot[2 * i + 1] : rot[2 * i + 1];
-          row[first + 2 * i] = a * cs - c * sn;
-          row[first + 2 * i + 1] = a * sn + c * cs;
-        }
-        for (int64_t d = 0; d < hd; d++) {
-          if (BF) ((uint16_t*)out)[(h0 + h) * hd + d] = float_to_bf16(row[d]);
-          else ((float*)out)[(h0 + h) * hd + d] = row[d];
-        }
+        rotate_store(row.data(), hd, rot, half, conj, BF, (char*)out + (h0 + h) * hd * es);
       }
     }
   });

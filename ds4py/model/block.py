@@ -35,20 +35,14 @@ class Block:
                 pending: Pending | None) -> tuple[torch.Tensor, Pending]:
         """`run` for one decoding token: after the attention's heads, its output projections, the ffn's collapse
         and the MoE in one compiled call (`hc_kernel.ffn_one`: the same calls' values) where they are compiled."""
-        if pending is None:
-            x, post, comb = self.hc_attn.collapse_normed(streams, self.attn_norm, self.eps)
-        else:
-            streams, x, post, comb = self.hc_attn.expand_collapse_normed(pending[0], streams, pending[1], pending[2],
-                                                                         self.attn_norm, self.eps)
+        streams, x, post, comb = self.attn_input(streams, pending)
         heads = self.attn.heads(x, positions, cache)
         plans = self.attn.output_plan(), self.hc_ffn.plan_for(self.ffn_norm, self.eps), self.ffn.one_token_plan()
         if None not in plans:
             done = ffn_one(*plans, heads, streams, post, comb, self.ffn.router.hash_ids(token_ids))
             if done is not None:
                 return done[0], done[1:]
-        out = self.attn.output(heads)
-        streams, x, post, comb = self.hc_ffn.expand_collapse_normed(out, streams, post, comb, self.ffn_norm, self.eps)
-        return streams, (self.ffn(x, token_ids), post, comb)
+        return self.ffn_half(self.attn.output(heads), streams, post, comb, token_ids)
 
     def decode_batch(self, streams: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor,
                      caches: list[LayerCache], pending: Pending | None = None) -> tuple[torch.Tensor, Pending]:
@@ -61,12 +55,21 @@ class Block:
         ffn's output is left pending, not yet expanded into the streams; the next block expands it in the same
         compiled call as its own collapse, `complete` after the last. `pending` from the previous block comes in
         likewise (None: the streams are complete)."""
+        streams, x, post, comb = self.attn_input(streams, pending)
+        return self.ffn_half(attend(x), streams, post, comb, token_ids)
+
+    def attn_input(self, streams: torch.Tensor, pending: Pending | None):
+        """`pending` expanded into the streams (if any), then the attention's collapse, normed -> (streams, x, post,
+        comb)."""
         if pending is None:
-            x, post, comb = self.hc_attn.collapse_normed(streams, self.attn_norm, self.eps)
-        else:
-            streams, x, post, comb = self.hc_attn.expand_collapse_normed(pending[0], streams, pending[1], pending[2],
-                                                                         self.attn_norm, self.eps)
-        out = attend(x)
+            return (streams, *self.hc_attn.collapse_normed(streams, self.attn_norm, self.eps))
+        return self.hc_attn.expand_collapse_normed(pending[0], streams, pending[1], pending[2], self.attn_norm,
+                                                   self.eps)
+
+    def ffn_half(self, out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+                 token_ids: torch.Tensor) -> tuple[torch.Tensor, Pending]:
+        """The attention's output [T, D] expanded into the streams, the ffn's collapse and the MoE -> (streams,
+        the MoE's output pending with its post and comb)."""
         streams, x, post, comb = self.hc_ffn.expand_collapse_normed(out, streams, post, comb, self.ffn_norm, self.eps)
         return streams, (self.ffn(x, token_ids), post, comb)
 

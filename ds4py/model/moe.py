@@ -74,7 +74,7 @@ class MoE:
     small: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __call__(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1 and self.read_ahead is None:
+        if x.shape[0] == 1:
             out = self.whole_one(x, token_ids)
             if out is not None:
                 return out
@@ -96,7 +96,7 @@ class MoE:
         """One token through the router, its routed experts (ascending id) and the shared ones in one compiled call
         (`kernels.moe_one`: the values of `router` then `fused_one`), when the expert stacks are resident in a
         format the CPU kernels multiply from its blocks; else None."""
-        plan = self.current_plan()
+        plan = self.one_token_plan()
         if plan is None:
             return None
         done = kernels.moe_one(plan, x, self.router.hash_ids(token_ids))
