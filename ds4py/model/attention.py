@@ -83,13 +83,18 @@ class Attention:
     def project_one(self, x: torch.Tensor, rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """`project` of one token in one call (`kernels.project_one`: the same values) when wq_a, wq_b and wkv are
         matrices the CPU kernels multiply from their blocks -> (q_residual [1, q_lora], qkv [1, H + 1, hd]), or None."""
+        plan = self.project_plan()
+        return None if plan is None else kernels.project_one(plan, x, rot)
+
+    def project_plan(self) -> kernels.ProjectPlan | None:
+        """`project_one`'s plan (made again if a weight was replaced), or None."""
         made_from = (self.wq_a, self.q_norm, self.wq_b, self.wkv, self.kv_norm)
         if self.plan is None or any(a is not b for a, b in zip(self.plan[0], made_from)):
             rows = [w.kernel_rows() for w in (self.wq_a, self.wq_b, self.wkv)]
             plan = None if any(r is None for r in rows) else kernels.project_plan(
                 rows[0], self.q_norm, rows[1], rows[2], self.kv_norm, self.n_heads, self.head_dim, self.eps)
             self.plan = (made_from, plan)
-        return None if self.plan[1] is None else kernels.project_one(self.plan[1], x, rot)
+        return self.plan[1]
 
     def output(self, out: torch.Tensor) -> torch.Tensor:
         """[T, H, hd] attention output -> [T, D]."""
@@ -200,9 +205,16 @@ class Attention:
         [start, end] (the same values as the concatenation); when the rows run out, the window's last
         `window - 1` move to the front (once every `window` tokens). A window from elsewhere (a prompt's
         concatenation) is copied in first."""
+        keys = self.window_slot(kv.dtype, kv.shape[1], cache)
+        keys[-1] = kv[0]
+        return keys
+
+    def window_slot(self, dtype: torch.dtype, hd: int, cache: LayerCache) -> torch.Tensor:
+        """`append_window`'s window moves, before the new key is known -> the keys [S, hd] it attends over, their
+        last row the one the new key is to be written into (window > 1)."""
         W, rows, win = self.window, cache.window_rows, cache.window
-        if not cache.window_in_rows() or rows.dtype != kv.dtype:
-            rows = cache.window_rows = kv.new_empty(2 * W, kv.shape[1])
+        if not cache.window_in_rows() or rows.dtype != dtype:
+            rows = cache.window_rows = torch.empty(2 * W, hd, dtype=dtype, device=self.sinks.device)
             start, n = 0, 0 if win is None else win.shape[0]
             if n:
                 rows[:n] = win
@@ -211,7 +223,6 @@ class Attention:
             if start + n == rows.shape[0]:  # n <= W - 1 < start: the rows do not overlap
                 rows[:n] = win
                 start = 0
-        rows[start + n] = kv[0]
         keys = rows[start:start + n + 1]
         cache.window = keys[-(W - 1):]
         return keys

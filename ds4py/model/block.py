@@ -4,12 +4,13 @@ around the mixture of experts. The residual is `hc_mult` streams [T, hc, D] thro
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ds4py.cache import LayerCache
 from ds4py.model.attention import Attention
+from ds4py.model.block_kernel import block_one
 from ds4py.model.hc_kernel import ffn_one
 from ds4py.model.hyper_connection import HyperConnection
 from ds4py.model.moe import MoE
@@ -24,6 +25,8 @@ class Block:
     attn: Attention
     ffn: MoE
     eps: float
+    # `block_kernel.Plan` of the one-token call in one compiled call (made on first use, again if a plan changes)
+    one_plan: object = field(default=None, init=False, repr=False, compare=False)
 
     def __call__(self, streams: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor, cache: LayerCache,
                  pending: Pending | None = None) -> tuple[torch.Tensor, Pending]:
@@ -34,7 +37,11 @@ class Block:
     def run_one(self, streams: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor, cache: LayerCache,
                 pending: Pending | None) -> tuple[torch.Tensor, Pending]:
         """`run` for one decoding token: after the attention's heads, its output projections, the ffn's collapse
-        and the MoE in one compiled call (`hc_kernel.ffn_one`: the same calls' values) where they are compiled."""
+        and the MoE in one compiled call (`hc_kernel.ffn_one`: the same calls' values) where they are compiled; the
+        whole block in one compiled call (`block_kernel.block_one`: the same values again) where all its calls are."""
+        done = block_one(self, streams, positions, token_ids, cache, pending)
+        if done is not None:
+            return done
         streams, x, post, comb = self.attn_input(streams, pending)
         heads = self.attn.heads(x, positions, cache)
         plans = self.attn.output_plan(), self.hc_ffn.plan_for(self.ffn_norm, self.eps), self.ffn.one_token_plan()

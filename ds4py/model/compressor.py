@@ -60,6 +60,22 @@ class Compressor:
         `state.pending_rows` [2, ratio, overlap * dim] (made on first use; a prompt's pending rows copied in once)
         and, when the row closes the window, its entry (as `close_compiled` makes it) appended -> all entries; or
         None where the weights or dtypes are not ones the call takes (nothing changed then)."""
+        plan = self.step_plan()
+        if (plan is None or kernels.disabled() or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_cpu
+                or x.numel() != x.shape[-1] or x.shape[-1] != plan[0][0][0].cols
+                or (x.requires_grad and torch.is_grad_enabled())):
+            return None
+        args, keep, entries = self.step_args(x.dtype, state)
+        x = x if x.is_contiguous() else x.contiguous()
+        rc = plan[3](x.data_ptr(), *args)
+        del keep
+        if rc:
+            raise RuntimeError(f"ds4py_compress_step failed ({rc})")
+        return entries if entries is not None else x.new_zeros(0, self.dim)
+
+    def step_plan(self) -> tuple | None:
+        """`step_one`'s plan, checked once per pair of weights: ((the kernels.matrix of wkv, of wgate), norm, inv_freq,
+        the compiled step, the address of the kernels' linear pair), or None where the call does not take them."""
         plan = self.plan
         if plan is None or plan[0] is not self.wkv or plan[1] is not self.wgate:
             mats = kernels.matrix(self.wkv), kernels.matrix(self.wgate)
@@ -71,45 +87,48 @@ class Compressor:
             pair = kernels.linear_pair_address() if step is not None else None
             plan = self.plan = (self.wkv, self.wgate, (mats, self.norm.contiguous(), self.rotary.inv_freq.contiguous(),
                                                        step, pair) if pair is not None else None)
-        if (plan[2] is None or kernels.disabled() or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_cpu
-                or x.numel() != x.shape[-1] or x.shape[-1] != plan[2][0][0][0].cols
-                or (x.requires_grad and torch.is_grad_enabled())):
-            return None
-        ((a, _), (b, _)), norm, inv_freq, step, pair = plan[2]
+        return plan[2]
+
+    def closes_next(self, state: CompressorState) -> bool:
+        """Whether the next token closes the pending window (emits an entry)."""
+        return (0 if state.buffer_kv is None else state.buffer_kv.shape[0]) == self.ratio - 1
+
+    def step_args(self, dtype: torch.dtype, state: CompressorState) -> tuple[tuple, tuple, torch.Tensor | None]:
+        """The state changes of one decoding token (in `dtype`) through `step_one`'s call, made before it (its
+        pending rows and entry are views of tensors it writes into) -> (that call's arguments after x's address,
+        the tensors they point into that `state` no longer holds: keep them until the call returns, the entries
+        after the step or None). Needs `step_plan`."""
+        ((a, _), (b, _)), norm, inv_freq, _, pair = self.plan[2]
         m, d = self.ratio, self.dim
         p = 0 if state.buffer_kv is None else state.buffer_kv.shape[0]
         block = state.pending_rows
-        if block is None or block.dtype != x.dtype:
-            block = state.pending_rows = x.new_empty(2, m, a.rows)
+        if block is None or block.dtype != dtype:
+            block = state.pending_rows = torch.empty(2, m, a.rows, dtype=dtype, device=norm.device)
         if p and state.buffer_kv.data_ptr() != block.data_ptr():
             block[0, :p], block[1, :p] = state.buffer_kv, state.buffer_gate
-        ape = self.ape_as(x.dtype)
+        ape = self.ape_as(dtype)
         entry = next_kv = next_gate = prev_kv = prev_gate = None
         first = state.n_entries * m  # the window's first position
         if p == m - 1:  # this token closes the window
-            entry = state.grow(1, d, x)
+            entry = state.grow(1, d, block)
             if self.overlap:
-                next_kv, next_gate = x.new_empty(m, d), x.new_empty(m, d)
+                next_kv, next_gate = block.new_empty(m, d), block.new_empty(m, d)
                 if state.overlap_kv is not None:
                     prev_kv, prev_gate = state.overlap_kv.contiguous(), state.overlap_gate.contiguous()
-        x = x if x.is_contiguous() else x.contiguous()
-        rc = step(x.data_ptr(), int(x.dtype == torch.bfloat16), a.cols, pair, ctypes.byref(a), ctypes.byref(b),
-                  block.data_ptr(), block.data_ptr() + block.stride(0) * block.element_size(), p, m, d,
-                  int(self.overlap), ape.data_ptr(),
-                  None if prev_kv is None else prev_kv.data_ptr(), None if prev_gate is None else prev_gate.data_ptr(),
-                  norm.data_ptr(), self.eps, inv_freq.data_ptr(), inv_freq.numel(), first,
-                  None if entry is None else entry.data_ptr(),
-                  None if next_kv is None else next_kv.data_ptr(), None if next_gate is None else next_gate.data_ptr())
-        if rc:
-            raise RuntimeError(f"ds4py_compress_step failed ({rc})")
+        args = (int(dtype == torch.bfloat16), a.cols, pair, ctypes.addressof(a), ctypes.addressof(b),
+                block.data_ptr(), block.data_ptr() + block.stride(0) * block.element_size(), p, m, d,
+                int(self.overlap), ape.data_ptr(),
+                None if prev_kv is None else prev_kv.data_ptr(), None if prev_gate is None else prev_gate.data_ptr(),
+                norm.data_ptr(), self.eps, inv_freq.data_ptr(), inv_freq.numel(), first,
+                None if entry is None else entry.data_ptr(),
+                None if next_kv is None else next_kv.data_ptr(), None if next_gate is None else next_gate.data_ptr())
         if entry is None:
             state.buffer_kv, state.buffer_gate = block[0, :p + 1], block[1, :p + 1]
         else:
             state.buffer_kv, state.buffer_gate = block[0, :0], block[1, :0]
             if self.overlap:
                 state.overlap_kv, state.overlap_gate = next_kv, next_gate
-        entries = state.entries
-        return entries if entries is not None else x.new_zeros(0, d)
+        return args, (prev_kv, prev_gate), state.entries
 
     def close_compiled(self, kv: torch.Tensor, gate: torch.Tensor, state: CompressorState,
                        first_position: int) -> torch.Tensor | None:

@@ -74,18 +74,23 @@ class Indexer:
         T = x.shape[0]
         rotation = self.rotary.rotation(positions)
         if T == 1:
-            plan = self.plan
-            if plan is None or plan[0] is not self.wq_b or plan[1] is not self.weights_proj:
-                mats = kernels.matrix(self.wq_b), kernels.matrix(self.weights_proj)
-                plan = self.plan = (self.wq_b, self.weights_proj, None if None in mats else mats)
-            if plan[2] is not None:
-                (wq, _), (wp, _) = plan[2]
+            mats = self.query_plan()
+            if mats is not None:
+                (wq, _), (wp, _) = mats
                 done = kernels.index_query_one(q_residual, x, wq, wp, self.n_heads, self.head_dim, rotation,
                                                self.n_heads**-0.5)
                 if done is not None:
                     return done
         q = rotate(self.wq_b.linear(q_residual).view(T, self.n_heads, self.head_dim), rotation)
         return q, self.weights_proj.linear(x).float().mul_(self.n_heads**-0.5)
+
+    def query_plan(self) -> tuple | None:
+        """The one-token query's (kernels.matrix of wq_b, of weights_proj) (made again if one changes), or None."""
+        plan = self.plan
+        if plan is None or plan[0] is not self.wq_b or plan[1] is not self.weights_proj:
+            mats = kernels.matrix(self.wq_b), kernels.matrix(self.weights_proj)
+            plan = self.plan = (self.wq_b, self.weights_proj, None if None in mats else mats)
+        return plan[2]
 
     def totals(self, q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
         """q [R, heads, head_dim], w [R, heads], keys_t [head_dim, n] -> sum_h w * relu(q_h . k) / sqrt(head_dim)

@@ -14,6 +14,11 @@ from ds4py.model.moe import MoE
 from ds4py.synthetic import make_model
 
 
+def one_by_one(monkeypatch) -> None:
+    """Decode each block through its calls one by one, not `block_kernel.block_one` (which makes them from C)."""
+    monkeypatch.setattr(block_module, "block_one", lambda *a: None)
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     if not kernels.available():
@@ -27,6 +32,7 @@ def test_fused_moe_equals_the_expert_loop(model, monkeypatch):
     """Each decode step from the same cache, once with the fused call and once with the loop."""
     prompt = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     calls = []
+    one_by_one(monkeypatch)  # (the whole block's call makes the MoE's without Python)
     real_kernel, real_chain = kernels.moe_one, block_module.ffn_one  # the MoE call, alone or after the block's others
     monkeypatch.setattr(kernels, "moe_one", lambda *a: calls.append(1) or real_kernel(*a))
     monkeypatch.setattr(block_module, "ffn_one", lambda *a: calls.append(1) or real_chain(*a))
@@ -116,6 +122,7 @@ def test_fused_hyper_connections_equal_torch(model, monkeypatch):
             m.setattr(hc_kernel, "FUSED_SMALL_N", 0)
             m.setattr(hyper_connection, "hc_expand", lambda *a: None)  # expand is compiled at any T
             m.setattr(block_module, "ffn_one", lambda *a: None)  # (which expands and collapses in C too)
+            one_by_one(m)  # (as does the whole block's call)
             return model.prefill(ids, cache)
 
     cache = model.new_cache()
@@ -291,6 +298,7 @@ def test_compressor_and_indexer_one_token_calls_equal_the_plain_ones(model, monk
         return entries
 
     monkeypatch.setattr(Compressor, "step_one", step_one)
+    one_by_one(monkeypatch)  # (the whole block's call makes the steps without Python)
 
     def decode():
         cache = m.new_cache()
@@ -314,6 +322,7 @@ def test_block_second_half_in_one_call_equals_the_calls(model, monkeypatch, dtyp
     """A decoding token's output projections, ffn collapse and MoE in one compiled call (`hc_kernel.ffn_one`, every
     layer: the hash-routed one too) against the three calls it chains: the same logits, bit for bit."""
     ran = []
+    one_by_one(monkeypatch)
     real = block_module.ffn_one
     monkeypatch.setattr(block_module, "ffn_one", lambda *a: ran.append(1) or real(*a))
     m = ds4py.load(model.source.path, dtype=str(dtype).removeprefix("torch."))
@@ -329,3 +338,38 @@ def test_block_second_half_in_one_call_equals_the_calls(model, monkeypatch, dtyp
     monkeypatch.setattr(block_module, "ffn_one", lambda *a: None)
     for want, got in zip(decode(), chained):
         assert torch.equal(want, got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("prompt", [1, 120])
+def test_whole_block_in_one_call_equals_the_calls(model, monkeypatch, dtype, prompt):
+    """A decoding token through a whole block in one compiled call (`block_kernel.block_one`: every layer, the
+    first (no pending ffn output) and the hash-routed one too) against the calls it makes one by one: the same
+    logits and the same caches, bit for bit, across the window's moves (16 rows for a window of 8), ratio-4 closes
+    with and without indexer entries and, after a prompt of 120, the ratio-128 close at position 127; a cache cloned
+    mid-way decodes on its own the same."""
+    ran = []
+    real = block_module.block_one
+    monkeypatch.setattr(block_module, "block_one", lambda *a: ran.append(r := real(*a)) or r)
+    m = ds4py.load(model.source.path, dtype=str(dtype).removeprefix("torch."))
+    ids = torch.randint(0, m.config.vocab_size, (prompt + 30,), generator=torch.Generator().manual_seed(5)).tolist()
+
+    def decode():
+        cache = m.new_cache()
+        m.prefill(ids[:prompt], cache)
+        out = [m.prefill([t], cache) for t in ids[prompt:prompt + 10]]
+        fork = cache.clone()
+        out += [m.prefill([t], cache) for t in ids[prompt + 10:]]
+        return torch.stack(out), torch.stack([m.prefill([t], fork) for t in ids[prompt + 10:]]), cache
+
+    one_call, forked, cache = decode()
+    assert len(ran) == (50 + (prompt == 1)) * m.config.num_hidden_layers and all(r is not None for r in ran)
+    one_by_one(monkeypatch)
+    calls, calls_forked, want = decode()
+    assert torch.equal(one_call, calls) and torch.equal(forked, calls_forked) and torch.equal(forked, calls[10:])
+    for a, b in zip(cache.layers, want.layers):
+        assert torch.equal(a.window, b.window)
+        for s, t in ((a.compressor, b.compressor), (a.indexer, b.indexer)):
+            if s is not None:
+                assert s.n_entries == t.n_entries and (s.n_entries == 0 or torch.equal(s.entries, t.entries))
+                assert torch.equal(s.buffer_kv, t.buffer_kv) and torch.equal(s.buffer_gate, t.buffer_gate)

@@ -1,0 +1,421 @@
+"""One decoding token through a whole block in one compiled call.
+
+A decoding block is ~10 compiled calls (the attention's collapse, its projections, the compressors' steps, the
+indexer's query and top-k, the attention over the window and the entries, then `hc_kernel.ffn_one`'s output
+projections, ffn collapse and MoE); on small models their Python around them (checks, views, new tensors, ctypes
+arguments) costs more than the calls: ~0.35 ms a layer on the tiny preset, where the head takes 0.9 ms a token.
+`block_one` makes the state changes those calls' wrappers make, all known before the token's values are (where the
+new key goes, whether a compressor window closes and the entry row it then fills), then runs the same compiled
+functions in the same order from one C function that calls them through their addresses: the same values, bit for
+bit, as the calls one by one (`Block.run_one`'s other path). Where any of them would not run (weights the kernels do
+not take, read-ahead, large heads on CPUs with a native bf16 GEMM, no compiler, DS4PY_NO_KERNELS=1) it returns None
+before changing anything, and the caller takes the calls one by one."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+from ds4py.cache import LayerCache
+from ds4py.formats import kernels
+from ds4py.model import attention_kernel, compressor_kernel, hc_kernel, indexer_kernel
+
+_SOURCE = r"""
+#include <cstdint>
+#include <cstring>
+
+namespace {
+typedef int (*HcFn)(const void* plan, const void* out, const void* streams, int bf16, int64_t T, const float* post_in,
+                    const float* comb_in, void* next, float* post, float* comb, void* normed);
+typedef int (*ProjectFn)(const void* plan, const void* x, int bf, const float* rot, int64_t half, void* q_residual,
+                         void* qkv);
+typedef int (*CompressFn)(const void* x, int bf, int64_t n, void* pair, const void* a, const void* b, void* kv,
+                          void* gate, int64_t p, int64_t m, int64_t d, int overlap, const void* ape,
+                          const void* prev_kv, const void* prev_gate, const float* norm, float eps,
+                          const float* inv_freq, int64_t half, int64_t first, void* entry, void* next_kv,
+                          void* next_gate);
+typedef int (*QueryFn)(const void* q_residual, int64_t ql, const void* x, int64_t D, int bf, const void* wq,
+                       const void* wp, int64_t H, int64_t hd, const float* rot, int64_t half, float wscale, void* q,
+                       float* w);
+typedef int (*TopFn)(const void* q, int qbf, int64_t T, int64_t H, int64_t hd, const float* w, const void* keys,
+                     int kbf, int64_t n, int64_t kstride, const int64_t* visible, float scale, int64_t k,
+                     float* totals, int64_t* top);
+typedef int (*AttendFn)(const void* q, int64_t H, int64_t hd, const void* win, int64_t S, const void* entries,
+                        int64_t n, const int64_t* idx, int64_t C, const float* sinks, float scale, const float* rot,
+                        int64_t half, int conj, int bf, void* out);
+typedef int (*FfnFn)(const void* output, const void* out_plan, const void* hc, const void* moe, const void* moe_plan,
+                     const void* heads, int bf16, const void* streams, const float* post_in, const float* comb_in,
+                     const int64_t* hash_ids, void* y, void* next, float* post, float* comb, void* normed,
+                     void* moe_out, float* w, int64_t* ids);
+}  // namespace
+
+// ds4py_compress_step's arguments after x (`block_kernel.Step`; fn null: no compressor)
+struct Step {
+  void* fn;
+  int32_t bf;
+  int64_t n;
+  void* pair;
+  const void* a;
+  const void* b;
+  void* kv;
+  void* gate;
+  int64_t p, m, d;
+  int32_t overlap;
+  const void* ape;
+  const void* prev_kv;
+  const void* prev_gate;
+  const float* norm;
+  float eps;
+  const float* inv_freq;
+  int64_t half, first;
+  void* entry;
+  void* next_kv;
+  void* next_gate;
+};
+
+// every argument of a block's calls (`block_kernel.BlockOne`), all float32 or all bf16 bits (bf)
+struct BlockOne {
+  int32_t bf;
+  int64_t D;
+  // the attention's collapse: the previous block's pending output expanded into the streams (hc null: x, mid,
+  // post_a and comb_a were made before)
+  void* hc;
+  const void* hc_plan;
+  const void* pending;
+  const void* streams;
+  const float* pending_post;
+  const float* pending_comb;
+  void* mid;
+  float* post_a;
+  float* comb_a;
+  void* x;
+  // the projections; the new key (qkv's last row) copied to window_row (null: a window of 1, the keys are qkv's)
+  void* project;
+  const void* project_plan;
+  const float* rot;
+  int64_t half, H, hd, q_lora;
+  void* q_residual;
+  void* qkv;
+  void* window_row;
+  const void* keys;
+  int64_t S;
+  Step compress, index_compress;
+  // the indexer (query null: none, or no entries yet)
+  void* query;
+  const void* wq;
+  const void* wp;
+  int64_t index_heads, index_dim;
+  const float* index_rot;
+  int64_t index_half;
+  float wscale;
+  void* index_q;
+  float* index_w;
+  void* top_fn;
+  const void* index_keys;
+  int64_t index_n, index_stride;
+  float index_scale;
+  int64_t k;
+  float* totals;
+  int64_t* top;
+  // the attention over the window and the entries (the top-k of them where idx)
+  void* attend;
+  const void* entries;
+  int64_t n;
+  const int64_t* idx;
+  int64_t C;
+  const float* sinks;
+  float scale;
+  void* heads;
+  // hc_kernel's ds4py_ffn_one
+  void* ffn;
+  void* output;
+  const void* out_plan;
+  const void* hc_ffn;
+  void* moe;
+  const void* moe_plan;
+  const int64_t* hash_ids;
+  void* y;
+  void* next;
+  float* post;
+  float* comb;
+  void* normed;
+  void* moe_out;
+  float* moe_w;
+  int64_t* moe_ids;
+};
+
+static int step(const Step& s, const void* x) {
+  return ((CompressFn)s.fn)(x, s.bf, s.n, s.pair, s.a, s.b, s.kv, s.gate, s.p, s.m, s.d, s.overlap, s.ape, s.prev_kv,
+                            s.prev_gate, s.norm, s.eps, s.inv_freq, s.half, s.first, s.entry, s.next_kv, s.next_gate);
+}
+
+// The block's calls in `Block.run_one`'s order. Returns 0, or 100 * the failing call (1 collapse, 2 projections,
+// 3 / 4 compressors, 5 / 6 indexer, 7 attention, 8 ffn) + its code.
+extern "C" int ds4py_block_one(const BlockOne* b) {
+  const int bf = b->bf;
+  int rc = 0;
+  if (b->hc && (rc = ((HcFn)b->hc)(b->hc_plan, b->pending, b->streams, bf, 1, b->pending_post, b->pending_comb,
+                                   b->mid, b->post_a, b->comb_a, b->x)))
+    return 100 + rc;
+  if ((rc = ((ProjectFn)b->project)(b->project_plan, b->x, bf, b->rot, b->half, b->q_residual, b->qkv)))
+    return 200 + rc;
+  const size_t row = (size_t)b->hd * (bf ? 2 : 4);
+  if (b->window_row) std::memcpy(b->window_row, (const char*)b->qkv + b->H * row, row);
+  if (b->compress.fn && (rc = step(b->compress, b->x))) return 300 + rc;
+  if (b->index_compress.fn && (rc = step(b->index_compress, b->x))) return 400 + rc;
+  if (b->query) {
+    if ((rc = ((QueryFn)b->query)(b->q_residual, b->q_lora, b->x, b->D, bf, b->wq, b->wp, b->index_heads,
+                                  b->index_dim, b->index_rot, b->index_half, b->wscale, b->index_q, b->index_w)))
+      return 500 + rc;
+    if ((rc = ((TopFn)b->top_fn)(b->index_q, bf, 1, b->index_heads, b->index_dim, b->index_w, b->index_keys, bf,
+                                 b->index_n, b->index_stride, nullptr, b->index_scale, b->k, b->totals, b->top)))
+      return 600 + rc;
+  }
+  if ((rc = ((AttendFn)b->attend)(b->qkv, b->H, b->hd, b->keys, b->S, b->entries, b->n, b->idx, b->C, b->sinks,
+                                  b->scale, b->rot, b->half, 1, bf, b->heads)))
+    return 700 + rc;
+  if ((rc = ((FfnFn)b->ffn)(b->output, b->out_plan, b->hc_ffn, b->moe, b->moe_plan, b->heads, bf, b->mid,
+                            b->post_a, b->comb_a, b->hash_ids, b->y, b->next, b->post, b->comb, b->normed, b->moe_out,
+                            b->moe_w, b->moe_ids)))
+    return 800 + rc;
+  return 0;
+}
+"""
+
+P, I32, I64, F32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
+
+
+class Step(ctypes.Structure):
+    """ds4py_compress_step's arguments after x (the C struct Step): `Compressor.step_args` with the function."""
+
+    _fields_ = [("fn", P), ("bf", I32), ("n", I64), ("pair", P), ("a", P), ("b", P), ("kv", P), ("gate", P),
+                ("p", I64), ("m", I64), ("d", I64), ("overlap", I32), ("ape", P), ("prev_kv", P), ("prev_gate", P),
+                ("norm", P), ("eps", F32), ("inv_freq", P), ("half", I64), ("first", I64), ("entry", P),
+                ("next_kv", P), ("next_gate", P)]
+
+
+class BlockOne(ctypes.Structure):
+    """Every argument of a decoding block's compiled calls (the C struct BlockOne)."""
+
+    _fields_ = [("bf", I32), ("D", I64),
+                ("hc", P), ("hc_plan", P), ("pending", P), ("streams", P), ("pending_post", P), ("pending_comb", P),
+                ("mid", P), ("post_a", P), ("comb_a", P), ("x", P),
+                ("project", P), ("project_plan", P), ("rot", P), ("half", I64), ("H", I64), ("hd", I64),
+                ("q_lora", I64), ("q_residual", P), ("qkv", P), ("window_row", P), ("keys", P), ("S", I64),
+                ("compress", Step), ("index_compress", Step),
+                ("query", P), ("wq", P), ("wp", P), ("index_heads", I64), ("index_dim", I64), ("index_rot", P),
+                ("index_half", I64), ("wscale", F32), ("index_q", P), ("index_w", P), ("top_fn", P),
+                ("index_keys", P), ("index_n", I64), ("index_stride", I64), ("index_scale", F32), ("k", I64),
+                ("totals", P), ("top", P),
+                ("attend", P), ("entries", P), ("n", I64), ("idx", P), ("C", I64), ("sinks", P), ("scale", F32),
+                ("heads", P),
+                ("ffn", P), ("output", P), ("out_plan", P), ("hc_ffn", P), ("moe", P), ("moe_plan", P),
+                ("hash_ids", P), ("y", P), ("next", P), ("post", P), ("comb", P), ("normed", P), ("moe_out", P),
+                ("moe_w", P), ("moe_ids", P)]
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.ds4py_block_one.restype = ctypes.c_int
+    lib.ds4py_block_one.argtypes = [ctypes.POINTER(BlockOne)]
+
+
+_load = kernels.lazy_library("ds4py_block", _SOURCE, ["-O3"], declare=_declare)
+
+
+def _address(lib: ctypes.CDLL | None, name: str) -> int | None:
+    return None if lib is None else ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+
+
+_CALLS: list[dict | None] = []
+
+
+def _calls() -> dict | None:
+    """The addresses of the compiled functions a block calls, or None where a library cannot be built."""
+    if not _CALLS:
+        libs = kernels._lib(), hc_kernel._load(), attention_kernel._load(), indexer_kernel._load()
+        step = compressor_kernel.step_function()
+        _CALLS.append(None if None in libs or step is None or _load() is None else dict(
+            project=_address(libs[0], "ds4py_project_one"), query=_address(libs[0], "ds4py_index_query_one"),
+            output=_address(libs[0], "ds4py_output_one_plan"), moe=_address(libs[0], "ds4py_moe_one"),
+            hc=_address(libs[1], "ds4py_hc_expand_collapse_plan"), ffn=_address(libs[1], "ds4py_ffn_one"),
+            attend_one=_address(libs[2], "ds4py_attend_one"), attend_heads=_address(libs[2], "ds4py_attend_heads"),
+            top=_address(libs[3], "ds4py_index_rows"), step=ctypes.cast(step, ctypes.c_void_p).value))
+    return _CALLS[0]
+
+
+@dataclass(repr=False)
+class Plan:
+    """A block's one-token call for one dtype: the struct with its fixed arguments set and the buffers its calls
+    pass between them (each token overwrites them; nothing outside the call sees them: one call at a time, as the
+    engine runs the model from one thread)."""
+    made_from: tuple  # the sub-plans it was made from (`Plan.parts`): made again when one is replaced
+    dtype: torch.dtype
+    args: BlockOne
+    keep: tuple       # the buffers and plans the struct points into
+    totals: torch.Tensor  # [capacity] float32: the indexer's scores of the entries, grown as entries are added
+
+
+def parts(block) -> tuple | None:
+    """The compiled plans of a block's calls (each checked and made once by its owner), or None where one is
+    missing."""
+    attn = block.attn
+    parts = (attn.project_plan(), attn.output_plan(), block.hc_attn.plan_for(block.attn_norm, block.eps),
+             block.hc_ffn.plan_for(block.ffn_norm, block.eps), block.ffn.one_token_plan(),
+             None if attn.compressor is None else attn.compressor.step_plan(),
+             None if attn.indexer is None else attn.indexer.query_plan(),
+             None if attn.indexer is None else attn.indexer.compressor.step_plan())
+    if None in parts[:5] or (attn.compressor is not None and parts[5] is None) or (
+            attn.indexer is not None and None in parts[6:]):
+        return None
+    return parts
+
+
+def make_plan(block, made_from: tuple, dtype: torch.dtype) -> Plan | None:
+    """The struct's fixed arguments and the buffers for `block` in `dtype`, or None where the calls do not take
+    its shapes."""
+    calls = _calls()
+    attn = block.attn
+    project, out_plan, hc_attn, hc_ffn, moe_plan = made_from[:5]
+    H, hd, D = attn.n_heads, attn.head_dim, hc_ffn.D
+    half = attn.rotary.inv_freq.numel()
+    if (calls is None or project.D != D or hc_attn.D != D or hc_attn.hc != hc_ffn.hc or project.H != H
+            or project.hd != hd or out_plan.groups * out_plan.n != H * hd or out_plan.D != D or moe_plan.n != D
+            or 2 * half > hd or hd % 16 or attn.sinks.dtype != torch.float32 or not attn.sinks.is_cpu
+            or attn.sinks.numel() != H):
+        return None
+    hc, k = hc_ffn.hc, moe_plan.k
+    new = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt)  # noqa: E731
+    mid, x, post_a, comb_a = new(1, hc, D), new(1, D), new(1, hc, dt=torch.float32), new(1, hc, hc, dt=torch.float32)
+    q_residual, qkv, heads = new(1, project.q_lora), new(1, H + 1, hd), new(1, H, hd)
+    y, normed, moe_w, moe_ids = new(1, D), new(1, D), new(1, k, dt=torch.float32), new(1, k, dt=torch.int64)
+    sinks = attn.sinks.contiguous()
+    a = BlockOne(bf=int(dtype == torch.bfloat16), D=D, hc=calls["hc"], hc_plan=ctypes.addressof(hc_attn),
+                 project=calls["project"], project_plan=ctypes.addressof(project), half=half, H=H, hd=hd,
+                 q_lora=project.q_lora, q_residual=q_residual.data_ptr(), qkv=qkv.data_ptr(),
+                 sinks=sinks.data_ptr(), scale=hd**-0.5, heads=heads.data_ptr(),
+                 ffn=calls["ffn"], output=calls["output"], out_plan=ctypes.addressof(out_plan),
+                 hc_ffn=ctypes.addressof(hc_ffn), moe=calls["moe"], moe_plan=ctypes.addressof(moe_plan),
+                 y=y.data_ptr(), normed=normed.data_ptr(), moe_w=moe_w.data_ptr(), moe_ids=moe_ids.data_ptr())
+    keep = [made_from, mid, x, post_a, comb_a, q_residual, qkv, heads, y, normed, moe_w, moe_ids, sinks]
+    ix = attn.indexer
+    if ix is not None:
+        (wq, _), (wp, _) = made_from[6]
+        ihalf = ix.rotary.inv_freq.numel()
+        if (wq.rows != ix.n_heads * ix.head_dim or wp.rows != ix.n_heads or wq.cols != project.q_lora or wp.cols != D
+                or 2 * ihalf > ix.head_dim or ix.n_heads > indexer_kernel.MAX_HEADS
+                or ix.compressor.dim != ix.head_dim):
+            return None
+        index_q, index_w, top = new(1, ix.n_heads, ix.head_dim), new(1, ix.n_heads, dt=torch.float32), \
+            new(ix.topk, dt=torch.int64)
+        a.wq, a.wp, a.index_heads, a.index_dim = ctypes.addressof(wq), ctypes.addressof(wp), ix.n_heads, ix.head_dim
+        a.index_half, a.wscale, a.index_q, a.index_w = ihalf, ix.n_heads**-0.5, index_q.data_ptr(), index_w.data_ptr()
+        a.top_fn, a.index_scale, a.top = calls["top"], ix.head_dim**-0.5, top.data_ptr()
+        keep += [index_q, index_w, top]
+    for compressor, step in ((attn.compressor, made_from[5]), (None if ix is None else ix.compressor, made_from[7])):
+        if compressor is not None and step[0][0][0].cols != D:  # (its rows checked by `step_plan`)
+            return None
+    if attn.compressor is not None and attn.compressor.dim != hd:
+        return None
+    return Plan(made_from, dtype, a, tuple(keep), torch.empty(64))
+
+
+def block_one(block, streams: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor, cache: LayerCache,
+              pending) -> tuple[torch.Tensor, tuple] | None:
+    """`Block.run_one` of one decoding token (streams [1, hc, D], `pending` the previous block's (out, post, comb)
+    or None) in one compiled call -> (next streams, the MoE's output pending with its post and comb): the calls'
+    values; or None where it does not apply (nothing changed then)."""
+    dtype = streams.dtype
+    if (dtype not in (torch.float32, torch.bfloat16) or not streams.is_cpu or kernels.disabled()
+            or (torch.is_grad_enabled() and streams.requires_grad)):
+        return None
+    made_from = parts(block)
+    if made_from is None:
+        return None
+    plan = block.one_plan
+    if plan is None or plan.dtype != dtype or any(a is not b for a, b in zip(plan.made_from, made_from)):
+        plan = block.one_plan = make_plan(block, made_from, dtype)
+        if plan is None:
+            return None
+    a, hc_plan = plan.args, made_from[3]
+    if streams.shape != (1, hc_plan.hc, hc_plan.D) or (pending is not None and (
+            pending[0].dtype != dtype or pending[0].shape != (1, hc_plan.D) or pending[1].dtype != torch.float32
+            or pending[2].dtype != torch.float32)):
+        return None
+    attn = block.attn
+    cmp, ix = attn.compressor, attn.indexer
+    if attn.window <= 1:
+        return None
+    # the sizes after this token, to choose the attention's loop before anything changes
+    S = 1 + (0 if cache.window is None else cache.window.shape[0])
+    n = 0 if cmp is None else cache.compressor.n_entries + cmp.closes_next(cache.compressor)
+    C = 0 if cmp is None else n if ix is None else min(ix.topk, cache.indexer.n_entries
+                                                       + ix.compressor.closes_next(cache.indexer))
+    large = attn.n_heads * attn.head_dim * (S + C) > attention_kernel.MAX_WORK
+    if large and kernels.bf16_gemm_native():
+        return None
+    rot = attn.rotary.rotation(positions)
+    if rot.dtype != torch.complex64 or rot.is_conj() or not rot.is_contiguous() or rot.numel() != a.half:
+        return None
+    irot = None
+    if ix is not None:
+        irot = ix.rotary.rotation(positions)
+        if irot.dtype != torch.complex64 or irot.is_conj() or not irot.is_contiguous() or irot.numel() != a.index_half:
+            return None
+    hash_ids = block.ffn.router.hash_ids(token_ids)
+    if hash_ids is not None:
+        hash_ids = hash_ids.to(torch.int64).contiguous()
+        if hash_ids.numel() != made_from[4].k:
+            raise ValueError(f"block_one: {hash_ids.numel()} hash ids for {made_from[4].k} experts per token")
+    # from here on the state changes
+    keep = [plan]
+    streams = streams.contiguous()
+    if pending is None:
+        _, x, post_a, comb_a = block.attn_input(streams, None)
+        mid = streams
+        a.hc = None
+        keep += [x, post_a, comb_a]
+    else:
+        mid, x, post_a, comb_a = plan.keep[1:5]
+        out, post, comb = (t.contiguous() for t in pending)
+        a.hc, a.pending, a.pending_post, a.pending_comb = _CALLS[0]["hc"], out.data_ptr(), post.data_ptr(), \
+            comb.data_ptr()
+        keep += [out, post, comb]
+    a.streams, a.mid, a.x, a.post_a, a.comb_a = streams.data_ptr(), mid.data_ptr(), x.data_ptr(), post_a.data_ptr(), \
+        comb_a.data_ptr()
+    a.rot = rot.data_ptr()
+    keys = attn.window_slot(dtype, attn.head_dim, cache)
+    a.keys, a.S, a.window_row = keys.data_ptr(), keys.shape[0], keys[-1].data_ptr()
+    keep.append(keys)
+    if cmp is not None:
+        args, held, entries = cmp.step_args(dtype, cache.compressor)
+        a.compress = Step(_CALLS[0]["step"], *args)
+        a.entries, a.n = (None, 0) if entries is None else (entries.data_ptr(), entries.shape[0])
+        keep += [held, entries]
+    else:
+        a.compress.fn, a.entries, a.n = None, None, 0
+    a.idx, a.query, a.C = None, None, a.n
+    if ix is not None:
+        args, held, keys = ix.compressor.step_args(dtype, cache.indexer)
+        a.index_compress = Step(_CALLS[0]["step"], *args)
+        keep += [held, keys]
+        a.idx, a.C, a.k = a.top, C, C
+        if C:
+            if plan.totals.numel() < keys.shape[0]:
+                plan.totals = torch.empty(2 * keys.shape[0])
+            a.query, a.index_rot, a.index_keys, a.index_n, a.index_stride, a.totals = (
+                _CALLS[0]["query"], irot.data_ptr(), keys.data_ptr(), keys.shape[0], keys.stride(0),
+                plan.totals.data_ptr())
+    else:
+        a.index_compress.fn = None
+    a.attend = _CALLS[0]["attend_heads" if large else "attend_one"]
+    a.hash_ids = None if hash_ids is None else hash_ids.data_ptr()
+    nxt, moe_out = torch.empty_like(streams), torch.empty(1, hc_plan.D, dtype=dtype)
+    post_out, comb_out = torch.empty(1, hc_plan.hc), torch.empty(1, hc_plan.hc, hc_plan.hc)
+    a.next, a.moe_out, a.post, a.comb = nxt.data_ptr(), moe_out.data_ptr(), post_out.data_ptr(), comb_out.data_ptr()
+    rc = _load().ds4py_block_one(a)
+    del keep
+    if rc:
+        raise RuntimeError(f"ds4py_block_one failed ({rc})")
+    return nxt, (moe_out, post_out, comb_out)
