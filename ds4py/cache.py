@@ -25,6 +25,8 @@ class CompressorState:
     # decoding: [2, ratio, overlap * dim], the pending window's kv and gate rows written in place (the buffers are
     # then views of it)
     pending_rows: torch.Tensor | None = None
+    # decoding: the views (pending_rows[0, :p], pending_rows[1, :p]) for p = 0 .. ratio, made once with the rows
+    pending_views: list | None = None
 
     @property
     def entries(self) -> torch.Tensor | None:
@@ -58,7 +60,7 @@ class CompressorState:
         if self.storage is not None:
             out.storage = self.storage[: self.n_entries].clone()
         if self.pending_rows is not None:  # written in place: the copy's pending rows become its own
-            out.pending_rows = None
+            out.pending_rows = out.pending_views = None
             if out.buffer_kv is not None:
                 out.buffer_kv, out.buffer_gate = out.buffer_kv.clone(), out.buffer_gate.clone()
         return out
@@ -72,6 +74,10 @@ class LayerCache:
     # decoding: [2 * sliding_window, head_dim], the rows `window` is a view of, appended to in place
     # (`Attention.append_window`)
     window_rows: torch.Tensor | None = None
+    # decoding: (the view of window_rows last made the window, its first row), and the views (window_rows[s:s + W],
+    # window_rows[s + 1:s + W]) for s = 0 .. W, the keys and the next window of a full window starting at row s
+    window_at: tuple | None = None
+    window_views: list | None = None
 
     def window_in_rows(self) -> bool:
         """Whether `window` is a view of `window_rows` (inference-mode views keep no _base: their storage says)."""

@@ -211,20 +211,26 @@ class Attention:
 
     def window_slot(self, dtype: torch.dtype, hd: int, cache: LayerCache) -> torch.Tensor:
         """`append_window`'s window moves, before the new key is known -> the keys [S, hd] it attends over, their
-        last row the one the new key is to be written into (window > 1)."""
-        W, rows, win = self.window, cache.window_rows, cache.window
-        if not cache.window_in_rows() or rows.dtype != dtype:
-            rows = cache.window_rows = torch.empty(2 * W, hd, dtype=dtype, device=self.sinks.device)
-            start, n = 0, 0 if win is None else win.shape[0]
-            if n:
-                rows[:n] = win
-        else:
-            start, n = (win.data_ptr() - rows.data_ptr()) // (rows.stride(0) * rows.element_size()), win.shape[0]
+        last row the one the new key is to be written into (window > 1). A full window takes views made once with
+        the rows (no new views a token)."""
+        W, rows, win, at = self.window, cache.window_rows, cache.window, cache.window_at
+        if at is not None and win is at[0] and rows.dtype == dtype:  # the window this call made last time
+            start, n = at[1], win.shape[0]
             if start + n == rows.shape[0]:  # n <= W - 1 < start: the rows do not overlap
                 rows[:n] = win
                 start = 0
-        keys = rows[start:start + n + 1]
-        cache.window = keys[-(W - 1):]
+        else:
+            rows = cache.window_rows = torch.empty(2 * W, hd, dtype=dtype, device=self.sinks.device)
+            cache.window_views = [(rows[s:s + W], rows[s + 1:s + W]) for s in range(W + 1)]
+            start, n = 0, 0 if win is None else win.shape[0]
+            if n:
+                rows[:n] = win
+        if n == W - 1:
+            keys, cache.window = cache.window_views[start]
+            cache.window_at = (cache.window, start + 1)
+        else:  # fewer keys than a window: they are all the next window
+            keys = cache.window = rows[start:start + n + 1]
+            cache.window_at = (keys, start)
         return keys
 
     def grouped_wo_a(self, out: torch.Tensor) -> torch.Tensor:

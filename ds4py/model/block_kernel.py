@@ -14,6 +14,8 @@ before changing anything, and the caller takes the calls one by one."""
 from __future__ import annotations
 
 import ctypes
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,8 @@ _SOURCE = r"""
 namespace {
 typedef int (*HcFn)(const void* plan, const void* out, const void* streams, int bf16, int64_t T, const float* post_in,
                     const float* comb_in, void* next, float* post, float* comb, void* normed);
+typedef int (*CollapseFn)(const void* plan, const void* streams, int bf16, int64_t T, float* post, float* comb,
+                          void* normed);
 typedef int (*ProjectFn)(const void* plan, const void* x, int bf, const float* rot, int64_t half, void* q_residual,
                          void* qkv);
 typedef int (*CompressFn)(const void* x, int bf, int64_t n, void* pair, const void* a, const void* b, void* kv,
@@ -79,9 +83,10 @@ struct Step {
 struct BlockOne {
   int32_t bf;
   int64_t D;
-  // the attention's collapse: the previous block's pending output expanded into the streams (hc null: x, mid,
-  // post_a and comb_a were made before)
+  // the attention's collapse (hc_plan's): with the previous block's pending output expanded into the streams
+  // first where hc, of the streams alone where collapse (mid = streams then), else x, post_a and comb_a were made
   void* hc;
+  void* collapse;
   const void* hc_plan;
   const void* pending;
   const void* streams;
@@ -159,6 +164,9 @@ extern "C" int ds4py_block_one(const BlockOne* b) {
   if (b->hc && (rc = ((HcFn)b->hc)(b->hc_plan, b->pending, b->streams, bf, 1, b->pending_post, b->pending_comb,
                                    b->mid, b->post_a, b->comb_a, b->x)))
     return 100 + rc;
+  if (!b->hc && b->collapse &&
+      (rc = ((CollapseFn)b->collapse)(b->hc_plan, b->streams, bf, 1, b->post_a, b->comb_a, b->x)))
+    return 100 + rc;
   if ((rc = ((ProjectFn)b->project)(b->project_plan, b->x, bf, b->rot, b->half, b->q_residual, b->qkv)))
     return 200 + rc;
   const size_t row = (size_t)b->hd * (bf ? 2 : 4);
@@ -200,7 +208,8 @@ class BlockOne(ctypes.Structure):
     """Every argument of a decoding block's compiled calls (the C struct BlockOne)."""
 
     _fields_ = [("bf", I32), ("D", I64),
-                ("hc", P), ("hc_plan", P), ("pending", P), ("streams", P), ("pending_post", P), ("pending_comb", P),
+                ("hc", P), ("collapse", P), ("hc_plan", P), ("pending", P), ("streams", P), ("pending_post", P),
+                ("pending_comb", P),
                 ("mid", P), ("post_a", P), ("comb_a", P), ("x", P),
                 ("project", P), ("project_plan", P), ("rot", P), ("half", I64), ("H", I64), ("hd", I64),
                 ("q_lora", I64), ("q_residual", P), ("qkv", P), ("window_row", P), ("keys", P), ("S", I64),
@@ -240,6 +249,7 @@ def _calls() -> dict | None:
             project=_address(libs[0], "ds4py_project_one"), query=_address(libs[0], "ds4py_index_query_one"),
             output=_address(libs[0], "ds4py_output_one_plan"), moe=_address(libs[0], "ds4py_moe_one"),
             hc=_address(libs[1], "ds4py_hc_expand_collapse_plan"), ffn=_address(libs[1], "ds4py_ffn_one"),
+            collapse=_address(libs[1], "ds4py_hc_collapse_plan"),
             attend_one=_address(libs[2], "ds4py_attend_one"), attend_heads=_address(libs[2], "ds4py_attend_heads"),
             top=_address(libs[3], "ds4py_index_rows"), step=ctypes.cast(step, ctypes.c_void_p).value))
     return _CALLS[0]
@@ -255,6 +265,23 @@ class Plan:
     args: BlockOne
     keep: tuple       # the buffers and plans the struct points into
     totals: torch.Tensor  # [capacity] float32: the indexer's scores of the entries, grown as entries are added
+    tid2eid: torch.Tensor | None  # hash routing's table [vocab, k] as int64
+    key_of: Callable  # block -> the objects its sub-plans were checked against (`key_names`)
+    key: tuple        # key_of(block) when the plan was made: while each is the same object, so are the sub-plans
+
+
+def key_names(block) -> list[str]:
+    """The attributes of `block` whose objects its sub-plans' getters check (`parts`): the weights and norms."""
+    names = ["attn." + n for n in ("wq_a", "q_norm", "wq_b", "wkv", "kv_norm", "wo_a", "wo_b", "sinks", "rotary")]
+    names += ["hc_attn", "hc_ffn", "attn_norm", "ffn_norm", "eps"]
+    names += ["ffn." + n for n in ("read_ahead", "router.weight", "router.bias", "router.tid2eid", "w1", "w2", "w3",
+                                   "shared")]
+    if block.attn.compressor is not None:
+        names += ["attn.compressor", "attn.compressor.wkv", "attn.compressor.wgate"]
+    if block.attn.indexer is not None:
+        names += ["attn.indexer", "attn.indexer.wq_b", "attn.indexer.weights_proj", "attn.indexer.compressor",
+                  "attn.indexer.compressor.wkv", "attn.indexer.compressor.wgate"]
+    return names
 
 
 def parts(block) -> tuple | None:
@@ -291,7 +318,7 @@ def make_plan(block, made_from: tuple, dtype: torch.dtype) -> Plan | None:
     q_residual, qkv, heads = new(1, project.q_lora), new(1, H + 1, hd), new(1, H, hd)
     y, normed, moe_w, moe_ids = new(1, D), new(1, D), new(1, k, dt=torch.float32), new(1, k, dt=torch.int64)
     sinks = attn.sinks.contiguous()
-    a = BlockOne(bf=int(dtype == torch.bfloat16), D=D, hc=calls["hc"], hc_plan=ctypes.addressof(hc_attn),
+    a = BlockOne(bf=int(dtype == torch.bfloat16), D=D, collapse=calls["collapse"], hc_plan=ctypes.addressof(hc_attn),
                  project=calls["project"], project_plan=ctypes.addressof(project), half=half, H=H, hd=hd,
                  q_lora=project.q_lora, q_residual=q_residual.data_ptr(), qkv=qkv.data_ptr(),
                  sinks=sinks.data_ptr(), scale=hd**-0.5, heads=heads.data_ptr(),
@@ -318,7 +345,13 @@ def make_plan(block, made_from: tuple, dtype: torch.dtype) -> Plan | None:
             return None
     if attn.compressor is not None and attn.compressor.dim != hd:
         return None
-    return Plan(made_from, dtype, a, tuple(keep), torch.empty(64))
+    tid2eid = block.ffn.router.tid2eid
+    if tid2eid is not None:
+        tid2eid = tid2eid.to(torch.int64).contiguous()
+        if tid2eid.dim() != 2 or tid2eid.shape[1] != k:
+            return None
+    key_of = operator.attrgetter(*key_names(block))
+    return Plan(made_from, dtype, a, tuple(keep), torch.empty(64), tid2eid, key_of, key_of(block))
 
 
 def block_one(block, streams: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor, cache: LayerCache,
@@ -330,15 +363,15 @@ def block_one(block, streams: torch.Tensor, positions: torch.Tensor, token_ids: 
     if (dtype not in (torch.float32, torch.bfloat16) or not streams.is_cpu or kernels.disabled()
             or (torch.is_grad_enabled() and streams.requires_grad)):
         return None
-    made_from = parts(block)
-    if made_from is None:
-        return None
     plan = block.one_plan
-    if plan is None or plan.dtype != dtype or any(a is not b for a, b in zip(plan.made_from, made_from)):
+    if plan is None or plan.dtype != dtype or not all(map(operator.is_, plan.key_of(block), plan.key)):
+        made_from = parts(block)
+        if made_from is None:
+            return None
         plan = block.one_plan = make_plan(block, made_from, dtype)
         if plan is None:
             return None
-    a, hc_plan = plan.args, made_from[3]
+    a, hc_plan = plan.args, plan.made_from[3]
     if streams.shape != (1, hc_plan.hc, hc_plan.D) or (pending is not None and (
             pending[0].dtype != dtype or pending[0].shape != (1, hc_plan.D) or pending[1].dtype != torch.float32
             or pending[2].dtype != torch.float32)):
@@ -363,54 +396,59 @@ def block_one(block, streams: torch.Tensor, positions: torch.Tensor, token_ids: 
         irot = ix.rotary.rotation(positions)
         if irot.dtype != torch.complex64 or irot.is_conj() or not irot.is_contiguous() or irot.numel() != a.index_half:
             return None
-    hash_ids = block.ffn.router.hash_ids(token_ids)
-    if hash_ids is not None:
-        hash_ids = hash_ids.to(torch.int64).contiguous()
-        if hash_ids.numel() != made_from[4].k:
-            raise ValueError(f"block_one: {hash_ids.numel()} hash ids for {made_from[4].k} experts per token")
+    hash_ids = None
+    if plan.tid2eid is not None:  # hash routing: the token's row of the table
+        t = int(token_ids)
+        if not 0 <= t < plan.tid2eid.shape[0]:
+            raise ValueError(f"block_one: token id {t} outside the hash table's {plan.tid2eid.shape[0]} rows")
+        hash_ids = plan.tid2eid.data_ptr() + t * plan.tid2eid.stride(0) * 8
     # from here on the state changes
     keep = [plan]
-    streams = streams.contiguous()
+    streams = streams if streams.is_contiguous() else streams.contiguous()
     if pending is None:
-        _, x, post_a, comb_a = block.attn_input(streams, None)
-        mid = streams
         a.hc = None
-        keep += [x, post_a, comb_a]
     else:
-        mid, x, post_a, comb_a = plan.keep[1:5]
-        out, post, comb = (t.contiguous() for t in pending)
+        out, post, comb = (t if t.is_contiguous() else t.contiguous() for t in pending)
         a.hc, a.pending, a.pending_post, a.pending_comb = _CALLS[0]["hc"], out.data_ptr(), post.data_ptr(), \
             comb.data_ptr()
         keep += [out, post, comb]
+    mid, x, post_a, comb_a = plan.keep[1:5]
+    if pending is None:
+        mid = streams
     a.streams, a.mid, a.x, a.post_a, a.comb_a = streams.data_ptr(), mid.data_ptr(), x.data_ptr(), post_a.data_ptr(), \
         comb_a.data_ptr()
     a.rot = rot.data_ptr()
     keys = attn.window_slot(dtype, attn.head_dim, cache)
-    a.keys, a.S, a.window_row = keys.data_ptr(), keys.shape[0], keys[-1].data_ptr()
+    S, row_bytes = keys.shape[0], keys.stride(0) * keys.element_size()
+    a.keys, a.S = keys.data_ptr(), S
+    a.window_row = a.keys + (S - 1) * row_bytes  # the new key's row, its last
     keep.append(keys)
     if cmp is not None:
-        args, held, entries = cmp.step_args(dtype, cache.compressor)
+        args, held = cmp.step_args(dtype, cache.compressor)
         a.compress = Step(_CALLS[0]["step"], *args)
-        a.entries, a.n = (None, 0) if entries is None else (entries.data_ptr(), entries.shape[0])
-        keep += [held, entries]
+        state = cache.compressor
+        a.entries, a.n = (None, 0) if state.n_entries == 0 else (state.storage.data_ptr(), state.n_entries)
+        keep.append(held)
     else:
         a.compress.fn, a.entries, a.n = None, None, 0
     a.idx, a.query, a.C = None, None, a.n
     if ix is not None:
-        args, held, keys = ix.compressor.step_args(dtype, cache.indexer)
+        args, held = ix.compressor.step_args(dtype, cache.indexer)
         a.index_compress = Step(_CALLS[0]["step"], *args)
-        keep += [held, keys]
+        keep.append(held)
         a.idx, a.C, a.k = a.top, C, C
         if C:
-            if plan.totals.numel() < keys.shape[0]:
-                plan.totals = torch.empty(2 * keys.shape[0])
+            state = cache.indexer  # keys [n, index_dim]: the rows of its storage
+            n_keys = state.n_entries
+            if plan.totals.numel() < n_keys:
+                plan.totals = torch.empty(2 * n_keys)
             a.query, a.index_rot, a.index_keys, a.index_n, a.index_stride, a.totals = (
-                _CALLS[0]["query"], irot.data_ptr(), keys.data_ptr(), keys.shape[0], keys.stride(0),
+                _CALLS[0]["query"], irot.data_ptr(), state.storage.data_ptr(), n_keys, state.storage.stride(0),
                 plan.totals.data_ptr())
     else:
         a.index_compress.fn = None
     a.attend = _CALLS[0]["attend_heads" if large else "attend_one"]
-    a.hash_ids = None if hash_ids is None else hash_ids.data_ptr()
+    a.hash_ids = hash_ids
     nxt, moe_out = torch.empty_like(streams), torch.empty(1, hc_plan.D, dtype=dtype)
     post_out, comb_out = torch.empty(1, hc_plan.hc), torch.empty(1, hc_plan.hc, hc_plan.hc)
     a.next, a.moe_out, a.post, a.comb = nxt.data_ptr(), moe_out.data_ptr(), post_out.data_ptr(), comb_out.data_ptr()

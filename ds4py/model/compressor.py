@@ -65,12 +65,13 @@ class Compressor:
                 or x.numel() != x.shape[-1] or x.shape[-1] != plan[0][0][0].cols
                 or (x.requires_grad and torch.is_grad_enabled())):
             return None
-        args, keep, entries = self.step_args(x.dtype, state)
+        args, keep = self.step_args(x.dtype, state)
         x = x if x.is_contiguous() else x.contiguous()
         rc = plan[3](x.data_ptr(), *args)
         del keep
         if rc:
             raise RuntimeError(f"ds4py_compress_step failed ({rc})")
+        entries = state.entries
         return entries if entries is not None else x.new_zeros(0, self.dim)
 
     def step_plan(self) -> tuple | None:
@@ -93,17 +94,18 @@ class Compressor:
         """Whether the next token closes the pending window (emits an entry)."""
         return (0 if state.buffer_kv is None else state.buffer_kv.shape[0]) == self.ratio - 1
 
-    def step_args(self, dtype: torch.dtype, state: CompressorState) -> tuple[tuple, tuple, torch.Tensor | None]:
+    def step_args(self, dtype: torch.dtype, state: CompressorState) -> tuple[tuple, tuple]:
         """The state changes of one decoding token (in `dtype`) through `step_one`'s call, made before it (its
         pending rows and entry are views of tensors it writes into) -> (that call's arguments after x's address,
-        the tensors they point into that `state` no longer holds: keep them until the call returns, the entries
-        after the step or None). Needs `step_plan`."""
+        the tensors they point into that `state` no longer holds: keep them until the call returns). Needs
+        `step_plan`."""
         ((a, _), (b, _)), norm, inv_freq, _, pair = self.plan[2]
         m, d = self.ratio, self.dim
         p = 0 if state.buffer_kv is None else state.buffer_kv.shape[0]
         block = state.pending_rows
         if block is None or block.dtype != dtype:
             block = state.pending_rows = torch.empty(2, m, a.rows, dtype=dtype, device=norm.device)
+            state.pending_views = [(block[0, :q], block[1, :q]) for q in range(m + 1)]
         if p and state.buffer_kv.data_ptr() != block.data_ptr():
             block[0, :p], block[1, :p] = state.buffer_kv, state.buffer_gate
         ape = self.ape_as(dtype)
@@ -123,12 +125,12 @@ class Compressor:
                 None if entry is None else entry.data_ptr(),
                 None if next_kv is None else next_kv.data_ptr(), None if next_gate is None else next_gate.data_ptr())
         if entry is None:
-            state.buffer_kv, state.buffer_gate = block[0, :p + 1], block[1, :p + 1]
+            state.buffer_kv, state.buffer_gate = state.pending_views[p + 1]
         else:
-            state.buffer_kv, state.buffer_gate = block[0, :0], block[1, :0]
+            state.buffer_kv, state.buffer_gate = state.pending_views[0]
             if self.overlap:
                 state.overlap_kv, state.overlap_gate = next_kv, next_gate
-        return args, (prev_kv, prev_gate), state.entries
+        return args, (prev_kv, prev_gate)
 
     def close_compiled(self, kv: torch.Tensor, gate: torch.Tensor, state: CompressorState,
                        first_position: int) -> torch.Tensor | None:

@@ -372,6 +372,14 @@ extern "C" int ds4py_hc_expand_collapse_plan(const HcPlan* p, const void* out, c
                                   normed);
 }
 
+// ds4py_hc_collapse of T tokens' streams with its parameters and the sub-block's norm from a plan -> post, comb and
+// the normed x (x and pre not kept): the call `hc_collapse` makes with a norm.
+extern "C" int ds4py_hc_collapse_plan(const HcPlan* p, const void* streams, int bf16, int64_t T, float* post,
+                                      float* comb, void* normed) {
+  return ds4py_hc_collapse(streams, bf16, T, (int)p->hc, p->D, p->fn, p->base, p->scale, p->iters, p->hc_eps,
+                           p->norm_eps, nullptr, nullptr, post, comb, p->w, p->wbf, p->out_eps, normed);
+}
+
 // A decoding block's second half in one call: its attention output projections (`output` = the kernels'
 // ds4py_output_one_plan on `out_plan`), the expand of their result into the streams and the ffn's collapse
 // (ds4py_hc_expand_collapse_plan on hc), then the MoE (`moe` = ds4py_moe_one on `moe_plan`): the three calls'

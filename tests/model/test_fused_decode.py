@@ -373,3 +373,23 @@ def test_whole_block_in_one_call_equals_the_calls(model, monkeypatch, dtype, pro
             if s is not None:
                 assert s.n_entries == t.n_entries and (s.n_entries == 0 or torch.equal(s.entries, t.entries))
                 assert torch.equal(s.buffer_kv, t.buffer_kv) and torch.equal(s.buffer_gate, t.buffer_gate)
+
+
+def test_whole_block_call_is_made_again_when_a_weight_is_replaced(model):
+    """The block's one-token plan points into its weights: replacing one (a new object) makes the plan again from
+    the new one, and decoding goes on through it."""
+    import copy
+
+    m = ds4py.load(model.source.path)
+    cache = m.new_cache()
+    m.prefill(list(range(3, 20)), cache)
+    m.prefill([7], cache)
+    block = m.transformer.blocks[1]
+    old = block.one_plan
+    assert old is not None
+    m.prefill([8], cache)
+    assert block.one_plan is old  # the same weights: the same plan
+    block.attn.wo_b = copy.copy(block.attn.wo_b)
+    m.prefill([9], cache)
+    assert block.one_plan is not None and block.one_plan is not old
+    assert block.one_plan.made_from[1] is block.attn.output_plan()
