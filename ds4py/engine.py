@@ -57,11 +57,12 @@ class Model:
         ids = torch.tensor(token_ids, dtype=torch.long)
         outs = []
         for start in range(0, len(token_ids), self.prefill_chunk):
-            hidden = self.transformer.forward(ids[start:start + self.prefill_chunk], cache)
+            chunk = ids if len(token_ids) <= self.prefill_chunk else ids[start:start + self.prefill_chunk]
+            hidden = self.transformer.forward(chunk, cache)
             if all_logits:
                 outs.append(self.transformer.logits(hidden))
         # the head (V4 Flash: a 1 GB matrix) is read once for the prompt's last position, not once per chunk
-        return torch.cat(outs) if all_logits else self.transformer.logits(hidden[-1:])[-1]
+        return torch.cat(outs) if all_logits else self.transformer.logits(hidden[-1:])[0]
 
     @torch.inference_mode()
     def decode_batch(self, token_ids: list[int], caches: list[Cache]) -> torch.Tensor:

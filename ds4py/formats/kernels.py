@@ -2309,8 +2309,8 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor, as_float32: bool = False) -> t
     if lib is None:
         y = tiled_linear(x, w)
         return y.float() if as_float32 else y
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, n).to(torch.float32).contiguous()
+    flat = x.dim() == 2  # (a decoding token's [1, in]: no reshapes)
+    x2 = x if flat and x.dtype == torch.float32 and x.is_contiguous() else x.reshape(-1, n).float().contiguous()
     if w.stride(1) != 1:
         w = w.contiguous()
     rows = w.shape[0]
@@ -2321,7 +2321,8 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor, as_float32: bool = False) -> t
             x2.data_ptr(), x2.shape[0], n, w.data_ptr(), rows, w.stride(0), y.data_ptr())
         if rc:
             raise RuntimeError(f"ds4py_bf16_linear failed ({rc})")
-    y = y.reshape(*lead, rows)
+    if not flat:
+        y = y.reshape(*x.shape[:-1], rows)
     return y if as_float32 else y.to(x.dtype)
 
 

@@ -73,6 +73,9 @@ class Transformer:
 
     def streams(self, token_ids: torch.Tensor) -> torch.Tensor:
         """token_ids [T] -> the embeddings copied into hc_mult residual streams [T, hc, D]."""
+        if token_ids.shape[0] == 1:  # decoding: the row converted as it is copied into each stream
+            streams = torch.empty(1, self.config.hc_mult, self.embed.shape[1], dtype=self.dtype, device=self.device)
+            return streams.copy_(self.embed[token_ids])  # [1, D] broadcast over the streams
         x = self.embed[token_ids].to(self.dtype)
         return x.unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
 
