@@ -341,13 +341,19 @@ def test_block_second_half_in_one_call_equals_the_calls(model, monkeypatch, dtyp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("prompt", [1, 120])
-def test_whole_block_in_one_call_equals_the_calls(model, monkeypatch, dtype, prompt):
+@pytest.mark.parametrize("prompt,large", [(1, False), (120, False), (120, True)], ids=["1", "120", "120-large"])
+def test_whole_block_in_one_call_equals_the_calls(model, monkeypatch, dtype, prompt, large):
     """A decoding token through a whole block in one compiled call (`block_kernel.block_one`: every layer, the
     first (no pending ffn output) and the hash-routed one too) against the calls it makes one by one: the same
     logits and the same caches, bit for bit, across the window's moves (16 rows for a window of 8), ratio-4 closes
     with and without indexer entries and, after a prompt of 120, the ratio-128 close at position 127; a cache cloned
-    mid-way decodes on its own the same."""
+    mid-way decodes on its own the same. large: the attention as V4 Flash's 64 heads of 512 take it
+    (`attend_heads`, forced here by MAX_WORK)."""
+    if large:
+        from ds4py.model import attention_kernel
+
+        monkeypatch.setenv("DS4PY_BF16_GEMM", "0")  # (with a native bf16 GEMM large heads take torch's ops)
+        monkeypatch.setattr(attention_kernel, "MAX_WORK", 1)
     ran = []
     real = block_module.block_one
     monkeypatch.setattr(block_module, "block_one", lambda *a: ran.append(r := real(*a)) or r)
