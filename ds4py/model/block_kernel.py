@@ -260,7 +260,7 @@ class Plan:
     """A block's one-token call for one dtype: the struct with its fixed arguments set and the buffers its calls
     pass between them (each token overwrites them; nothing outside the call sees them: one call at a time, as the
     engine runs the model from one thread)."""
-    made_from: tuple  # the sub-plans it was made from (`Plan.parts`): made again when one is replaced
+    made_from: tuple  # the sub-plans it was made from (`parts`)
     dtype: torch.dtype
     args: BlockOne
     keep: tuple       # the buffers and plans the struct points into
