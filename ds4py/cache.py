@@ -29,6 +29,11 @@ class CompressorState:
     pending_views: list | None = None
 
     @property
+    def n_pending(self) -> int:
+        """Tokens projected into the pending window, not yet compressed."""
+        return 0 if self.buffer_kv is None else self.buffer_kv.shape[0]
+
+    @property
     def entries(self) -> torch.Tensor | None:
         """[n_entries, dim] compressed, normed, rotated KV entries."""
         return None if self.storage is None else self.storage[: self.n_entries]

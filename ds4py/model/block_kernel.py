@@ -96,7 +96,7 @@ struct BlockOne {
   float* post_a;
   float* comb_a;
   void* x;
-  // the projections; the new key (qkv's last row) copied to window_row (null: a window of 1, the keys are qkv's)
+  // the projections; the new key (qkv's last row) copied to window_row, the last of the keys [S, hd]
   void* project;
   const void* project_plan;
   const float* rot;
@@ -354,6 +354,13 @@ def make_plan(block, made_from: tuple, dtype: torch.dtype) -> Plan | None:
     return Plan(made_from, dtype, a, tuple(keep), torch.empty(64), tid2eid, key_of, key_of(block))
 
 
+def _rotation(rotary, positions: torch.Tensor, half: int) -> torch.Tensor | None:
+    """The token's rotation [1, half] as the C calls read it ((cos, sin) float pairs, not conjugated), or None."""
+    rot = rotary.rotation(positions)
+    ok = rot.dtype == torch.complex64 and not rot.is_conj() and rot.is_contiguous() and rot.numel() == half
+    return rot if ok else None
+
+
 def block_one(block, streams: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor, cache: LayerCache,
               pending) -> tuple[torch.Tensor, tuple] | None:
     """`Block.run_one` of one decoding token (streams [1, hc, D], `pending` the previous block's (out, post, comb)
@@ -388,14 +395,10 @@ def block_one(block, streams: torch.Tensor, positions: torch.Tensor, token_ids: 
     large = attn.n_heads * attn.head_dim * (S + C) > attention_kernel.MAX_WORK
     if large and kernels.bf16_gemm_native():
         return None
-    rot = attn.rotary.rotation(positions)
-    if rot.dtype != torch.complex64 or rot.is_conj() or not rot.is_contiguous() or rot.numel() != a.half:
+    rot = _rotation(attn.rotary, positions, a.half)
+    irot = None if ix is None else _rotation(ix.rotary, positions, a.index_half)
+    if rot is None or (ix is not None and irot is None):
         return None
-    irot = None
-    if ix is not None:
-        irot = ix.rotary.rotation(positions)
-        if irot.dtype != torch.complex64 or irot.is_conj() or not irot.is_contiguous() or irot.numel() != a.index_half:
-            return None
     hash_ids = None
     if plan.tid2eid is not None:  # hash routing: the token's row of the table
         t = int(token_ids)

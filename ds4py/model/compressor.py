@@ -92,7 +92,7 @@ class Compressor:
 
     def closes_next(self, state: CompressorState) -> bool:
         """Whether the next token closes the pending window (emits an entry)."""
-        return (0 if state.buffer_kv is None else state.buffer_kv.shape[0]) == self.ratio - 1
+        return state.n_pending == self.ratio - 1
 
     def step_args(self, dtype: torch.dtype, state: CompressorState) -> tuple[tuple, tuple]:
         """The state changes of one decoding token (in `dtype`) through `step_one`'s call, made before it (its
@@ -101,7 +101,7 @@ class Compressor:
         `step_plan`."""
         ((a, _), (b, _)), norm, inv_freq, _, pair = self.plan[2]
         m, d = self.ratio, self.dim
-        p = 0 if state.buffer_kv is None else state.buffer_kv.shape[0]
+        p = state.n_pending
         block = state.pending_rows
         if block is None or block.dtype != dtype:
             block = state.pending_rows = torch.empty(2, m, a.rows, dtype=dtype, device=norm.device)
