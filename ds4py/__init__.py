@@ -29,6 +29,7 @@ def load(path, device: str = "cpu", dtype: str = "float32", ctx: int | None = No
 
     if dtype not in DTYPES:
         raise Ds4pyError(f"unknown dtype {dtype!r}: use one of float32, bfloat16, float16")
+    device = str(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise Ds4pyError(f"device {device!r} asked for but CUDA is not available here: use device='cpu'")
     if isinstance(path, WeightSource):

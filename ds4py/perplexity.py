@@ -49,7 +49,7 @@ def perplexity(
         if bos_id is not None:
             chunk = [bos_id] + chunk[1:]
         logp = torch.log_softmax(logits_of(chunk)[first:ctx - 1].double(), dim=-1)  # predicts first+1 ..
-        target = torch.tensor(chunk[first + 1:ctx])
+        target = torch.tensor(chunk[first + 1:ctx], device=logp.device)
         token_nll = -logp.gather(1, target[:, None]).squeeze(1)
         nll += token_nll.sum().item()
         nll2 += token_nll.square().sum().item()

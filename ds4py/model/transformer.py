@@ -48,26 +48,26 @@ class Transformer:
         """token_ids [T] following the cache's tokens -> final hidden states [T, D]."""
         start = cache.length
         positions = torch.arange(start, start + token_ids.shape[0], device=self.device)
-        token_ids = token_ids.to(self.device)
+        tokens, token_ids = token_ids.tolist(), token_ids.to(self.device)  # (the list from the host's copy)
         if self.read_ahead is not None:
             self.read_ahead.start(token_ids)
         streams, pending = self.streams(token_ids), None
         for layer, layer_cache in enumerate(cache.layers):
             streams, pending = self.blocks[layer](streams, positions, token_ids, layer_cache, pending)
-        cache.tokens.extend(token_ids.tolist())
+        cache.tokens.extend(tokens)
         return self.final_hidden(complete(streams, pending))
 
     def decode_batch(self, token_ids: torch.Tensor, caches: list[Cache]) -> torch.Tensor:
         """One next token for each of B sequences (token_ids [B], one cache each) -> hidden [B, D]."""
         positions = torch.tensor([c.length for c in caches], device=self.device)
-        token_ids = token_ids.to(self.device)
+        tokens, token_ids = token_ids.tolist(), token_ids.to(self.device)
         if self.read_ahead is not None:
             self.read_ahead.start(token_ids)
         streams, pending = self.streams(token_ids), None
         for layer in range(len(self.blocks)):
             streams, pending = self.blocks[layer].decode_batch(streams, positions, token_ids,
                                                                [c.layers[layer] for c in caches], pending)
-        for c, t in zip(caches, token_ids.tolist()):
+        for c, t in zip(caches, tokens):
             c.tokens.append(t)
         return self.final_hidden(complete(streams, pending))
 
