@@ -19,6 +19,8 @@ values, `isa`); DS4PY_KERNELS_GENERIC=1 builds the portable loop instead (for te
 For bf16 activations with >= BF16_GEMM_MIN_T rows (long prompts) on CPUs with a native bf16 GEMM
 (`bf16_gemm_native`) `ggml_linear` instead dequantizes W to bf16 with the compiled `dequantize` and calls that
 GEMM: exactly F.linear(x, W.dequantize(torch.bfloat16)).
+
+On a CUDA device `ggml_linear` and `bf16_linear` take the Triton kernels of `ds4py.formats.gpu_kernels` instead.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ds4py.formats import gpu_kernels
 
 Q8_0 = 8  # ggml type ids (GGMLQuantizationType)
 MXFP4 = 39
@@ -2213,6 +2217,8 @@ def ggml_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
     if n % 32 or row_bytes != n // 32 * bb:
         raise ValueError(f"ggml_linear: x [..., {n}] does not match raw rows of {row_bytes} bytes")
     dtype = x.dtype
+    if qtype != MXFP4_R16 and dtype in FLOAT_INPUTS and gpu_kernels.takes(x, raw):
+        return gpu_kernels.linear(x, raw, qtype)  # (a CUDA device: the Triton kernels)
     lib = None
     if x.is_cpu and raw.is_cpu and dtype in FLOAT_INPUTS and not (x.requires_grad and torch.is_grad_enabled()):
         lib = _lib()
@@ -2303,7 +2309,11 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor, as_float32: bool = False) -> t
     if w.shape[1] != n:
         raise ValueError(f"bf16_linear: x [..., {n}] does not match the weight's {w.shape[1]} columns")
     lib = None
-    if (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    if x.dtype in FLOAT_INPUTS and w.stride(1) == 1 and gpu_kernels.takes(x, w):
+        y = gpu_kernels.bf16_linear(x, w, as_float32)  # (a CUDA device: the Triton kernel, up to its rows)
+        if y is not None:
+            return y
+    elif (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and not (x.requires_grad and torch.is_grad_enabled())):
         lib = _lib()
     if lib is None:

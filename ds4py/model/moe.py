@@ -11,7 +11,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ds4py.formats import Weight, kernels, small_gemm
+from ds4py.formats import Weight, gpu_kernels, kernels, small_gemm
 
 SCORE_FUNCS = {
     "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
@@ -81,6 +81,10 @@ class MoE:
         weights, ids = self.router(x, token_ids)
         if self.read_ahead is not None:
             self.read_ahead(x, ids, token_ids)
+        if x.shape[0] <= gpu_kernels.GEMV_MAX_T:
+            out = self.by_id(x, weights, ids)
+            if out is not None:
+                return out
         fused = self.fused_one(x, weights, ids) if x.shape[0] == 1 else self.fused_many(x, weights, ids)
         if fused is not None:
             return fused
@@ -125,9 +129,31 @@ class MoE:
         return kernels.moe_plan(r.weight, r.bias, r.score_func, r.top_k, r.scaling, stacks, shared,
                                 self.swiglu_limit)
 
+    def by_id(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        """A few tokens' routed experts on a GPU: each (token, expert) pair's three products from the resident stacks,
+        the matrices chosen by `ids` on the device (`gpu_kernels.stack_linear`: no host sync, one call per matrix
+        kind), rounded to x's dtype where `routed_one` rounds; then the shared experts. None unless the stacks are
+        Q8_0 / MXFP4 on the device the kernels run on."""
+        stacks = [w.stack_rows() for w in (self.w1, self.w3, self.w2)]
+        if any(s is None or s[1] not in gpu_kernels.BLOCK_BYTES for s in stacks):
+            return None
+        (r1, q1), (r3, q3), (r2, q2) = stacks
+        if not gpu_kernels.takes(x, ids, r1, r3, r2):
+            return None
+        T, k = ids.shape
+        pairs = ids.reshape(-1)  # [T * k]: pair p is token p // k
+        gate = gpu_kernels.stack_linear(x, r1, q1, pairs, x_div=k).to(x.dtype)  # [T * k, inter]
+        up = gpu_kernels.stack_linear(x, r3, q3, pairs, x_div=k).to(x.dtype)
+        h = swiglu(gate, up, self.swiglu_limit)
+        down = gpu_kernels.stack_linear(h, r2, q2, pairs).to(x.dtype)  # [T * k, D]
+        out = (down * weights.reshape(-1, 1).to(x.dtype)).reshape(T, k, -1).sum(dim=1)
+        return self.add_shared(x, out)
+
     def fused_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
         """One token's routed experts (ascending id) and shared experts in one compiled call, when every matrix
         is one the CPU kernels multiply from its blocks (GGUF Q8_0 / MXFP4); else None."""
+        if not x.is_cpu:
+            return None
         chosen = sorted(zip(ids[0].tolist(), weights[0].tolist()))
         mats = [(self.w1.expert(e), self.w3.expert(e), self.w2.expert(e)) for e, _ in chosen]
         scales = [w for _, w in chosen]
@@ -147,6 +173,8 @@ class MoE:
         Resident stacks: one call for all. Streamed experts are read one by one through their cache, which must not
         hold a whole layer's: one call per expert, adding to one float32 sum (the same bits as one call). None
         unless every matrix is one the CPU kernels multiply from its blocks."""
+        if not x.is_cpu:
+            return None
         T = x.shape[0]
         # an expert with as many tokens as a long bf16 prompt is faster as a bf16 GEMM (`kernels.ggml_linear`)
         # where its matrices are large
