@@ -40,10 +40,11 @@ def available() -> bool:
 def takes(*tensors: torch.Tensor) -> bool:
     """Whether these tensors' products run here: all on a CUDA device (or, for the tests, all on the CPU with
     DS4PY_GPU_KERNELS_ON_CPU=1 where there is no GPU), with Triton installed, autograd off."""
-    if all(t.is_cuda for t in tensors):
-        pass
-    elif not (all(t.is_cpu for t in tensors) and os.environ.get("DS4PY_GPU_KERNELS_ON_CPU", "") not in ("", "0")
-              and not torch.cuda.is_available()):
+    if not tensors[0].is_cuda:  # (the CPU's answer first and cheaply: ggml_linear asks ~100 times a token)
+        if (os.environ.get("DS4PY_GPU_KERNELS_ON_CPU", "") in ("", "0") or torch.cuda.is_available()
+                or not all(t.is_cpu for t in tensors)):
+            return False
+    elif not all(t.is_cuda for t in tensors):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
