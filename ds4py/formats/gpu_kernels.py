@@ -33,8 +33,13 @@ tl = None  # triton.language, imported at the first product (`_kernels`); the ke
 
 
 def available() -> bool:
-    return (os.environ.get("DS4PY_NO_GPU_KERNELS", "") in ("", "0")
-            and importlib.util.find_spec("triton") is not None)
+    return os.environ.get("DS4PY_NO_GPU_KERNELS", "") in ("", "0") and _installed()
+
+
+@functools.cache
+def _installed() -> bool:
+    """Whether Triton can be imported (looked up once: `available` is asked on every product)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def takes(*tensors: torch.Tensor) -> bool:
