@@ -150,3 +150,44 @@ def test_a_model_on_the_kernels_gives_the_plain_products_logits(tiny_gguf, monke
     tol = 1e-4 if dtype == "float32" else 3e-2
     assert float((fast - plain).abs().max()) <= tol * float(plain.abs().max()), (fast - plain).abs().max()
     assert torch.equal(fast.argmax(-1), plain.argmax(-1))
+
+
+COMPILE = r'''
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import ds4py.formats.gpu_kernels as g
+
+g.tl, g._weights_jit = tl, triton.jit(g._weights)  # what _kernels() does where there is a GPU
+gemv, dequantize = triton.jit(g._gemv), triton.jit(g._dequantize)
+target = GPUTarget("cuda", 90, 32)  # an H100 / H200
+for q in (8, 39, -1):
+    for has_ids in (False, True):
+        sig = {"x_ptr": "*fp32", "x_stride": "i32", "x_div": "i32", "w_ptr": "*bf16" if q == -1 else "*u8",
+               "w_expert_stride": "i64", "w_row_stride": "i32", "ids_ptr": "*i64", "y_ptr": "*fp32", "rows": "i32",
+               "n": "i32", "QTYPE": "constexpr", "HAS_IDS": "constexpr", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr"}
+        k = triton.compile(ASTSource(gemv, sig, constexprs={"QTYPE": q, "HAS_IDS": has_ids, "BLOCK_R": 16,
+                                                            "BLOCK_K": 256}), target=target)
+        assert k.asm["cubin"], (q, has_ids)
+    for bf16 in (False, True) if q != -1 else ():
+        sig = {"w_ptr": "*u8", "w_row_stride": "i32", "out_ptr": "*i16" if bf16 else "*fp32", "rows": "i32",
+               "n": "i32", "QTYPE": "constexpr", "BF16_BITS": "constexpr", "BLOCK_R": "constexpr",
+               "BLOCK_K": "constexpr"}
+        k = triton.compile(ASTSource(dequantize, sig, constexprs={"QTYPE": q, "BF16_BITS": bf16, "BLOCK_R": 16,
+                                                                  "BLOCK_K": 256}), target=target)
+        assert k.asm["cubin"], (q, bf16)
+print("compiled")
+'''
+
+
+def test_the_kernels_compile_for_a_gpu(tmp_path):
+    """What the interpreter does not check: Triton's compiler takes every kernel variant down to a cubin for sm_90
+    (it needs no GPU: Triton ships ptxas), in a process where Triton is not in interpreter mode."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
