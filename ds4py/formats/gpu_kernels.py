@@ -26,6 +26,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from ds4py.formats import env
+
 Q8_0, MXFP4, BF16 = 8, 39, -1  # ggml type ids; BF16: a plain bf16 matrix
 BLOCK_BYTES = {Q8_0: 34, MXFP4: 17}
 GEMV_MAX_T = 8  # rows of x the GEMV kernel takes (each re-reads the matrix, mostly from L2); more: dequantize + GEMM
@@ -33,7 +35,7 @@ tl = None  # triton.language, imported at the first product (`_kernels`); the ke
 
 
 def available() -> bool:
-    return os.environ.get("DS4PY_NO_GPU_KERNELS", "") in ("", "0") and _installed()
+    return not env.flag("DS4PY_NO_GPU_KERNELS") and _installed()
 
 
 @functools.cache
@@ -46,8 +48,7 @@ def takes(*tensors: torch.Tensor) -> bool:
     """Whether these tensors' products run here: all on a CUDA device (or, for the tests, all on the CPU with
     DS4PY_GPU_KERNELS_ON_CPU=1 where there is no GPU), with Triton installed, autograd off."""
     if not tensors[0].is_cuda:  # (the CPU's answer first and cheaply: ggml_linear asks ~100 times a token)
-        if (os.environ.get("DS4PY_GPU_KERNELS_ON_CPU", "") in ("", "0") or torch.cuda.is_available()
-                or not all(t.is_cpu for t in tensors)):
+        if not env.flag("DS4PY_GPU_KERNELS_ON_CPU") or torch.cuda.is_available() or not all(t.is_cpu for t in tensors):
             return False
     elif not all(t.is_cuda for t in tensors):
         return False

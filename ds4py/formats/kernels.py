@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ds4py.formats import gpu_kernels
+from ds4py.formats import env, gpu_kernels
 
 Q8_0 = 8  # ggml type ids (GGMLQuantizationType)
 MXFP4 = 39
@@ -1978,24 +1978,6 @@ def _build_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "ds4py" / "kernels"
 
 
-# os.environ's own dict of bytes keys (CPython on POSIX), which its setters keep current: these flags are read
-# on every compiled call (~100 per decoded token), and os.environ.get took 0.6 us a read (the key's encoding
-# through the Mapping methods), a dict lookup 0.05 us
-_ENVIRON_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
-
-
-def _env_flag(name: str) -> bool:
-    """Whether environment variable `name` is set to something other than "" or "0"."""
-    if _ENVIRON_BYTES is not None:
-        return _ENVIRON_BYTES.get(name.encode(), b"") not in (b"", b"0")
-    return os.environ.get(name, "") not in ("", "0")
-
-
-def _on_gpu(*tensors: torch.Tensor) -> bool:
-    """`gpu_kernels.takes`, answered in ~0.1 us for CPU tensors (asked on every product)."""
-    return (tensors[0].is_cuda or _env_flag("DS4PY_GPU_KERNELS_ON_CPU")) and gpu_kernels.takes(*tensors)
-
-
 _BF16_NATIVE: list[bool] = []
 
 
@@ -2015,12 +1997,12 @@ def bf16_gemm_native() -> bool:
 
 def generic() -> bool:
     """DS4PY_KERNELS_GENERIC=1: the compiled libraries that have SIMD code are built without it (for testing)."""
-    return _env_flag("DS4PY_KERNELS_GENERIC")
+    return env.flag("DS4PY_KERNELS_GENERIC")
 
 
 def disabled() -> bool:
     """DS4PY_NO_KERNELS=1: every compiled path off, the torch code runs instead."""
-    return _env_flag("DS4PY_NO_KERNELS")
+    return env.flag("DS4PY_NO_KERNELS")
 
 
 def build_library(prefix: str, source: str, cflags: list[str], ldflags: list[str] | None = None) -> ctypes.CDLL:
@@ -2222,7 +2204,7 @@ def ggml_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
     if n % 32 or row_bytes != n // 32 * bb:
         raise ValueError(f"ggml_linear: x [..., {n}] does not match raw rows of {row_bytes} bytes")
     dtype = x.dtype
-    if qtype != MXFP4_R16 and dtype in FLOAT_INPUTS and _on_gpu(x, raw):
+    if qtype != MXFP4_R16 and dtype in FLOAT_INPUTS and gpu_kernels.takes(x, raw):
         return gpu_kernels.linear(x, raw, qtype)  # (a CUDA device: the Triton kernels)
     lib = None
     if x.is_cpu and raw.is_cpu and dtype in FLOAT_INPUTS and not (x.requires_grad and torch.is_grad_enabled()):
@@ -2314,7 +2296,7 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor, as_float32: bool = False) -> t
     if w.shape[1] != n:
         raise ValueError(f"bf16_linear: x [..., {n}] does not match the weight's {w.shape[1]} columns")
     lib = None
-    if x.dtype in FLOAT_INPUTS and w.stride(1) == 1 and _on_gpu(x, w):
+    if x.dtype in FLOAT_INPUTS and w.stride(1) == 1 and gpu_kernels.takes(x, w):
         y = gpu_kernels.bf16_linear(x, w, as_float32)  # (a CUDA device: the Triton kernel, up to its rows)
         if y is not None:
             return y
