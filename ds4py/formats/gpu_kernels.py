@@ -204,9 +204,14 @@ def dequantize(raw: torch.Tensor, qtype: int, dtype: torch.dtype = torch.float32
     return out
 
 
+def _rows(x: torch.Tensor) -> int:
+    """The number of rows of activations in x [..., n]."""
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
 def linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
     """x [..., n] @ W.T for raw Q8_0 / MXFP4 rows -> [..., rows] in x's dtype (float32 sums)."""
-    T = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    T = _rows(x)
     if T > GEMV_MAX_T:
         return F.linear(x, dequantize(raw, qtype, x.dtype))
     y = gemv(x.reshape(T, x.shape[-1]), raw, qtype)
@@ -216,7 +221,7 @@ def linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
 def bf16_linear(x: torch.Tensor, w: torch.Tensor, as_float32: bool = False) -> torch.Tensor | None:
     """x [..., n] @ w.T for a bf16 matrix w [rows, n], up to GEMV_MAX_T rows of x, float32 sums -> [..., rows] in
     x's dtype (float32 with as_float32); None for more rows (torch's GEMM does those)."""
-    T = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    T = _rows(x)
     if T > GEMV_MAX_T:
         return None
     y = gemv(x.reshape(T, x.shape[-1]), w, BF16).reshape(*x.shape[:-1], w.shape[0])

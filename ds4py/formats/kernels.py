@@ -42,6 +42,38 @@ Q8_0 = 8  # ggml type ids (GGMLQuantizationType)
 MXFP4 = 39
 MXFP4_R16 = 1039  # not a ggml type: MXFP4 repacked by groups of 16 rows (`repack16`), ds4py's own layout
 BLOCK_BYTES = {Q8_0: 34, MXFP4: 17, MXFP4_R16: 17}
+KIND_BF16, KIND_F32 = -16, -32  # not ggml types: a plain matrix's rows as bf16 bits / float32 values
+FLOAT_BYTES = {KIND_BF16: 2, KIND_F32: 4}
+ROW_KINDS = (Q8_0, MXFP4, KIND_BF16, KIND_F32)  # what the one-token plans' products take (`plan_rows`)
+
+
+def row_bytes(kind: int, cols: int) -> int:
+    """The bytes of a row of `cols` values in `kind` (a ggml type of BLOCK_BYTES, KIND_BF16 or KIND_F32)."""
+    return cols * FLOAT_BYTES[kind] if kind in FLOAT_BYTES else cols // 32 * BLOCK_BYTES[kind]
+
+
+def row_values(raw: torch.Tensor, kind: int) -> int:
+    """The values in a row of raw uint8 rows [..., bytes] of `kind`."""
+    if kind in FLOAT_BYTES:
+        return raw.shape[-1] // FLOAT_BYTES[kind]
+    return raw.shape[-1] // BLOCK_BYTES[kind] * 32
+
+
+def plan_rows(weight) -> tuple[torch.Tensor, int] | None:
+    """(raw uint8 rows, kind) of a CPU weight for the one-token plans (`project_plan`, `output_plan`, `moe_plan`):
+    its `kernel_rows` / `stack_rows` (ggml blocks), or the bytes of a float32 / bf16 matrix or stack (`Dense`,
+    `BF16Matrix`) as KIND_F32 / KIND_BF16 rows [..., cols * size], whose products the calls make in float32 as
+    `f32_linear` / `bf16_linear` (F.linear's values up to summation order). None for anything else."""
+    from ds4py.formats import BF16Matrix, Dense
+
+    rows = weight.kernel_rows() or weight.stack_rows()
+    if rows is not None or not isinstance(weight, (Dense, BF16Matrix)):
+        return rows
+    t = weight.tensor
+    if (t.dim() not in (2, 3) or not t.is_cpu or t.dtype not in (torch.float32, torch.bfloat16) or t.stride(-1) != 1
+            or t.requires_grad or t.storage_offset() * t.element_size() % 4 or t.shape[-1] == 0):
+        return None
+    return t.view(torch.uint8), KIND_BF16 if t.dtype == torch.bfloat16 else KIND_F32
 FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 # From this many bf16 activation rows on, ggml_linear dequantizes W to bf16 (compiled, ~11 ms for 4096x4096 on
 # 2 Zen4 cores) and uses the bf16 GEMM: measured equal at T=128, 1.8x faster than the int8 kernel at T=512. Only
@@ -315,6 +347,11 @@ namespace {
 
 constexpr int Q8_0 = 8, MXFP4 = 39;
 constexpr int MXFP4_R16 = 1039;  // not a ggml type: ds4py's id for MXFP4 repacked by 16 rows (R16, below)
+// Not ggml types either: a plain matrix's rows as bf16 bits or float32 values (the one-token calls take them)
+constexpr int BF16_ROWS = -16, F32_ROWS = -32;
+inline bool float_rows(int q) { return q == BF16_ROWS || q == F32_ROWS; }
+// The kinds of rows the one-token calls multiply by (`linear_row`)
+inline bool row_kind(int q) { return q == Q8_0 || q == MXFP4 || float_rows(q); }
 constexpr int TILE_T = 8;      // activation rows sharing one load of a weight block
 constexpr int64_t CHUNK = 32;  // weight rows kept in cache while all activation tiles pass over them
 // A thread's share of a call must reach this many multiply-adds before the call is split over the threads: a
@@ -1381,10 +1418,52 @@ void rows_tile(const uint8_t* w, int q, int64_t stride, int64_t r0, int64_t cols
 }  // namespace
 
 namespace {
+// x [n] float32 times the rows of w -> y [rows]: ds4py_ggml_linear's values for one row of ggml rows (Q8_0, MXFP4),
+// ds4py_bf16_linear's / ds4py_f32_linear's for BF16_ROWS / F32_ROWS (float32, or rounded to bf16 bits when bf)
+// (groups > 1: x [groups * n], group g's rows / groups rows times its g-th n values, as ds4py_ggml_linear's groups)
+void linear_row(int q, const float* x, int64_t n, const uint8_t* w, int64_t rows, int64_t wstride, void* y, int bf,
+                int64_t groups = 1) {
+  std::vector<float> yf(bf ? rows : 0);
+  float* yp = bf ? yf.data() : (float*)y;
+  if (float_rows(q)) {
+    const int64_t rg = rows / groups;
+    for (int64_t g = 0; g < groups; g++) {
+      const uint8_t* wg = w + g * rg * wstride;
+      const int rc = q == F32_ROWS ? ds4py_f32_linear(x + g * n, 1, n, (const float*)wg, rg, wstride / 4, yp + g * rg)
+                                   : ds4py_bf16_linear(x + g * n, 1, n, (const uint16_t*)wg, rg, wstride / 2,
+                                                       yp + g * rg);
+      if (rc) throw std::bad_alloc();  // (their only failure)
+    }
+  } else {
+    ggml_linear_f32(q, x, 1, n, w, rows, wstride, yp, groups);
+  }
+  if (bf)
+    for (int64_t i = 0; i < rows; i++) ((uint16_t*)y)[i] = float_to_bf16(yf[i]);
+}
+}  // namespace
+
+namespace {
 // ds4py_experts_one on x already float32 (xf [n]); throws std::bad_alloc
 void experts_one_impl(const float* xf, int64_t n, int E, const int64_t* mats, const int32_t* qtypes,
                       const int64_t* strides, const int64_t* inter, const float* weights, float limit, int64_t D,
                       void* out, int outbf16) {
+  if (std::any_of(qtypes, qtypes + 3 * E, float_rows)) {  // plain matrices: one product at a time (`linear_row`)
+    std::vector<float> y(D, 0.0f), part(D);
+    for (int e = 0; e < E; e++) {
+      std::vector<float> h(inter[e]), up(inter[e]);
+      const uint8_t* const* m = (const uint8_t* const*)(mats + 3 * e);
+      linear_row(qtypes[3 * e], xf, n, m[0], inter[e], strides[3 * e], h.data(), 0);
+      linear_row(qtypes[3 * e + 1], xf, n, m[1], inter[e], strides[3 * e + 1], up.data(), 0);
+      swiglu_rows(h.data(), up.data(), inter[e], limit);
+      linear_row(qtypes[3 * e + 2], h.data(), inter[e], m[2], D, strides[3 * e + 2], part.data(), 0);
+      for (int64_t d = 0; d < D; d++) y[d] += weights[e] * part[d];  // the experts in order, as below
+    }
+    for (int64_t d = 0; d < D; d++) {
+      if (outbf16) ((uint16_t*)out)[d] = float_to_bf16(y[d]);
+      else ((float*)out)[d] = y[d];
+    }
+    return;
+  }
   Acts ax;  // x for ggml rows and for R16 groups
   Acts16 ax16;
   quantize_acts(xf, 1, n, ax);
@@ -1426,7 +1505,7 @@ void experts_one_impl(const float* xf, int64_t n, int E, const int64_t* mats, co
   }
 }
 
-bool expert_qtype(int32_t q) { return q == Q8_0 || q == MXFP4 || q == MXFP4_R16; }
+bool expert_qtype(int32_t q) { return q == Q8_0 || q == MXFP4 || q == MXFP4_R16 || float_rows(q); }
 
 enum Score { SQRTSOFTPLUS = 0, SIGMOID = 1, SOFTMAX = 2 };
 
@@ -1805,20 +1884,6 @@ struct ProjectPlan {
   float eps;
 };
 
-namespace {
-// x [n] float32 times the ggml rows of w -> y [rows]: ds4py_ggml_linear's values for one row (float32, or rounded
-// to bf16 bits when bf)
-// (groups > 1: x [groups * n], as ds4py_ggml_linear's groups)
-void linear_row(int q, const float* x, int64_t n, const uint8_t* w, int64_t rows, int64_t wstride, void* y, int bf,
-                int64_t groups = 1) {
-  std::vector<float> yf(bf ? rows : 0);
-  float* yp = bf ? yf.data() : (float*)y;
-  ggml_linear_f32(q, x, 1, n, w, rows, wstride, yp, groups);
-  if (bf)
-    for (int64_t i = 0; i < rows; i++) ((uint16_t*)y)[i] = float_to_bf16(yf[i]);
-}
-}  // namespace
-
 // One token's attention projections in one call, the values of Attention.project's calls one by one
 // (ggml_linear, row_kernels' norms and rotation): q_residual [q_lora] = rms_norm(wq_a x) * q_norm; per head
 // q = rms_norm(wq_b q_residual) (unweighted); kv = rms_norm(wkv x) * kv_norm; then q's heads and kv, as
@@ -1828,7 +1893,7 @@ extern "C" int ds4py_project_one(const ProjectPlan* p, const void* x, int bf, co
   const int64_t D = p->D, ql = p->q_lora, H = p->H, hd = p->hd;
   if (D % 32 || ql % 32 || 2 * half > hd) return 1;
   for (int m = 0; m < 3; m++)
-    if (p->qtypes[m] != Q8_0 && p->qtypes[m] != MXFP4) return 1;
+    if (!row_kind(p->qtypes[m])) return 1;
   try {
     const size_t es = bf ? 2 : 4;
     std::vector<float> xf(std::max(D, ql));
@@ -1855,8 +1920,7 @@ extern "C" int ds4py_project_one(const ProjectPlan* p, const void* x, int bf, co
 extern "C" int ds4py_output_one(const void* out, int bf, int64_t groups, int64_t n, const uint8_t* wo_a, int qa,
                                 int64_t rows_a, int64_t stride_a, const uint8_t* wo_b, int qb, int64_t D,
                                 int64_t stride_b, void* y) {
-  if (n % 32 || rows_a % groups || rows_a % 32 || (qa != Q8_0 && qa != MXFP4) || (qb != Q8_0 && qb != MXFP4))
-    return 1;
+  if (n % 32 || rows_a % groups || rows_a % 32 || !row_kind(qa) || !row_kind(qb)) return 1;
   try {
     std::vector<float> xf(std::max(groups * n, rows_a));
     std::vector<char> o(rows_a * (bf ? 2 : 4));
@@ -1889,7 +1953,6 @@ extern "C" int ds4py_output_one_plan(const OutputPlan* p, const void* out, int b
 
 // A matrix as the one-token calls below read it: ggml rows (Q8_0 / MXFP4), bf16 bits (BF16_ROWS) or float32
 // (F32_ROWS); stride: bytes between rows.
-constexpr int BF16_ROWS = -16, F32_ROWS = -32;
 struct Matrix {
   const void* w;
   int32_t kind;
@@ -1900,19 +1963,9 @@ namespace {
 // y [rows] = W x for one row x [n] (float32): the values of ds4py_ggml_linear / ds4py_bf16_linear /
 // ds4py_f32_linear for T = 1, then rounded to bf16 bits when bf. Returns nonzero for a kind it does not take.
 int matvec(const Matrix& m, const float* x, int64_t n, void* y, int bf) {
-  if (m.cols != n || ((m.kind == Q8_0 || m.kind == MXFP4) && n % 32)) return 1;
-  if (m.kind == Q8_0 || m.kind == MXFP4) {
-    linear_row(m.kind, x, n, (const uint8_t*)m.w, m.rows, m.stride, y, bf);
-    return 0;
-  }
-  std::vector<float> yf(bf ? m.rows : 0);
-  float* yp = bf ? yf.data() : (float*)y;
-  int rc = 1;
-  if (m.kind == BF16_ROWS) rc = ds4py_bf16_linear(x, 1, n, (const uint16_t*)m.w, m.rows, m.stride / 2, yp);
-  if (m.kind == F32_ROWS) rc = ds4py_f32_linear(x, 1, n, (const float*)m.w, m.rows, m.stride / 4, yp);
-  if (!rc && bf)
-    for (int64_t i = 0; i < m.rows; i++) ((uint16_t*)y)[i] = float_to_bf16(yf[i]);
-  return rc;
+  if (m.cols != n || !row_kind(m.kind) || (!float_rows(m.kind) && n % 32)) return 1;
+  linear_row(m.kind, x, n, (const uint8_t*)m.w, m.rows, m.stride, y, bf);
+  return 0;
 }
 }  // namespace
 
@@ -2497,7 +2550,8 @@ def moe_plan(router: torch.Tensor, bias: torch.Tensor | None, score_func: str, k
              limit: float) -> MoEPlan | None:
     """The plan of a resident MoE for `moe_one`: router [E, n] float32, bias [E] or None, the routed experts' W1,
     W3, W2 stacks as (raw uint8 [E, rows, bytes], qtype) with contiguous rows, and each shared expert's (W1, W3, W2)
-    as (raw [rows, bytes], qtype). None where the call does not apply (not CPU, other dtypes or layouts)."""
+    as (raw [rows, bytes], qtype) (`plan_rows`; bf16 / float32 matrices too: their experts then run product by
+    product, and `moe_many` stands aside). None where the call does not apply (not CPU, other dtypes or layouts)."""
     score = SCORES.get(score_func)
     E, n = router.shape
     w1, w3, w2 = stacks
@@ -2508,16 +2562,17 @@ def moe_plan(router: torch.Tensor, bias: torch.Tensor | None, score_func: str, k
             or len(shared) > 4 or not 0 < k <= E or n % 32 or inter % 32
             or any(not m.is_cpu or m.dtype != torch.uint8 or m.stride(-1) != 1 for m in mats)
             or any(raw.dim() != 3 or raw.shape[0] != E for raw, _ in stacks)
-            or any(q not in BLOCK_BYTES for _, q in [*stacks, *(m for trio in shared for m in trio)])):
+            or any(q not in BLOCK_BYTES and q not in FLOAT_BYTES
+                   for _, q in [*stacks, *(m for trio in shared for m in trio)])):
         return None
     want = ((inter, n), (inter, n), (n, inter))  # W1, W3 [inter, n values], W2 [n, inter values]
     for (raw, q), (r, c) in zip(stacks, want):
-        if tuple(raw.shape[1:]) != (r, c // 32 * BLOCK_BYTES[q]):
+        if tuple(raw.shape[1:]) != (r, row_bytes(q, c)):
             return None
     for trio in shared:
         i = trio[0][0].shape[0]
         for (raw, q), (r, c) in zip(trio, ((i, n), (i, n), (n, i))):
-            if raw.dim() != 2 or tuple(raw.shape) != (r, c // 32 * BLOCK_BYTES[q]) or i % 32:
+            if raw.dim() != 2 or tuple(raw.shape) != (r, row_bytes(q, c)) or i % 32:
                 return None
     if bias is not None:
         bias = bias.contiguous()
@@ -2533,6 +2588,7 @@ def moe_plan(router: torch.Tensor, bias: torch.Tensor | None, score_func: str, k
             plan.shared_qtypes[3 * s + m] = q
         plan.shared_inter[s] = trio[0][0].shape[0]
     plan.keep = (router, bias, mats)
+    plan.plain = any(q in FLOAT_BYTES for _, q in [*stacks, *(m for trio in shared for m in trio)])  # (`moe_many`)
     return plan
 
 
@@ -2571,7 +2627,7 @@ def moe_many(plan: MoEPlan, x: torch.Tensor, weights: torch.Tensor, ids: torch.T
     `experts_many` as MoE.fused_many calls it. None where the kernels do not apply."""
     if (not x.is_cpu or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2 or x.shape[1] != plan.n
             or tuple(ids.shape) != (x.shape[0], plan.k) or tuple(weights.shape) != tuple(ids.shape)
-            or (x.requires_grad and torch.is_grad_enabled())):
+            or (x.requires_grad and torch.is_grad_enabled()) or plan.plain):  # (the int8 tiles only)
         return None
     lib = _lib()
     if lib is None:
@@ -2586,9 +2642,6 @@ def moe_many(plan: MoEPlan, x: torch.Tensor, weights: torch.Tensor, ids: torch.T
     if rc:
         raise RuntimeError(f"ds4py_moe_many failed ({rc}): an expert id outside [0, {plan.E})?")
     return out
-
-
-KIND_BF16, KIND_F32 = -16, -32  # a `Matrix` of bf16 bits / float32 values (else its ggml qtype)
 
 
 class Matrix(ctypes.Structure):
@@ -2688,15 +2741,17 @@ class ProjectPlan(ctypes.Structure):
 def project_plan(wq_a: tuple[torch.Tensor, int], q_norm: torch.Tensor, wq_b: tuple[torch.Tensor, int],
                  wkv: tuple[torch.Tensor, int], kv_norm: torch.Tensor, heads: int, head_dim: int,
                  eps: float) -> ProjectPlan | None:
-    """The plan of a layer's attention projections for `project_one`: wq_a, wq_b, wkv as (raw ggml rows, qtype)
-    (Q8_0 or MXFP4, contiguous rows), the q and kv norm weights (float32 or bf16). None where it does not apply."""
+    """The plan of a layer's attention projections for `project_one`: wq_a, wq_b, wkv as (raw rows, kind)
+    (`plan_rows`: Q8_0, MXFP4, bf16 or float32, contiguous rows), the q and kv norm weights (float32 or bf16). None
+    where it does not apply."""
     mats = (wq_a, wq_b, wkv)
+    if any(q not in ROW_KINDS for _, q in mats):
+        return None
     q_lora = q_norm.numel()
-    D = wq_a[0].shape[1] // BLOCK_BYTES.get(wq_a[1], 1) * 32
+    D = row_values(*wq_a)
     want = ((q_lora, D), (heads * head_dim, q_lora), (head_dim, D))  # [rows, values per row]
-    if any(q not in (Q8_0, MXFP4) or raw.dim() != 2 or raw.dtype != torch.uint8 or not raw.is_cpu
-           or raw.stride(1) != 1 or tuple(raw.shape) != (r, c // 32 * BLOCK_BYTES[q]) or c % 32
-           for (raw, q), (r, c) in zip(mats, want)):
+    if any(raw.dim() != 2 or raw.dtype != torch.uint8 or not raw.is_cpu or raw.stride(1) != 1
+           or tuple(raw.shape) != (r, row_bytes(q, c)) or c % 32 for (raw, q), (r, c) in zip(mats, want)):
         return None
     norms = (q_norm.contiguous(), kv_norm.contiguous())
     if (any(n.dtype not in (torch.float32, torch.bfloat16) or not n.is_cpu for n in norms)
@@ -2748,15 +2803,15 @@ class OutputPlan(ctypes.Structure):
 def output_plan(wo_a: tuple[torch.Tensor, int], wo_b: tuple[torch.Tensor, int], groups: int,
                 width: int) -> OutputPlan | None:
     """The plan of a layer's output projections for `output_one`: wo_a [groups * r, width / groups] and wo_b
-    [D, groups * r] as (raw ggml rows, qtype) of Q8_0 / MXFP4; width: heads * head_dim. None where it does not
-    apply."""
+    [D, groups * r] as (raw rows, kind) (`plan_rows`: Q8_0, MXFP4, bf16 or float32); width: heads * head_dim. None
+    where it does not apply."""
     (raw_a, qa), (raw_b, qb) = wo_a, wo_b
     n = width // groups if groups else 0
     rows_a, D = raw_a.shape[0], raw_b.shape[0]
-    if (n * groups != width or n % 32 or qa not in (Q8_0, MXFP4) or qb not in (Q8_0, MXFP4) or rows_a % groups
+    if (n * groups != width or n % 32 or qa not in ROW_KINDS or qb not in ROW_KINDS or rows_a % groups
             or rows_a % 32 or any(not r.is_cpu or r.dim() != 2 or r.dtype != torch.uint8 or r.stride(1) != 1
                                   for r in (raw_a, raw_b))
-            or raw_a.shape[1] != n // 32 * BLOCK_BYTES[qa] or raw_b.shape[1] != rows_a // 32 * BLOCK_BYTES[qb]):
+            or raw_a.shape[1] != row_bytes(qa, n) or raw_b.shape[1] != row_bytes(qb, rows_a)):
         return None
     plan = OutputPlan(groups=groups, n=n, wo_a=raw_a.data_ptr(), qa=qa, rows_a=rows_a, stride_a=raw_a.stride(0),
                       wo_b=raw_b.data_ptr(), qb=qb, D=D, stride_b=raw_b.stride(0))

@@ -90,7 +90,7 @@ class Attention:
         """`project_one`'s plan (made again if a weight was replaced), or None."""
         made_from = (self.wq_a, self.q_norm, self.wq_b, self.wkv, self.kv_norm)
         if self.plan is None or any(a is not b for a, b in zip(self.plan[0], made_from)):
-            rows = [w.kernel_rows() for w in (self.wq_a, self.wq_b, self.wkv)]
+            rows = [kernels.plan_rows(w) for w in (self.wq_a, self.wq_b, self.wkv)]
             plan = None if any(r is None for r in rows) else kernels.project_plan(
                 rows[0], self.q_norm, rows[1], rows[2], self.kv_norm, self.n_heads, self.head_dim, self.eps)
             self.plan = (made_from, plan)
@@ -110,7 +110,7 @@ class Attention:
         """The one-token output projections' plan (made again if a weight was replaced), or None."""
         plan = self.out_plan
         if plan is None or plan[0] is not self.wo_a or plan[1] is not self.wo_b:
-            rows = self.wo_a.kernel_rows(), self.wo_b.kernel_rows()
+            rows = kernels.plan_rows(self.wo_a), kernels.plan_rows(self.wo_b)
             plan = self.out_plan = (self.wo_a, self.wo_b, None if None in rows else kernels.output_plan(
                 *rows, self.o_groups, self.n_heads * self.head_dim))
         return plan[2]

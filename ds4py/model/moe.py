@@ -118,11 +118,11 @@ class MoE:
         return self.plan[1]
 
     def make_plan(self) -> kernels.MoEPlan | None:
-        stacks = [w.stack_rows() for w in (self.w1, self.w3, self.w2)]
+        stacks = [kernels.plan_rows(w) for w in (self.w1, self.w3, self.w2)]
         shared = []
         if self.shared is not None:
             w1, w2, w3 = self.shared
-            shared.append(tuple(w.kernel_rows() for w in (w1, w3, w2)))
+            shared.append(tuple(kernels.plan_rows(w) for w in (w1, w3, w2)))
         if any(r is None for r in stacks) or any(r is None for trio in shared for r in trio):
             return None
         r = self.router
