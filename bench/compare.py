@@ -2,8 +2,9 @@
 
     python bench/compare.py [--slice-layers 3] [--threads 2] [-p 512] [-n 128] [--rounds 5] [--workdir ...]
 
-Models: the `tiny` preset and a `flash-slice` (real V4 Flash shapes, few layers), both made with
-`ds4py make-model` as GGUF (Q8_0 + MXFP4 experts, like the published GGUFs) unless already present.
+Models: the bundled `nano` model (trained, bf16 weights), the `tiny` preset and a `flash-slice` (real V4 Flash
+shapes, few layers), the last two made with `ds4py make-model` as GGUF (Q8_0 + MXFP4 experts, like the published
+GGUFs) unless already present.
 llama.cpp: `llama-bench` from $LLAMA_BENCH, or PATH, or a local build of the vendored llama.cpp at
 /tmp/llbuild/bin (built outside this repository); skipped with a message when absent.
 transformers: DeepseekV4ForCausalLM with the same weights dequantized to bf16; skipped when those
@@ -185,7 +186,7 @@ def main() -> int:
     ap.add_argument("-p", type=int, default=512)
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--only", choices=["tiny", "flash-slice"], default=None)
+    ap.add_argument("--only", choices=["nano", "tiny", "flash-slice"], default=None)
     ap.add_argument("--rounds", type=int, default=1,
                     help="run ds4py, llama.cpp and transformers in turn this many times and report the median of the "
                          "rounds' ratios (a shared machine's speed drifts over minutes; adjacent runs see the same)")
@@ -193,6 +194,10 @@ def main() -> int:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     models = []
+    if args.only in (None, "nano"):  # the bundled trained model: bf16 weights (llama.cpp's deepseek4 graph fails on it)
+        import ds4py
+
+        models.append(("nano", Path(ds4py.__file__).parent / "assets" / "nano" / "nano.gguf"))
     if args.only in (None, "tiny"):
         models.append(("tiny", ensure_model(work / "tiny.gguf", "tiny", None)))
     if args.only in (None, "flash-slice"):
