@@ -1551,7 +1551,8 @@ void route_row(const float* logits, int64_t E, const float* bias, int score, int
 
 // One token x [n] (float32, or bf16 bits) through E experts (the routed ones it chose, then the shared ones):
 // out [D] = sum_e weights[e] * W2_e swiglu(W1_e x, W3_e x), float32 inside, rounded once to bf16 if outbf16.
-// Expert e's matrices are mats[3e + m] for m = W1, W3, W2, with qtypes[3e + m] (Q8_0, MXFP4 or MXFP4_R16) and
+// Expert e's matrices are mats[3e + m] for m = W1, W3, W2, with qtypes[3e + m] (Q8_0, MXFP4, MXFP4_R16, or
+// BF16_ROWS / F32_ROWS: then every expert's products one by one, `linear_row`) and
 // row strides strides[3e + m] bytes (ggml rows; R16 matrices are contiguous groups); W1/W3 have inter[e] rows of
 // n values, W2 has D rows of inter[e] values; inter[e] and D are multiples of 16.
 // One parallel pass over all gate/up rows of all experts, then one over the output rows: two thread-pool
@@ -2419,8 +2420,9 @@ def experts_one(x: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor,
                 qtypes: list[tuple[int, int, int]], weights: list[float], limit: float) -> torch.Tensor | None:
     """One token x [1, D] through several experts: sum_e weights[e] * W2 swiglu(W1 x, W3 x) -> [1, D] in x.dtype,
     each expert given as its raw ggml rows (W1, W3 [inter, D/32*bb], W2 [D, inter/32*bb]) and their qtypes, in
-    one compiled call (float32 inside, activations quantized to Q8_0 per 32 as `ggml_linear` does). None where
-    the kernels do not apply (no compiler, not on the CPU, another dtype, autograd)."""
+    one compiled call (float32 inside, activations quantized to Q8_0 per 32 as `ggml_linear` does; or plain
+    KIND_BF16 / KIND_F32 rows, `plan_rows`, multiplied in float32). None where the kernels do not apply (no
+    compiler, not on the CPU, another dtype, autograd)."""
     if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.shape[0] != 1
             or (x.requires_grad and torch.is_grad_enabled())):
         return None

@@ -151,7 +151,7 @@ class MoE:
 
     def fused_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
         """One token's routed experts (ascending id) and shared experts in one compiled call, when every matrix
-        is one the CPU kernels multiply from its blocks (GGUF Q8_0 / MXFP4); else None."""
+        is one the CPU kernels multiply from its blocks (GGUF Q8_0 / MXFP4) or plain bf16 / float32 rows; else None."""
         if not x.is_cpu:
             return None
         chosen = sorted(zip(ids[0].tolist(), weights[0].tolist()))
@@ -161,7 +161,7 @@ class MoE:
             w1, w2, w3 = self.shared
             mats.append((w1, w3, w2))
             scales.append(1.0)
-        rows = [[m.kernel_rows() for m in trio] for trio in mats]
+        rows = [[kernels.plan_rows(m) for m in trio] for trio in mats]  # (the plain matrices too, as `whole_one`'s)
         if any(r is None for trio in rows for r in trio):
             return None
         return kernels.experts_one(x, [tuple(r[0] for r in trio) for trio in rows],
