@@ -1,14 +1,18 @@
 """ds4py against llama.cpp and transformers on the same model, in one run; prints tokens/s and ratios.
 
-    python bench/compare.py [--slice-layers 3] [--threads 2] [-p 512] [-n 128] [--rounds 5] [--workdir ...]
+    python bench/compare.py [--slice-layers 3] [--slice-experts 16] [--threads 2] [-p 512] [-n 128] [--rounds 5]
+                            [--only nano|tiny|flash-slice|flash-slice-few] [--workdir ...]
 
-Models: the bundled `nano` model (trained, bf16 weights), the `tiny` preset and a `flash-slice` (real V4 Flash
-shapes, few layers), the last two made with `ds4py make-model` as GGUF (Q8_0 + MXFP4 experts, like the published
-GGUFs) unless already present.
+Models: the bundled `nano` model (trained, bf16 weights), the `tiny` preset, a `flash-slice` (real V4 Flash
+shapes, few layers) and `flash-slice-few`, the same with 16 routed experts of the real shape instead of 256 (as
+many active per token, so a decoded token's work is the flash-slice's; its bf16 weights fit transformers where
+the flash-slice's 42 GB do not), the last three made with `ds4py make-model` as GGUF (Q8_0 + MXFP4 experts, like
+the published GGUFs) unless already present.
 llama.cpp: `llama-bench` from $LLAMA_BENCH, or PATH, or a local build of the vendored llama.cpp at
 /tmp/llbuild/bin (built outside this repository); skipped with a message when absent.
 transformers: DeepseekV4ForCausalLM with the same weights dequantized to bf16; skipped when those
-would not fit in half of this machine's memory.
+would not fit in half of this machine's memory. Its prefill computes the last position's logits only
+(`logits_to_keep=1`, as its `generate` does, and as ds4py and llama-bench do).
 Each engine runs in its own process so peak RSS is its own. With --rounds N, ds4py, llama.cpp and
 transformers (where it fits) run in turn N times and the table gives the medians (each ratio: the median of
 the rounds' ratios).
@@ -124,11 +128,13 @@ ids = torch.randint(0, cfg.vocab_size, (1, p))
 with torch.no_grad():
     # warm-up with the same prompt, as ds4py bench does (the first calls build kernels and caches: a cold pass
     # read as 2-4x slower), then the median of 3 prefills, as ds4py and llama-bench report theirs
-    out = model(ids, use_cache=True)
+    out = model(ids, use_cache=True, logits_to_keep=1)
     model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
     pps = []
-    for _ in range(3):
-        t = time.perf_counter(); out = model(ids, use_cache=True); pps.append(p / (time.perf_counter() - t))
+    for _ in range(3):  # the last position's logits only, as its generate() asks for
+        t = time.perf_counter()
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        pps.append(p / (time.perf_counter() - t))
     pp = sorted(pps)[1]
     pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
     t = time.perf_counter()
@@ -162,13 +168,15 @@ def bf16_bytes(model: Path) -> int:
     return total
 
 
-def ensure_model(path: Path, preset: str, layers: int | None) -> Path:
+def ensure_model(path: Path, preset: str, layers: int | None, experts: int | None = None) -> Path:
     if not path.exists():
         print(f"making {path} ({preset}) ...", file=sys.stderr)
         t0 = time.time()
         cmd = [sys.executable, "-m", "ds4py.cli", "make-model", str(path), "--preset", preset]
         if layers:
             cmd += ["--layers", str(layers)]
+        if experts:
+            cmd += ["--routed-experts", str(experts)]
         subprocess.run(cmd, check=True, env=ds4py_env())
         print(f"  made in {time.time() - t0:.0f} s", file=sys.stderr)
     return path
@@ -186,7 +194,8 @@ def main() -> int:
     ap.add_argument("-p", type=int, default=512)
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--only", choices=["nano", "tiny", "flash-slice"], default=None)
+    ap.add_argument("--slice-experts", type=int, default=16, help="routed experts of the flash-slice-few model")
+    ap.add_argument("--only", choices=["nano", "tiny", "flash-slice", "flash-slice-few"], default=None)
     ap.add_argument("--rounds", type=int, default=1,
                     help="run ds4py, llama.cpp and transformers in turn this many times and report the median of the "
                          "rounds' ratios (a shared machine's speed drifts over minutes; adjacent runs see the same)")
@@ -203,6 +212,9 @@ def main() -> int:
     if args.only in (None, "flash-slice"):
         models.append((f"flash-slice-{args.slice_layers}L",
                        ensure_model(work / f"flash-slice-{args.slice_layers}.gguf", "flash-slice", args.slice_layers)))
+    if args.only in (None, "flash-slice-few"):
+        name = f"flash-slice-{args.slice_layers}L-{args.slice_experts}e"
+        models.append((name, ensure_model(work / f"{name}.gguf", "flash-slice", args.slice_layers, args.slice_experts)))
     llama = find_llama_bench()
     if not llama:
         print("llama-bench not found (set LLAMA_BENCH or build llama.cpp outside the repo): skipping llama.cpp",

@@ -179,7 +179,8 @@ def cmd_serve(args) -> int:
 def cmd_make_model(args) -> int:
     from ds4py.synthetic import make_model
 
-    make_model(args.out, preset=args.preset, layers=args.layers, fmt=args.format, seed=args.seed, force=args.force)
+    make_model(args.out, preset=args.preset, layers=args.layers, fmt=args.format, seed=args.seed, force=args.force,
+               routed_experts=args.routed_experts)
     return 0
 
 
@@ -254,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="number of layers (flash-slice default: 3)")
     p.add_argument("--format", default="gguf", choices=["official", "gguf"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--routed-experts", type=int, default=None,
+                   help="routed experts per MoE layer (default: the preset's; flash-slice 256), same shape and "
+                        "as many active per token")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_make_model)
 

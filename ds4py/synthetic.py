@@ -10,6 +10,7 @@ one shard; `--format gguf` then converts that checkpoint with `ds4py convert`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -122,7 +123,10 @@ def write_official(config: ModelConfig, out_dir: Path, seed: int = 0, shard_byte
 
 
 def make_model(out: str, preset: str = "tiny", layers: int | None = None, fmt: str = "gguf", seed: int = 0,
-               force: bool = False) -> Path:
+               force: bool = False, routed_experts: int | None = None) -> Path:
+    """Write the preset's random model to `out`. `routed_experts` replaces the preset's number of routed experts
+    (of the same shape; as many active per token): a flash-slice with fewer of them keeps V4 Flash's per-token
+    work at a fraction of its size (the benchmark's model for engines that hold every weight in bf16)."""
     out_path = Path(out)
     if out_path.exists() and not force:
         raise Ds4pyError(f"{out_path} already exists: choose another path or pass --force")
@@ -134,6 +138,11 @@ def make_model(out: str, preset: str = "tiny", layers: int | None = None, fmt: s
         config = flash_slice_config(layers or 3)
     else:
         raise Ds4pyError(f"unknown preset {preset!r}: use tiny or flash-slice")
+    if routed_experts is not None:
+        if routed_experts < config.num_experts_per_tok:
+            raise Ds4pyError(f"--routed-experts {routed_experts}: the {preset} preset routes each token to "
+                             f"{config.num_experts_per_tok} experts, so it needs at least that many")
+        config = dataclasses.replace(config, n_routed_experts=routed_experts)
     if fmt == "official":
         if out_path.exists():
             shutil.rmtree(out_path) if out_path.is_dir() else out_path.unlink()

@@ -128,3 +128,18 @@ def test_bench_reports_speeds_and_the_cpu_kernels(tiny, capsys):
     row = res["results"][0]
     assert row["pp_tokens"] == 8 and row["pp_tps"] > 0 and row["tg_tokens"] == 2 and row["tg_tps"] > 0
     assert res["facts"]["cpu_kernels"].startswith(kernels.isa() + ", bf16 GEMM ")
+
+
+def test_make_model_routed_experts(tmp_path, capsys):
+    # fewer routed experts of the same shape, as many active per token: the benchmark's flash-slice for engines
+    # that hold every weight in bf16
+    path = tmp_path / "few.gguf"
+    assert main(["make-model", str(path), "--preset", "tiny", "--layers", "2", "--routed-experts", "3"]) == 0
+    model = ds4py.load(str(path))
+    assert model.config.n_routed_experts == 3 and model.config.num_experts_per_tok == 2
+    assert model.source.get("layers.0.ffn.experts.w1").shape[0] == 3
+    model.generate([1, 2, 3], max_new_tokens=2, temperature=0.0)
+    assert main(["make-model", str(tmp_path / "bad.gguf"), "--preset", "tiny", "--routed-experts", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "--routed-experts 1" in err and "routes each token to 2 experts" in err
+    assert not (tmp_path / "bad.gguf").exists()
