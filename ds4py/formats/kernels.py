@@ -353,6 +353,11 @@ inline bool float_rows(int q) { return q == BF16_ROWS || q == F32_ROWS; }
 // The kinds of rows the one-token calls multiply by (`linear_row`)
 inline bool row_kind(int q) { return q == Q8_0 || q == MXFP4 || float_rows(q); }
 constexpr int TILE_T = 8;      // activation rows sharing one load of a weight block
+// `linear`'s tile height for ggml rows: AVX2's 16 registers cannot hold 8 rows' 16 accumulators with the block's
+// values, so GCC kept them all on the stack (a load and a store per block pair and row); with 4 rows a Q8_0
+// product at T = 256 (8 x 1024 rows of 4096, grouped, then 4096 rows of 8192) took 381 against 619 ms on 2 threads,
+// alternated in one process, the same bits (each row's sum does not depend on the tile)
+constexpr int ROW_TILE_T = DS4PY_AVX512 ? TILE_T : 4;
 constexpr int64_t CHUNK = 32;  // weight rows kept in cache while all activation tiles pass over them
 // A thread's share of a call must reach this many multiply-adds before the call is split over the threads: a
 // thread-pool round costs a few us, what one thread does in that time (the tiny model's matrices of a few
@@ -633,8 +638,8 @@ void linear(const Acts* acts, int64_t rg, const uint8_t* w, int64_t rows, int64_
     at::parallel_for(g0, g0 + rg, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t c0 = r0; c0 < r1; c0 += CHUNK) {
         int64_t c1 = std::min(r1, c0 + CHUNK);
-        for (int64_t t0 = 0; t0 < T; t0 += TILE_T) {
-          int tt = (int)std::min<int64_t>(TILE_T, T - t0);
+        for (int64_t t0 = 0; t0 < T; t0 += ROW_TILE_T) {
+          int tt = (int)std::min<int64_t>(ROW_TILE_T, T - t0);
           for (int64_t r = c0; r < c1; r++)
             row_tile<QT>(w + r * wstride, acts[r / rg], t0, tt, y + t0 * rows + r, rows);
         }
