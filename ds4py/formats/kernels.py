@@ -353,11 +353,13 @@ inline bool float_rows(int q) { return q == BF16_ROWS || q == F32_ROWS; }
 // The kinds of rows the one-token calls multiply by (`linear_row`)
 inline bool row_kind(int q) { return q == Q8_0 || q == MXFP4 || float_rows(q); }
 constexpr int TILE_T = 8;      // activation rows sharing one load of a weight block
-// `linear`'s tile height for ggml rows: AVX2's 16 registers cannot hold 8 rows' 16 accumulators with the block's
-// values, so GCC kept them all on the stack (a load and a store per block pair and row); with 4 rows a Q8_0
-// product at T = 256 (8 x 1024 rows of 4096, grouped, then 4096 rows of 8192) took 381 against 619 ms on 2 threads,
-// alternated in one process, the same bits (each row's sum does not depend on the tile)
-constexpr int ROW_TILE_T = DS4PY_AVX512 ? TILE_T : 4;
+// `linear`'s tile height for Q8_0 rows: AVX2's 16 registers cannot hold 8 rows' 16 accumulators with the block's
+// values, so GCC kept them all on the stack (a load and a store per block pair and row). With 4 rows, Q8_0 products
+// at T = 256 (8 x 1024 rows of 4096, grouped, then 4096 rows of 8192) and an R16 one took 432 against 729 ms on 2
+// threads, the two builds alternated in one process, the same bits (each row's sum does not depend on the tile).
+// MXFP4 rows (their nibbles looked up per block) read 40 ms with 8 rows and 42 with 4 in that run: they keep 8.
+template <int QT>
+constexpr int row_tile_t() { return DS4PY_AVX512 || QT != Q8_0 ? TILE_T : 4; }
 constexpr int64_t CHUNK = 32;  // weight rows kept in cache while all activation tiles pass over them
 // A thread's share of a call must reach this many multiply-adds before the call is split over the threads: a
 // thread-pool round costs a few us, what one thread does in that time (the tiny model's matrices of a few
@@ -626,11 +628,13 @@ void row_tile(const uint8_t* wr, const Acts& a, int64_t t0, int tt, float* y, in
 
 // y [T, rows] = rows of w times activations: row r times acts[r / rg] (groups of rg rows, each with its own
 // activations: the grouped output projection; one group: rg = rows).
-// Group by group, each group's rows split over the threads, so that the threads stream the same activations (a
-// split of all rows had them read different groups' at once: the grouped output projection at T = 256, 8 x 1024
-// rows of 4096, 410 -> 355 ms on 2 threads, as fast as 8 separate calls).
+// Group by group, each group's rows split over the threads, so that the threads stream the same activations at
+// once (a split of all rows had them read different groups'). With ds4py_ggml_linear's threaded bf16 widening,
+// the grouped output projection at T = 256 (8 x 1024 rows of 4096) went 390 -> 320 ms on 2 threads; this part's
+// own share was not measured apart.
 template <int QT>
 void linear(const Acts* acts, int64_t rg, const uint8_t* w, int64_t rows, int64_t wstride, float* y) {
+  constexpr int ROW_TILE_T = row_tile_t<QT>();
   const int64_t T = acts[0].T;
   int64_t grain = std::max<int64_t>(1, std::min<int64_t>(CHUNK, rg / (4 * at::get_num_threads())));
   grain = grain_for(acts[0].nb * 32 * T, grain);
@@ -1699,7 +1703,6 @@ namespace {
 constexpr int64_t MANY_T = 32;  // an expert with this many tokens runs through `linear`, one matrix at a time
 // ds4py_experts_many reads rows 32 at a time (rows_tile<32>), as `linear` keeps them in cache while the tiles of
 // activations pass: with 16, a long expert's activations were streamed twice as often (1.5x slower at T=256).
-
 
 // All rows of one matrix against all activation rows, as one `ggml_linear` call: y [a.T, rows].
 void matrix_linear(const uint8_t* w, int q, int64_t stride, int64_t rows, const Acts& a, const Acts16& a16, float* y) {

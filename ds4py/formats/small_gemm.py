@@ -143,7 +143,7 @@ inline void tile8(const float* xo, const float* xe, int64_t kh, const uint32_t* 
     }
   }
   // constant trip counts: with a data-dependent exit GCC keeps acc in memory, stored on every step of the loop
-  // above (2.5x slower)
+  // above (a 256 x 256 product at T = 256 28 against 52 GF/s on one thread)
   alignas(32) float f[R][16];
   for (int r = 0; r < R; r++) {
     _mm256_store_ps(f[r], acc[r][0]);
