@@ -826,10 +826,17 @@ void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t y
       std::memcpy(g4, qc, 32);
       const __m256 sd = _mm256_set1_ps(d0[t * a.nb + b]);
       for (int h = 0; h < 2; h++) {
+        // the products' pairs summed in int16, four vpmaddubsw at a time, before one vpmaddwd: each pair is at
+        // most 2 * 24 * 128 = 6144, four 24576 < 32767, so the int32 dot is the same exact sum
+        const __m256i ones = _mm256_set1_epi16(1);
         __m256i dot = _mm256_set1_epi32(c0[t * a.nb + b]);
-        for (int v = 0; v < 4; v++) {
-          dot = _mm256_add_epi32(dot, dot4(lo[v][h], _mm256_set1_epi32(g4[v])));
-          dot = _mm256_add_epi32(dot, dot4(hi[v][h], _mm256_set1_epi32(g4[4 + v])));
+        for (int k = 0; k < 4; k += 2) {
+          const __m256i p = _mm256_add_epi16(
+              _mm256_add_epi16(_mm256_maddubs_epi16(lo[k][h], _mm256_set1_epi32(g4[k])),
+                               _mm256_maddubs_epi16(hi[k][h], _mm256_set1_epi32(g4[4 + k]))),
+              _mm256_add_epi16(_mm256_maddubs_epi16(lo[k + 1][h], _mm256_set1_epi32(g4[k + 1])),
+                               _mm256_maddubs_epi16(hi[k + 1][h], _mm256_set1_epi32(g4[5 + k]))));
+          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(p, ones));
         }
         acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw[h], sd), acc[t][h]);
       }
