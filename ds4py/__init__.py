@@ -39,7 +39,10 @@ def load(path, device: str = "cpu", dtype: str = "float32", ctx: int | None = No
 
         source = open_weights(path)
     from ds4py.memory.expert_cache import ExpertCache
+    from ds4py.memory.heap import retain_freed_memory
     from ds4py.memory.plan import parse_size, plan_memory
+
+    retain_freed_memory()  # prefill's large temporaries reused, not faulted in again page by page
 
     compute_size = torch.tensor([], dtype=getattr(torch, DTYPES[dtype])).element_size()
     plan = plan_memory(source, parse_size(memory_budget), compute_size=compute_size)
