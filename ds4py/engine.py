@@ -28,10 +28,17 @@ class Step:
 
 
 def default_prefill_chunk(config: ModelConfig) -> int:
-    """Tokens per prefill chunk: 256 at V4 Flash's width; a narrow model's chunks grow until they hold 64K hidden
-    values (at most 1024 tokens), since there a chunk's fixed cost (~1000 calls from Python, ~2-3 ms on 2 cores)
-    is a large part of its time: the tiny preset's 512-token prompt ran 43 -> 48K tok/s as one chunk."""
-    return min(1024, max(256, (1 << 16) // config.hidden_size))
+    """Tokens per prefill chunk: 256 at V4 Flash's width, 512 where a chunk of 256 would give each routed expert
+    fewer than 8 tokens (256 experts, 6 active: all of a layer's experts are read once per chunk, so fewer chunks
+    read less); a narrow model's chunks grow until they hold 64K hidden values (at most 1024 tokens), since there a
+    chunk's fixed cost (~1000 calls from Python, ~2-3 ms on 2 cores) is a large part of its time: the tiny preset's
+    512-token prompt ran 43 -> 48K tok/s as one chunk. On 2 Zen 5 cores, alternated (pp512 tok/s, 256 / 512 tokens
+    a chunk): flash-slice, 256 experts, 326 / 354; flash-slice-few, 16 experts, 366 / 343 (pp1024 on the
+    flash-slice: 372 / 369 with chunks of 512 / 1024)."""
+    chunk = max(256, (1 << 16) // config.hidden_size)
+    if 256 * config.num_experts_per_tok < 8 * config.n_routed_experts:
+        chunk = max(chunk, 512)
+    return min(1024, chunk)
 
 
 class Model:

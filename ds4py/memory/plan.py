@@ -162,9 +162,14 @@ def available_memory() -> int | None:
     return avail
 
 
-def working_memory(config, prefill_chunk: int = 256) -> int:
+def working_memory(config, prefill_chunk: int | None = None) -> int:
     """Bytes to keep free beside the weights: a prefill chunk's logits (float32, plus a copy) and its
-    activations (hc_mult streams of hidden floats, ~16 live copies), plus 32 MiB of slack."""
+    activations (hc_mult streams of hidden floats, ~16 live copies), plus 32 MiB of slack; the chunk the
+    engine takes by default unless given."""
+    if prefill_chunk is None:
+        from ds4py.engine import default_prefill_chunk
+
+        prefill_chunk = default_prefill_chunk(config)
     logits = prefill_chunk * config.vocab_size * 4 * 2
     activations = prefill_chunk * config.hidden_size * config.hc_mult * 4 * 16
     return 32 * 2**20 + logits + activations
