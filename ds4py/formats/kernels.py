@@ -955,6 +955,21 @@ extern "C" int ds4py_ggml_linear(int qtype, const void* x, int xbf16, int64_t T,
 }
 
 namespace {
+#if DS4PY_AVX512
+// One Q8_0 block -> 32 bf16: the scalar loop's operations 16 lanes at a time (d * q in float32, then the same
+// integer round to nearest even), so the same bits. A 4096 x 4096 matrix took 2.95 ms on 2 Zen 5 cores scalar.
+inline void q8_0_block_bf16(const uint8_t* blk, uint16_t* o) {
+  const __m512 d = _mm512_set1_ps(half_at(blk));
+  for (int h = 0; h < 2; h++) {
+    const __m128i q = _mm_loadu_si128((const __m128i*)(blk + 2 + 16 * h));
+    const __m512i u = _mm512_castps_si512(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q))));
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    _mm256_storeu_si256((__m256i*)(o + 16 * h), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+  }
+}
+#endif
+
 template <int QT, typename Out>
 void dequant(const uint8_t* w, int64_t rows, int64_t wstride, int64_t n, Out* out) {
   constexpr int64_t BB = QT == Q8_0 ? 34 : 17;
@@ -963,6 +978,12 @@ void dequant(const uint8_t* w, int64_t rows, int64_t wstride, int64_t n, Out* ou
     for (int64_t r = r0; r < r1; r++) {
       for (int64_t b = 0; b < n / 32; b++) {
         const uint8_t* blk = w + r * wstride + b * BB;
+#if DS4PY_AVX512
+        if constexpr (QT == Q8_0 && sizeof(Out) == 2) {
+          q8_0_block_bf16(blk, (uint16_t*)out + r * n + b * 32);
+          continue;
+        }
+#endif
         if (QT == Q8_0) {
           float d = half_at(blk);
           for (int i = 0; i < 32; i++) v[i] = d * (float)(int8_t)blk[2 + i];

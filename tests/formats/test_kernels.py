@@ -146,6 +146,15 @@ def test_compiled_dequantize_and_long_bf16_prompts_are_exact(lib, monkeypatch):
         big = random_weight(qtype, 1024, 96, gen)  # 98304 values: dequantized per call
         assert torch.equal(big.linear(x), kernels.ggml_linear(x, big.raw, int(qtype))) and big.bf16 is None
         assert w.linear(x[:3]).shape == (3, 48)  # short inputs: the packed kernel, not the copy
+    # every int8 code and random finite fp16 scales, subnormal to 65504 (many products exactly halfway between two
+    # bf16 values: ties to even): the vectorized Q8_0 -> bf16 rounding against torch's
+    blocks = torch.randint(0, 256, (64, 40, 34), dtype=torch.uint8, generator=gen)
+    scales = blocks[..., :2].contiguous().view(torch.float16)
+    finite = torch.randn(scales.shape, generator=gen).mul(2.0 ** torch.randint(-24, 16, scales.shape, generator=gen))
+    blocks[..., :2] = finite.clamp(-65504, 65504).half().view(torch.uint8).reshape(64, 40, 2)
+    w = GGMLWeight(Q.Q8_0, blocks.reshape(64, -1), (64, 40 * 32))
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(kernels.dequantize(w.raw, int(Q.Q8_0), dtype), w.dequantize(dtype))
 
 
 @pytest.mark.parametrize("generic", [False, True], ids=["simd", "portable"])
