@@ -27,16 +27,17 @@ class Step:
     logits: torch.Tensor  # [vocab] float32, the raw logits before sampling
 
 
-def default_prefill_chunk(config: ModelConfig) -> int:
-    """Tokens per prefill chunk: 256 at V4 Flash's width, 512 where a chunk of 256 would give each routed expert
-    fewer than 8 tokens (256 experts, 6 active: all of a layer's experts are read once per chunk, so fewer chunks
-    read less); a narrow model's chunks grow until they hold 64K hidden values (at most 1024 tokens), since there a
-    chunk's fixed cost (~1000 calls from Python, ~2-3 ms on 2 cores) is a large part of its time: the tiny preset's
-    512-token prompt ran 43 -> 48K tok/s as one chunk. On 2 Zen 5 cores, alternated (pp512 tok/s, 256 / 512 tokens
-    a chunk): flash-slice, 256 experts, 326 / 354; flash-slice-few, 16 experts, 366 / 343 (pp1024 on the
-    flash-slice: 372 / 369 with chunks of 512 / 1024)."""
+def default_prefill_chunk(config: ModelConfig, streaming: bool = False) -> int:
+    """Tokens per prefill chunk: 256 at V4 Flash's width; a narrow model's chunks grow until they hold 64K hidden
+    values (at most 1024 tokens), since there a chunk's fixed cost (~1000 calls from Python, ~2-3 ms on 2 cores)
+    is a large part of its time: the tiny preset's 512-token prompt ran 43 -> 48K tok/s as one chunk.
+    With the weights resident (not `streaming`: there memory is what binds, and a chunk's working memory grows with
+    it), 512 where a chunk of 256 would give each routed expert fewer than 8 tokens (256 experts, 6 active: all of a
+    layer's experts are read once per chunk, so fewer chunks read less). On 2 Zen 5 cores, alternated (pp512 tok/s,
+    chunks of 256 / 512): flash-slice, 256 experts, 326 / 354; flash-slice-few, 16 experts, 366 / 343 (pp1024 on
+    the flash-slice: 372 / 369 with chunks of 512 / 1024)."""
     chunk = max(256, (1 << 16) // config.hidden_size)
-    if 256 * config.num_experts_per_tok < 8 * config.n_routed_experts:
+    if not streaming and 256 * config.num_experts_per_tok < 8 * config.n_routed_experts:
         chunk = max(chunk, 512)
     return min(1024, chunk)
 

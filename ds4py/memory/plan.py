@@ -44,6 +44,7 @@ class MemoryPlan:
     layers: int = 0                      # stream-layers: the model's layers
     kept_layers: tuple[int, ...] = ()    # stream-layers: the layers built once and kept
     streamed_bytes: int = 0              # stream-layers: the other layers' bytes, read per forward step
+    prefill_chunk: int | None = None     # the chunk the working memory was planned for (None: the engine's default)
 
     def describe(self) -> str:
         if self.mode == "resident":
@@ -162,14 +163,14 @@ def available_memory() -> int | None:
     return avail
 
 
-def working_memory(config, prefill_chunk: int | None = None) -> int:
+def working_memory(config, prefill_chunk: int | None = None, streaming: bool = False) -> int:
     """Bytes to keep free beside the weights: a prefill chunk's logits (float32, plus a copy) and its
-    activations (hc_mult streams of hidden floats, ~16 live copies), plus 32 MiB of slack; the chunk the
-    engine takes by default unless given."""
+    activations (hc_mult streams of hidden floats, ~16 live copies), plus 32 MiB of slack; unless given, the
+    chunk the engine takes by default with the weights resident or (`streaming`) streamed."""
     if prefill_chunk is None:
         from ds4py.engine import default_prefill_chunk
 
-        prefill_chunk = default_prefill_chunk(config)
+        prefill_chunk = default_prefill_chunk(config, streaming)
     logits = prefill_chunk * config.vocab_size * 4 * 2
     activations = prefill_chunk * config.hidden_size * config.hc_mult * 4 * 16
     return 32 * 2**20 + logits + activations
@@ -184,28 +185,35 @@ def plan_memory(source: WeightSource, budget: int | None, overhead: int | None =
     now, else plan for most of what is available (instead of dying)."""
     sizes = weight_sizes(source, compute_size)
     resident, experts = sizes.non_expert, sizes.experts
-    if overhead is None:
-        overhead = working_memory(source.config)
+    # the resident modes' chunk may be larger than the streaming modes' (`default_prefill_chunk`)
+    from ds4py.engine import default_prefill_chunk
+
+    wide, narrow = default_prefill_chunk(source.config), default_prefill_chunk(source.config, streaming=True)
+    wide_overhead = overhead if overhead is not None else working_memory(source.config, wide)
+    narrow_overhead = overhead if overhead is not None else working_memory(source.config, narrow)
     if budget is None:
         avail = available_memory()
-        if avail is None or resident + experts + overhead <= avail * 0.9 or not source.expert_readers:
-            return MemoryPlan("resident", None, resident, experts)
+        if avail is None or resident + experts + wide_overhead <= avail * 0.9 or not source.expert_readers:
+            return MemoryPlan("resident", None, resident, experts, prefill_chunk=wide)
         plan = plan_memory(source, int(avail * 0.8), overhead, compute_size)
         plan.reason = (f"the weights ({(resident + experts) / 2**30:.1f} GiB) do not fit in the "
                        f"{avail / 2**30:.1f} GiB available")
         return plan
-    if resident + experts + overhead <= budget:
-        return MemoryPlan("resident", budget, resident, experts)
+    for chunk, extra in ((wide, wide_overhead), (narrow, narrow_overhead)):
+        if resident + experts + extra <= budget:
+            return MemoryPlan("resident", budget, resident, experts, prefill_chunk=chunk)
     if not source.expert_readers:
         raise Ds4pyError(
             f"the weights need {(resident + experts) / 2**30:.2f} GiB, over the memory budget of "
             f"{budget / 2**30:.2f} GiB, and {source.path} cannot stream its experts: use a GGUF file, or raise "
             "--memory-budget"
         )
-    cache = budget - resident - overhead
+    cache = budget - resident - narrow_overhead
     if cache >= max(sizes.min_cache, 1):
-        return MemoryPlan("stream-experts", budget, resident, experts, cache_bytes=cache)
-    return plan_layers(sizes, budget, overhead, compute_size)
+        return MemoryPlan("stream-experts", budget, resident, experts, cache_bytes=cache, prefill_chunk=narrow)
+    plan = plan_layers(sizes, budget, narrow_overhead, compute_size)
+    plan.prefill_chunk = narrow
+    return plan
 
 
 def plan_layers(sizes: WeightSizes, budget: int, overhead: int, compute_size: int) -> MemoryPlan:

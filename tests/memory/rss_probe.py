@@ -41,7 +41,7 @@ def main() -> None:
     plan = model.memory_plan
     print(json.dumps({"baseline": base, "peak": peak, "mode": plan.mode, "describe": plan.describe(),
                       "weights": sum(weight_bytes(src)), "non_expert": weight_bytes(src, 4)[0],
-                      "working": working_memory(src.config), "cache": plan.cache_bytes,
+                      "working": working_memory(src.config, plan.prefill_chunk), "cache": plan.cache_bytes,
                       "kept_layers": plan.kept_layers,
                       "stats": model.expert_cache.stats.as_dict() if model.expert_cache else None,
                       "layer_stats": model.layer_stream.stats.as_dict() if model.layer_stream else None}))

@@ -63,3 +63,27 @@ def test_without_expert_streaming_there_is_no_streaming_mode():
     weights = random_weights(CONFIG, seed=4)
     with pytest.raises(Ds4pyError, match="cannot stream its experts"):
         plan_memory(from_tensors(CONFIG, weights), FLOOR)
+
+
+def test_prefill_chunk_follows_the_mode():
+    """With many routed experts a resident model prefills in chunks of 512 (`default_prefill_chunk`); a budget
+    that fits the weights only with the smaller chunk's working memory keeps them resident at that chunk, and the
+    streaming modes plan and run at it."""
+    import dataclasses
+
+    from ds4py.engine import default_prefill_chunk
+
+    config = dataclasses.replace(CONFIG, hidden_size=256, n_routed_experts=128, num_experts_per_tok=2)
+    source = streaming_source(config, random_weights(config, seed=4))
+    sizes = weight_sizes(source, 4)
+    assert (default_prefill_chunk(config), default_prefill_chunk(config, streaming=True)) == (512, 256)
+    wide, narrow = working_memory(config, 512), working_memory(config, 256)
+    assert working_memory(config) == wide and working_memory(config, streaming=True) == narrow
+    everything = sizes.non_expert + sizes.experts
+    plan = plan_memory(source, everything + wide)
+    assert (plan.mode, plan.prefill_chunk) == ("resident", 512)
+    plan = plan_memory(source, everything + narrow)
+    assert (plan.mode, plan.prefill_chunk) == ("resident", 256)
+    plan = plan_memory(source, everything + narrow - 1)
+    assert (plan.mode, plan.prefill_chunk) == ("stream-experts", 256)
+    assert plan.cache_bytes == sizes.experts - 1
