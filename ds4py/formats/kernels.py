@@ -16,9 +16,9 @@ fallback), when the tensors are not on the CPU, or when DS4PY_NO_KERNELS=1, the 
 The SIMD code is AVX512-VNNI's, or on CPUs with AVX2 + FMA only its operations in 256-bit halves (the same
 values, `isa`); DS4PY_KERNELS_GENERIC=1 builds the portable loop instead (for testing it).
 
-For bf16 activations with >= BF16_GEMM_MIN_T rows (long prompts) on CPUs with a native bf16 GEMM
-(`bf16_gemm_native`) `ggml_linear` instead dequantizes W to bf16 with the compiled `dequantize` and calls that
-GEMM: exactly F.linear(x, W.dequantize(torch.bfloat16)).
+For bf16 activations with >= BF16_GEMM_MIN_T rows (long prompts; for large matrices >= BF16_LINEAR_MIN_T,
+`bf16_gemm_min_t`) on CPUs with a native bf16 GEMM (`bf16_gemm_native`) `ggml_linear` instead dequantizes W to
+bf16 with the compiled `dequantize` and calls that GEMM: exactly F.linear(x, W.dequantize(torch.bfloat16)).
 
 On a CUDA device `ggml_linear` and `bf16_linear` take the Triton kernels of `ds4py.formats.gpu_kernels` instead.
 """
@@ -79,6 +79,11 @@ FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 # 2 Zen4 cores) and uses the bf16 GEMM: measured equal at T=128, 1.8x faster than the int8 kernel at T=512. Only
 # where the CPU has a native bf16 GEMM (`bf16_gemm_native`); small matrices take `small_gemm` from here on anyway.
 BF16_GEMM_MIN_T = 256
+# Large matrices (BF16_GEMM_MIN_VALUES values or more) take that path from fewer rows: with freed memory kept
+# (`memory.heap`) and the AVX512 dequantize a 4096 x 4096 matrix costs ~1 ms, not ~11. int8 kernel / bf16 path
+# time on 2 Zen 5 cores, T = 16 / 32 / 64: 4096 x 4096 1.12 / 1.56 / 2.39, 4096 x 8192 1.18 / 1.65 / 2.86, 1024 x
+# 4096 1.43 / 1.83 / 2.66, 32768 x 1024 0.61 / 0.77 / 1.28 (its dequantize, 2 ms, is most of a short product).
+BF16_LINEAR_MIN_T = 64
 # A prompt's routed expert goes to that GEMM (one call per expert, from Python) only when its matrices hold this
 # many values: V4 Flash's 2048 x 4096; the tiny preset's 32 x 64 stay in the layer's one grouped call (a 512-token
 # chunk's MoE 0.4 ms there, ~3 ms through the per-expert loop).
@@ -2083,7 +2088,7 @@ _BF16_NATIVE: list[bool] = []
 
 def bf16_gemm_native() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX-BF16: oneDNN's bf16 GEMM). There a long
-    bf16 prompt's large products dequantize W to bf16 and take that GEMM (`BF16_GEMM_MIN_T`); elsewhere they stay in
+    bf16 prompt's large products dequantize W to bf16 and take that GEMM (`bf16_gemm_min_t`); elsewhere they stay in
     the int8 kernels, as decoding does: on AVX2 torch's bf16 GEMM took 451 ms for a 4096 x 4096 Q8_0 matrix at
     T = 256, the int8 kernel 86 (2 cores). DS4PY_BF16_GEMM=1 or 0 decides instead (for tests)."""
     forced = os.environ.get("DS4PY_BF16_GEMM", "")  # read only for long prompts' large products
@@ -2287,6 +2292,12 @@ def contiguous_rows(raw: torch.Tensor, qtype: int) -> torch.Tensor:
     return raw if raw.stride(1) == 1 else raw.contiguous()
 
 
+def bf16_gemm_min_t(values: int) -> int:
+    """The bf16 activation rows from which a Q8_0 / MXFP4 matrix of `values` values is dequantized for the bf16
+    GEMM (where the CPU has it natively)."""
+    return BF16_LINEAR_MIN_T if values >= BF16_GEMM_MIN_VALUES else BF16_GEMM_MIN_T
+
+
 def ggml_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
     """x [..., in] @ W.T for W = raw ggml Q8_0 / MXFP4 rows [out, in/32*block_bytes] (or MXFP4_R16 groups) ->
     [..., out] in x.dtype (computed in float32). Falls back to `fallback_linear` off the CPU, with autograd, or
@@ -2312,7 +2323,7 @@ def ggml_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
     if lib is None:
         return fallback_linear(x, raw, qtype)
     T = x.numel() // n if n else 0
-    if dtype == torch.bfloat16 and T >= BF16_GEMM_MIN_T and bf16_gemm_native():
+    if dtype == torch.bfloat16 and T >= bf16_gemm_min_t(rows * n) and bf16_gemm_native():
         # long bf16 prompts: one fast dequantize to bf16, then the bf16 GEMM beats the per-block int8 kernel
         return F.linear(x, dequantize(raw, qtype, torch.bfloat16))
     xk = x.float() if dtype == torch.float16 else x
@@ -2350,7 +2361,7 @@ def ggml_grouped_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch
         return None
     if not (x.is_cpu and raw.is_cpu and x.dtype in (torch.float32, torch.bfloat16)) or (
             x.requires_grad and torch.is_grad_enabled()) or (
-            x.dtype == torch.bfloat16 and T >= BF16_GEMM_MIN_T and bf16_gemm_native()):
+            x.dtype == torch.bfloat16 and T >= bf16_gemm_min_t(raw.shape[0] // groups * n) and bf16_gemm_native()):
         return None
     lib = _lib()
     if lib is None:

@@ -208,6 +208,30 @@ def test_grouped_linear_equals_the_groups_one_by_one(lib, monkeypatch, qtype, ge
     assert kernels.ggml_grouped_linear(torch.randn(1, 3, 64), w.raw, int(qtype)) is None
 
 
+def test_large_matrices_take_the_bf16_gemm_from_fewer_rows(lib, monkeypatch):
+    """A matrix of BF16_GEMM_MIN_VALUES values or more is dequantized for the bf16 GEMM from BF16_LINEAR_MIN_T bf16
+    rows (F.linear's values exactly), below that the int8 kernel (the float32 input's values, rounded); smaller
+    matrices keep BF16_GEMM_MIN_T. The grouped call stands aside where each group's matrix would take the GEMM."""
+    monkeypatch.setenv("DS4PY_BF16_GEMM", "1")
+    gen = torch.Generator().manual_seed(11)
+    t = kernels.BF16_LINEAR_MIN_T
+    assert t < kernels.BF16_GEMM_MIN_T
+    for qtype in (Q.Q8_0, Q.MXFP4):
+        w = random_weight(qtype, kernels.BF16_GEMM_MIN_VALUES // 256, 256, gen)  # 4096 x 256
+        small = random_weight(qtype, 64, 256, gen)
+        for rows in (t - 1, t):
+            x = torch.randn(rows, 256, generator=gen).bfloat16()
+            y = kernels.ggml_linear(x, w.raw, int(qtype))
+            gemm = F.linear(x, w.dequantize(torch.bfloat16))
+            int8 = kernels.ggml_linear(x.float(), w.raw, int(qtype)).bfloat16()
+            assert torch.equal(y, gemm if rows == t else int8) and not torch.equal(gemm, int8)
+            assert torch.equal(kernels.ggml_linear(x, small.raw, int(qtype)),
+                               kernels.ggml_linear(x.float(), small.raw, int(qtype)).bfloat16())
+        x = torch.randn(t, 2, 256, generator=gen).bfloat16()
+        assert kernels.ggml_grouped_linear(x, torch.cat([w.raw, w.raw]), int(qtype)) is None
+        assert kernels.ggml_grouped_linear(x[:-1], torch.cat([w.raw, w.raw]), int(qtype)) is not None
+
+
 def test_experts_one_equals_the_kernel_matmuls_one_by_one(lib):
     """The fused one-token MoE call: the same activation quantization and int8 dot products as three
     `ggml_linear` calls per expert, so equal to them up to float32 rounding (swiglu, the sum's order)."""
