@@ -179,8 +179,9 @@ class MoE:
         # an expert with as many tokens as a long bf16 prompt is faster as a bf16 GEMM (`kernels.ggml_linear`)
         # where its matrices are large
         # (only where the CPU has a native bf16 GEMM: elsewhere large experts stay in the int8 call)
-        long_bf16 = x.dtype == torch.bfloat16 and T >= kernels.BF16_GEMM_MIN_T
-        large = self.w1.shape[-2] * self.w1.shape[-1] >= kernels.BF16_GEMM_MIN_VALUES
+        values = self.w1.shape[-2] * self.w1.shape[-1]
+        long_bf16 = x.dtype == torch.bfloat16 and T >= kernels.bf16_gemm_min_t(values)
+        large = values >= kernels.BF16_GEMM_MIN_VALUES
         big = long_bf16 and large and kernels.bf16_gemm_native()
         gemm = long_bf16 and (big or not large)
         if gemm and not big:  # small experts: routed and shared in one call over their bf16 copies

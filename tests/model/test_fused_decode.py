@@ -278,6 +278,27 @@ def test_whole_chunk_expert_takes_the_gemm_only_when_its_matrices_are_large(mode
     assert rel(int8.float(), exact) < 3e-2
 
 
+def test_mid_length_chunk_of_large_experts_takes_the_shared_expert_through_the_gemm(model, monkeypatch):
+    """A bf16 chunk of BF16_LINEAR_MIN_T..BF16_GEMM_MIN_T tokens with large experts (here: the threshold lowered) and
+    a native bf16 GEMM (here: said to have): the routed experts in the one int8 call, the shared one through its
+    matrices' bf16 GEMM; small experts keep the one int8 call for both."""
+    monkeypatch.setenv("DS4PY_BF16_GEMM", "1")
+    gen = torch.Generator().manual_seed(23)
+    T = (kernels.BF16_LINEAR_MIN_T + kernels.BF16_GEMM_MIN_T) // 2
+    x = torch.randn(T, model.config.hidden_size, generator=gen).bfloat16()
+    token_ids = torch.randint(0, model.config.vocab_size, (T,), generator=gen)
+    block = model.transformer.blocks[1]
+    ran = []
+    real_many = kernels.moe_many
+    monkeypatch.setattr(kernels, "moe_many", lambda *a, **k: ran.append(k.get("shared")) or real_many(*a, **k))
+    small = block.ffn(x, token_ids)
+    monkeypatch.setattr(kernels, "BF16_GEMM_MIN_VALUES", 1)
+    large = block.ffn(x, token_ids)
+    assert ran == [True, False]
+    exact = block.ffn(x.float(), token_ids)
+    assert rel(large.float(), exact) < 3e-2 and rel(small.float(), exact) < 3e-2
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_compressor_and_indexer_one_token_calls_equal_the_plain_ones(model, monkeypatch, dtype):
     """Decoding runs each compressor's token in one step (its projections into the pending window in place, a
