@@ -1,6 +1,7 @@
 """ds4py against llama.cpp and transformers on the same model, in one run; prints tokens/s and ratios.
 
     python bench/compare.py [--slice-layers 3] [--slice-experts 16] [--threads 2] [-p 512] [-n 128] [--rounds 5]
+                            [--depth 4096]
                             [--only nano|tiny|flash-slice|flash-slice-few] [--workdir ...]
 
 Models: the bundled `nano` model (trained, bf16 weights), the `tiny` preset, a `flash-slice` (real V4 Flash
@@ -66,9 +67,10 @@ def ds4py_version() -> str:
     return f"{root}" + (f" @ {head}" if head else "")
 
 
-def run_ds4py(model: Path, p: int, n: int, threads: int, repeats: int) -> dict:
+def run_ds4py(model: Path, p: int, n: int, threads: int, repeats: int, depth: int = 0) -> dict:
     cmd = [sys.executable, "-m", "ds4py.cli", "bench", str(model), "-p", str(p), "-n", str(n),
-           "--threads", str(threads), "--repeats", str(repeats), "--json", "--dtype", "bfloat16"]
+           "--threads", str(threads), "--repeats", str(repeats), "--json", "--dtype", "bfloat16",
+           "--depths", str(depth)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ds4py_env())
     if proc.returncode != 0:
         return {"error": error_lines(proc)}
@@ -88,8 +90,9 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     return picked + [f"(exit {code}" + (f", signal {-code})" if code < 0 else ")")]
 
 
-def run_llama(bench: str, model: Path, p: int, n: int, threads: int, repeats: int) -> dict:
-    cmd = [bench, "-m", str(model), "-p", str(p), "-n", str(n), "-t", str(threads), "-r", str(repeats), "-o", "json"]
+def run_llama(bench: str, model: Path, p: int, n: int, threads: int, repeats: int, depth: int = 0) -> dict:
+    cmd = [bench, "-m", str(model), "-p", str(p), "-n", str(n), "-t", str(threads), "-r", str(repeats), "-o", "json",
+           "-d", str(depth)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": error_lines(proc)}
@@ -196,6 +199,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--slice-experts", type=int, default=16, help="routed experts of the flash-slice-few model")
     ap.add_argument("--only", choices=["nano", "tiny", "flash-slice", "flash-slice-few"], default=None)
+    ap.add_argument("--depth", type=int, default=0,
+                    help="tokens already in the context when pp and tg are timed (ds4py bench --depths, llama-bench "
+                         "-d; transformers runs at depth 0 only and is skipped otherwise)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run ds4py, llama.cpp and transformers in turn this many times and report the median of the "
                          "rounds' ratios (a shared machine's speed drifts over minutes; adjacent runs see the same)")
@@ -228,21 +234,23 @@ def main() -> int:
     from ds4py.bench import cpu_kernels
 
     print(f"ds4py from {ds4py_version()}; CPU kernels: {cpu_kernels()}", file=sys.stderr)
-    print(f"threads {args.threads}, pp{args.p}, tg{args.n}, median of {args.repeats} "
+    at = f" @ d{args.depth}" if args.depth else ""
+    print(f"threads {args.threads}, pp{args.p}, tg{args.n}{at}, median of {args.repeats} "
           "(transformers: warmed up, pp the median of 3 per round)")
     print("| model | test | ds4py t/s | llama.cpp t/s | ds4py/llama.cpp | transformers t/s | ds4py/transformers |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for label, path in models:
         hf_p, hf_n = min(args.p, 512), min(args.n, 32)
-        hf_fits = bf16_bytes(path) < mem / 2
+        hf_fits = bf16_bytes(path) < mem / 2 and not args.depth
         rounds = []  # per round: ds4py, llama.cpp, transformers (each run in turn, so a round sees one speed)
         for _ in range(max(args.rounds, 1)):
-            ours = run_ds4py(path, args.p, args.n, args.threads, args.repeats)
-            theirs = run_llama(llama, path, args.p, args.n, args.threads, args.repeats) if llama else {}
+            ours = run_ds4py(path, args.p, args.n, args.threads, args.repeats, args.depth)
+            theirs = run_llama(llama, path, args.p, args.n, args.threads, args.repeats, args.depth) if llama else {}
             if hf_fits:
                 hf = run_transformers(path, hf_p, hf_n, args.threads)
             else:
-                hf = {"error": ["bf16 weights exceed half the machine's memory"]}
+                why = "not run at a depth" if args.depth else "bf16 weights exceed half the machine's memory"
+                hf = {"error": [why]}
             rounds.append((ours, theirs, hf))
         ours, theirs, hf = (dict(r) for r in rounds[0])
         ratio = {}  # (peer, test): the median of the rounds' ratios
@@ -271,7 +279,7 @@ def main() -> int:
             same = hf_size == n
             r2 = (ratio.get(("transformers", test)) or a / c) if a and c and same else None
             c_txt = fmt(c) if same else fmt(c, f" ({test}{hf_size})")
-            print(f"| {label} | {test}{n} | {fmt(a)} | {fmt(b)} | {fmt(r1, 'x')} | {c_txt} | {fmt(r2, 'x')} |")
+            print(f"| {label} | {test}{n}{at} | {fmt(a)} | {fmt(b)} | {fmt(r1, 'x')} | {c_txt} | {fmt(r2, 'x')} |")
         for name, res in (("ds4py", ours), ("llama.cpp", theirs), ("transformers", hf)):
             if "error" in res:
                 print(f"  {label}: {name} failed/skipped: {' | '.join(res['error'])}", file=sys.stderr)
