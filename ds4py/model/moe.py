@@ -184,20 +184,24 @@ class MoE:
         large = values >= kernels.BF16_GEMM_MIN_VALUES
         big = long_bf16 and large and kernels.bf16_gemm_native()
         gemm = long_bf16 and (big or not large)
+        # a routed expert with a whole long chunk's tokens leaves the one call for its own GEMM, but not from R16
+        # stacks: their tiles beat dequantize + GEMM at every chunk size (`kernels.bf16_gemm_min_t`)
+        stack = self.w1.stack_rows()
+        hot_gemm = big and not (stack is not None and stack[1] == kernels.MXFP4_R16)
         if gemm and not big:  # small experts: routed and shared in one call over their bf16 copies
             packed = self.small_experts()
             out = None if packed is None else small_gemm.moe(packed, x, weights, ids, self.swiglu_limit)
             if out is not None:
                 return out
         plan = self.current_plan()  # resident stacks: the grouping and the call in C (the same pairs as below)
-        if plan is not None and not (big and int(torch.bincount(ids.flatten()).max()) >= kernels.BF16_GEMM_MIN_T):
+        if plan is not None and not (hot_gemm and int(torch.bincount(ids.flatten()).max()) >= kernels.BF16_GEMM_MIN_T):
             out = kernels.moe_many(plan, x, weights, ids, shared=not gemm)
             if out is not None:
                 return self.add_shared(x, out) if gemm else out
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)  # pairs by expert, tokens ascending within one
         experts, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
-        if big and int(counts.max()) >= kernels.BF16_GEMM_MIN_T:
+        if hot_gemm and int(counts.max()) >= kernels.BF16_GEMM_MIN_T:
             return None  # (a routed expert chosen by a whole chunk: rare; the loop takes it)
         tokens, pair_weights = order // ids.shape[1], weights.flatten()[order]
         jobs = [(partial(self.routed_trio, e), c) for e, c in zip(experts.tolist(), counts.tolist())]

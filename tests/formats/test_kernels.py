@@ -209,27 +209,34 @@ def test_grouped_linear_equals_the_groups_one_by_one(lib, monkeypatch, qtype, ge
 
 
 def test_large_matrices_take_the_bf16_gemm_from_fewer_rows(lib, monkeypatch):
-    """A matrix of BF16_GEMM_MIN_VALUES values or more is dequantized for the bf16 GEMM from BF16_LINEAR_MIN_T bf16
-    rows (F.linear's values exactly), below that the int8 kernel (the float32 input's values, rounded); smaller
-    matrices keep BF16_GEMM_MIN_T. The grouped call stands aside where each group's matrix would take the GEMM."""
+    """A Q8_0 matrix of BF16_GEMM_MIN_VALUES values or more is dequantized for the bf16 GEMM from BF16_LINEAR_MIN_T
+    bf16 rows (F.linear's values exactly), below that the int8 kernel (the float32 input's values, rounded); smaller
+    matrices and ggml MXFP4 rows keep BF16_GEMM_MIN_T, R16 rows keep their int8 tiles at any length. The grouped
+    call stands aside where each group's matrix would take the GEMM."""
+    from ds4py.formats.ggml import MXFP4Rows16
+
     monkeypatch.setenv("DS4PY_BF16_GEMM", "1")
     gen = torch.Generator().manual_seed(11)
-    t = kernels.BF16_LINEAR_MIN_T
-    assert t < kernels.BF16_GEMM_MIN_T
-    for qtype in (Q.Q8_0, Q.MXFP4):
-        w = random_weight(qtype, kernels.BF16_GEMM_MIN_VALUES // 256, 256, gen)  # 4096 x 256
-        small = random_weight(qtype, 64, 256, gen)
-        for rows in (t - 1, t):
+    t, long = kernels.BF16_LINEAR_MIN_T, kernels.BF16_GEMM_MIN_T
+    assert t < long
+    tall = kernels.BF16_GEMM_MIN_VALUES // 256  # 4096 x 256
+    cases = [(random_weight(Q.Q8_0, tall, 256, gen), int(Q.Q8_0), t),
+             (random_weight(Q.Q8_0, 64, 256, gen), int(Q.Q8_0), long),
+             (random_weight(Q.MXFP4, tall, 256, gen), int(Q.MXFP4), long)]
+    for w, qtype, first in cases:
+        for rows in (t - 1, t, long):
             x = torch.randn(rows, 256, generator=gen).bfloat16()
-            y = kernels.ggml_linear(x, w.raw, int(qtype))
+            y = kernels.ggml_linear(x, w.raw, qtype)
             gemm = F.linear(x, w.dequantize(torch.bfloat16))
-            int8 = kernels.ggml_linear(x.float(), w.raw, int(qtype)).bfloat16()
-            assert torch.equal(y, gemm if rows == t else int8) and not torch.equal(gemm, int8)
-            assert torch.equal(kernels.ggml_linear(x, small.raw, int(qtype)),
-                               kernels.ggml_linear(x.float(), small.raw, int(qtype)).bfloat16())
-        x = torch.randn(t, 2, 256, generator=gen).bfloat16()
-        assert kernels.ggml_grouped_linear(x, torch.cat([w.raw, w.raw]), int(qtype)) is None
-        assert kernels.ggml_grouped_linear(x[:-1], torch.cat([w.raw, w.raw]), int(qtype)) is not None
+            int8 = kernels.ggml_linear(x.float(), w.raw, qtype).bfloat16()
+            assert torch.equal(y, gemm if rows >= first else int8) and not torch.equal(gemm, int8), (qtype, rows)
+    r16 = MXFP4Rows16.repack(cases[2][0])
+    x = torch.randn(long, 256, generator=gen).bfloat16()
+    assert torch.equal(r16.linear(x), kernels.ggml_linear(x.float(), r16.raw, kernels.MXFP4_R16).bfloat16())
+    w = cases[0][0]
+    x = torch.randn(t, 2, 256, generator=gen).bfloat16()
+    assert kernels.ggml_grouped_linear(x, torch.cat([w.raw, w.raw]), int(Q.Q8_0)) is None
+    assert kernels.ggml_grouped_linear(x[:-1], torch.cat([w.raw, w.raw]), int(Q.Q8_0)) is not None
 
 
 def test_experts_one_equals_the_kernel_matmuls_one_by_one(lib):

@@ -249,32 +249,39 @@ def test_attention_query_blocks_equal_the_whole_chunk(model, monkeypatch):
 
 def test_whole_chunk_expert_takes_the_gemm_only_when_its_matrices_are_large(model, monkeypatch):
     """A bf16 chunk where a routed expert has >= BF16_GEMM_MIN_T tokens: small experts (the tiny model's) stay in
-    one call (`small_gemm.moe`, routed and shared); large ones (here: the threshold lowered) go through the
-    per-expert bf16 GEMMs where the CPU has a native bf16 GEMM (here: said to have), else the one int8 call."""
+    one call (`small_gemm.moe`, routed and shared); large ones (here: the threshold lowered) in ggml rows go through
+    the per-expert bf16 GEMMs where the CPU has a native bf16 GEMM (here: said to have), in R16 stacks (the repacked
+    default) stay in the one int8 call with the shared expert through its GEMM; without a native bf16 GEMM both
+    stay in the one int8 call."""
     monkeypatch.setenv("DS4PY_BF16_GEMM", "1")
     gen = torch.Generator().manual_seed(19)
     x = torch.randn(900, model.config.hidden_size, generator=gen).bfloat16()
     token_ids = torch.randint(0, model.config.vocab_size, (900,), generator=gen)
     block = model.transformer.blocks[1]
+    assert block.ffn.w1.stack_rows()[1] == kernels.MXFP4_R16
     weights, ids = block.ffn.router(x, token_ids)
     assert int(torch.bincount(ids.flatten()).max()) >= kernels.BF16_GEMM_MIN_T
-    calls = []
-    real = small_gemm.moe
+    calls, ran = [], []
+    real, real_many = small_gemm.moe, kernels.moe_many
     monkeypatch.setattr(small_gemm, "moe", lambda *a, **k: calls.append(1) or real(*a, **k))
-    grouped = block.ffn(x, token_ids)
-    assert calls == [1]
-    monkeypatch.setattr(kernels, "BF16_GEMM_MIN_VALUES", 1)
-    looped = block.ffn(x, token_ids)
-    assert calls == [1]  # the routed loop (`MoE.routed`), each expert's bf16 GEMM
-    exact = block.ffn(x.float(), token_ids)
-    # against float32 on the same inputs: the loop rounds to bf16 after each op (and its weights), the call once
-    assert rel(looped.float(), exact) < 3e-2 and rel(grouped.float(), exact) <= rel(looped.float(), exact)
-    monkeypatch.setenv("DS4PY_BF16_GEMM", "0")
-    ran = []
-    real_many = kernels.moe_many
     monkeypatch.setattr(kernels, "moe_many", lambda *a, **k: ran.append(k.get("shared")) or real_many(*a, **k))
+    grouped = block.ffn(x, token_ids)
+    assert calls == [1] and ran == []
+    monkeypatch.setattr(kernels, "BF16_GEMM_MIN_VALUES", 1)
+    stayed = block.ffn(x, token_ids)
+    assert calls == [1] and ran == [False]
+    monkeypatch.setenv("DS4PY_REPACK", "0")
+    plain = ds4py.load(str(model.source.path), dtype="bfloat16").transformer.blocks[1]
+    assert plain.ffn.w1.stack_rows()[1] == kernels.MXFP4
+    looped = plain.ffn(x, token_ids)
+    assert calls == [1] and ran == [False]  # the routed loop (`MoE.routed`), each expert's bf16 GEMM
+    exact = block.ffn(x.float(), token_ids)
+    # against float32 on the same inputs: the loop rounds to bf16 after each op (and its weights), the calls once
+    assert rel(looped.float(), exact) < 3e-2 and rel(grouped.float(), exact) <= rel(looped.float(), exact)
+    assert rel(stayed.float(), exact) < 3e-2
+    monkeypatch.setenv("DS4PY_BF16_GEMM", "0")
     int8 = block.ffn(x, token_ids)
-    assert calls == [1] and ran == [True]  # routed and shared in the int8 call
+    assert calls == [1] and ran == [False, True, True]  # (float32 `exact`, then this) routed and shared in one call
     assert rel(int8.float(), exact) < 3e-2
 
 
