@@ -84,6 +84,9 @@ BF16_GEMM_MIN_T = 256
 # time on 2 Zen 5 cores, T = 16 / 32 / 64: 4096 x 4096 1.12 / 1.56 / 2.39, 4096 x 8192 1.18 / 1.65 / 2.86, 1024 x
 # 4096 1.43 / 1.83 / 2.66, 32768 x 1024 0.61 / 0.77 / 1.28 (its dequantize, 2 ms, is most of a short product).
 BF16_LINEAR_MIN_T = 64
+# and from 32 rows where they are 2048 values wide or more (T = 24 / 32 / 48: 4096 x 2048 1.30 / 1.56 / 1.56,
+# 512 x 4096 1.74 / 2.04 / 2.52, 4096 x 4096 1.40 / 1.60 / 2.05; 8192 x 1024 0.93 / 1.10 / 1.56)
+BF16_WIDE_MIN_T = 32
 # A prompt's routed expert goes to that GEMM (one call per expert, from Python) only when its matrices hold this
 # many values: V4 Flash's 2048 x 4096; the tiny preset's 32 x 64 stay in the layer's one grouped call (a 512-token
 # chunk's MoE 0.4 ms there, ~3 ms through the per-expert loop).
@@ -2292,14 +2295,16 @@ def contiguous_rows(raw: torch.Tensor, qtype: int) -> torch.Tensor:
     return raw if raw.stride(1) == 1 else raw.contiguous()
 
 
-def bf16_gemm_min_t(values: int, qtype: int = Q8_0) -> int:
-    """The bf16 activation rows from which a Q8_0 / MXFP4 matrix of `values` values is dequantized for the bf16
-    GEMM (where the CPU has it natively). R16 rows never are: their tiles beat it at every chunk size (2048 x 4096
-    on 2 Zen 5 cores, int8 / bf16 time 0.16 / 0.45 / 0.65 / 0.81 at T = 64 / 256 / 512 / 1024), and ggml MXFP4 rows
-    (even with it at ~64-128) keep BF16_GEMM_MIN_T."""
+def bf16_gemm_min_t(values: int, qtype: int = Q8_0, cols: int = 0) -> int:
+    """The bf16 activation rows from which a Q8_0 / MXFP4 matrix of `values` values, `cols` wide, is dequantized
+    for the bf16 GEMM (where the CPU has it natively). R16 rows never are: their tiles beat it at every chunk size
+    (2048 x 4096 on 2 Zen 5 cores, int8 / bf16 time 0.16 / 0.45 / 0.65 / 0.81 at T = 64 / 256 / 512 / 1024), and
+    ggml MXFP4 rows (even with it at ~64-128) keep BF16_GEMM_MIN_T."""
     if qtype == MXFP4_R16:
         return 1 << 62
-    return BF16_LINEAR_MIN_T if qtype == Q8_0 and values >= BF16_GEMM_MIN_VALUES else BF16_GEMM_MIN_T
+    if qtype != Q8_0 or values < BF16_GEMM_MIN_VALUES:
+        return BF16_GEMM_MIN_T
+    return BF16_WIDE_MIN_T if cols >= 2048 else BF16_LINEAR_MIN_T
 
 
 def ggml_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
@@ -2327,7 +2332,7 @@ def ggml_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
     if lib is None:
         return fallback_linear(x, raw, qtype)
     T = x.numel() // n if n else 0
-    if dtype == torch.bfloat16 and T >= bf16_gemm_min_t(rows * n, qtype) and bf16_gemm_native():
+    if dtype == torch.bfloat16 and T >= bf16_gemm_min_t(rows * n, qtype, n) and bf16_gemm_native():
         # long bf16 prompts: one fast dequantize to bf16, then the bf16 GEMM beats the per-block int8 kernel
         return F.linear(x, dequantize(raw, qtype, torch.bfloat16))
     xk = x.float() if dtype == torch.float16 else x
@@ -2365,7 +2370,7 @@ def ggml_grouped_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch
         return None
     if not (x.is_cpu and raw.is_cpu and x.dtype in (torch.float32, torch.bfloat16)) or (
             x.requires_grad and torch.is_grad_enabled()) or (
-            x.dtype == torch.bfloat16 and T >= bf16_gemm_min_t(raw.shape[0] // groups * n, qtype)
+            x.dtype == torch.bfloat16 and T >= bf16_gemm_min_t(raw.shape[0] // groups * n, qtype, n)
             and bf16_gemm_native()):
         return None
     lib = _lib()

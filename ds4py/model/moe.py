@@ -180,7 +180,7 @@ class MoE:
         # where its matrices are large
         # (only where the CPU has a native bf16 GEMM: elsewhere large experts stay in the int8 call)
         values = self.w1.shape[-2] * self.w1.shape[-1]
-        long_bf16 = x.dtype == torch.bfloat16 and T >= kernels.bf16_gemm_min_t(values)
+        long_bf16 = x.dtype == torch.bfloat16 and T >= kernels.bf16_gemm_min_t(values, cols=self.w1.shape[-1])
         large = values >= kernels.BF16_GEMM_MIN_VALUES
         big = long_bf16 and large and kernels.bf16_gemm_native()
         gemm = long_bf16 and (big or not large)

@@ -210,9 +210,9 @@ def test_grouped_linear_equals_the_groups_one_by_one(lib, monkeypatch, qtype, ge
 
 def test_large_matrices_take_the_bf16_gemm_from_fewer_rows(lib, monkeypatch):
     """A Q8_0 matrix of BF16_GEMM_MIN_VALUES values or more is dequantized for the bf16 GEMM from BF16_LINEAR_MIN_T
-    bf16 rows (F.linear's values exactly), below that the int8 kernel (the float32 input's values, rounded); smaller
-    matrices and ggml MXFP4 rows keep BF16_GEMM_MIN_T, R16 rows keep their int8 tiles at any length. The grouped
-    call stands aside where each group's matrix would take the GEMM."""
+    bf16 rows (BF16_WIDE_MIN_T where 2048+ values wide; F.linear's values exactly), below that the int8 kernel (the
+    float32 input's values, rounded); smaller matrices and ggml MXFP4 rows keep BF16_GEMM_MIN_T, R16 rows keep their
+    int8 tiles at any length. The grouped call stands aside where each group's matrix would take the GEMM."""
     from ds4py.formats.ggml import MXFP4Rows16
 
     monkeypatch.setenv("DS4PY_BF16_GEMM", "1")
@@ -222,10 +222,12 @@ def test_large_matrices_take_the_bf16_gemm_from_fewer_rows(lib, monkeypatch):
     tall = kernels.BF16_GEMM_MIN_VALUES // 256  # 4096 x 256
     cases = [(random_weight(Q.Q8_0, tall, 256, gen), int(Q.Q8_0), t),
              (random_weight(Q.Q8_0, 64, 256, gen), int(Q.Q8_0), long),
-             (random_weight(Q.MXFP4, tall, 256, gen), int(Q.MXFP4), long)]
+             (random_weight(Q.MXFP4, tall, 256, gen), int(Q.MXFP4), long),
+             (random_weight(Q.Q8_0, 512, 2048, gen), int(Q.Q8_0), kernels.BF16_WIDE_MIN_T)]  # wide: from fewer
     for w, qtype, first in cases:
-        for rows in (t - 1, t, long):
-            x = torch.randn(rows, 256, generator=gen).bfloat16()
+        for rows in sorted({t - 1, t, first - 1, first, long}):
+            n = w.shape[1]
+            x = torch.randn(rows, n, generator=gen).bfloat16()
             y = kernels.ggml_linear(x, w.raw, qtype)
             gemm = F.linear(x, w.dequantize(torch.bfloat16))
             int8 = kernels.ggml_linear(x.float(), w.raw, qtype).bfloat16()
