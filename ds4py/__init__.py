@@ -62,9 +62,8 @@ def load(path, device: str = "cpu", dtype: str = "float32", ctx: int | None = No
     )
     if bar:
         bar.close()
-    model = Model(transformer, ctx=ctx, source=source)
+    model = Model(transformer, ctx=ctx, source=source, prefill_chunk=plan.prefill_chunk)
     model.memory_plan, model.expert_cache = plan, expert_cache
-    model.prefill_chunk = plan.prefill_chunk or model.prefill_chunk
     model.layer_stream = transformer.blocks if plan.mode == "stream-layers" else None
     return model
 

@@ -16,8 +16,8 @@ fallback), when the tensors are not on the CPU, or when DS4PY_NO_KERNELS=1, the 
 The SIMD code is AVX512-VNNI's, or on CPUs with AVX2 + FMA only its operations in 256-bit halves (the same
 values, `isa`); DS4PY_KERNELS_GENERIC=1 builds the portable loop instead (for testing it).
 
-For bf16 activations with >= BF16_GEMM_MIN_T rows (long prompts; for large matrices >= BF16_LINEAR_MIN_T,
-`bf16_gemm_min_t`) on CPUs with a native bf16 GEMM (`bf16_gemm_native`) `ggml_linear` instead dequantizes W to
+For bf16 activations with >= BF16_GEMM_MIN_T rows (long prompts; fewer for large Q8_0 matrices, none for R16
+rows: `bf16_gemm_min_t`) on CPUs with a native bf16 GEMM (`bf16_gemm_native`) `ggml_linear` instead dequantizes W to
 bf16 with the compiled `dequantize` and calls that GEMM: exactly F.linear(x, W.dequantize(torch.bfloat16)).
 
 On a CUDA device `ggml_linear` and `bf16_linear` take the Triton kernels of `ds4py.formats.gpu_kernels` instead.
@@ -79,7 +79,7 @@ FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 # 2 Zen4 cores) and uses the bf16 GEMM: measured equal at T=128, 1.8x faster than the int8 kernel at T=512. Only
 # where the CPU has a native bf16 GEMM (`bf16_gemm_native`); small matrices take `small_gemm` from here on anyway.
 BF16_GEMM_MIN_T = 256
-# Large matrices (BF16_GEMM_MIN_VALUES values or more) take that path from fewer rows: with freed memory kept
+# Large Q8_0 matrices (BF16_GEMM_MIN_VALUES values or more) take that path from fewer rows: with freed memory kept
 # (`memory.heap`) and the AVX512 dequantize a 4096 x 4096 matrix costs ~1 ms, not ~11. int8 kernel / bf16 path
 # time on 2 Zen 5 cores, T = 16 / 32 / 64: 4096 x 4096 1.12 / 1.56 / 2.39, 4096 x 8192 1.18 / 1.65 / 2.86, 1024 x
 # 4096 1.43 / 1.83 / 2.66, 32768 x 1024 0.61 / 0.77 / 1.28 (its dequantize, 2 ms, is most of a short product).

@@ -176,16 +176,16 @@ class MoE:
         if not x.is_cpu:
             return None
         T = x.shape[0]
-        # an expert with as many tokens as a long bf16 prompt is faster as a bf16 GEMM (`kernels.ggml_linear`)
-        # where its matrices are large
-        # (only where the CPU has a native bf16 GEMM: elsewhere large experts stay in the int8 call)
+        # Only where the CPU has a native bf16 GEMM, and for large matrices: from `bf16_gemm_min_t` tokens (the
+        # Q8_0 shared expert's, V4 Flash's shared and routed experts having one shape) the shared expert takes its
+        # matrices' bf16 GEMMs (`kernels.ggml_linear`); a routed expert with a whole long chunk's tokens leaves the
+        # one call for its own GEMM too, but not from R16 stacks, whose tiles beat dequantize + GEMM at every chunk
+        # size. Elsewhere large experts stay in the int8 call.
         values = self.w1.shape[-2] * self.w1.shape[-1]
         long_bf16 = x.dtype == torch.bfloat16 and T >= kernels.bf16_gemm_min_t(values, cols=self.w1.shape[-1])
         large = values >= kernels.BF16_GEMM_MIN_VALUES
         big = long_bf16 and large and kernels.bf16_gemm_native()
         gemm = long_bf16 and (big or not large)
-        # a routed expert with a whole long chunk's tokens leaves the one call for its own GEMM, but not from R16
-        # stacks: their tiles beat dequantize + GEMM at every chunk size (`kernels.bf16_gemm_min_t`)
         stack = self.w1.stack_rows()
         hot_gemm = big and not (stack is not None and stack[1] == kernels.MXFP4_R16)
         if gemm and not big:  # small experts: routed and shared in one call over their bf16 copies
