@@ -57,10 +57,12 @@ class Counters:
 
 class Scheduler:
     def __init__(self, model: Model, tokenizer: Tokenizer, parallel: int = 4, max_queue: int = 64,
-                 prefix_cache: PrefixCache | None = None, prefill_chunk: int = 256):
+                 prefix_cache: PrefixCache | None = None, prefill_chunk: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.parallel, self.max_queue = parallel, max_queue
         self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache()
+        # the model's chunk (None), as `ds4py run` and `Model.logits` feed a prompt, so the server's answer to a
+        # prompt is theirs bit for bit (a product's bits can depend on how many rows it has)
         self.prefill_chunk = prefill_chunk
         self.waiting: collections.deque[Job] = collections.deque()
         self.active: list[Job] = []

@@ -72,6 +72,7 @@ class ScriptedModel:
         self.transformer = None
         self.delay = 0.0  # seconds per call, to make requests overlap in concurrency tests
         self.batch_sizes: list[int] = []
+        self.fed: list[int] = []  # the tokens of each prefill call, in order
 
     def new_cache(self) -> Cache:
         return Cache([])
@@ -86,6 +87,7 @@ class ScriptedModel:
 
     def prefill(self, ids: list[int], cache: Cache, all_logits: bool = False) -> torch.Tensor:
         time.sleep(self.delay)
+        self.fed.append(len(ids))
         cache.tokens.extend(ids)
         toks = cache.tokens
         if self.assistant not in toks:  # an early prefill chunk: nothing to answer yet

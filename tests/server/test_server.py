@@ -181,6 +181,21 @@ def test_tool_call_stream(scripted):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_prompts_go_in_the_models_chunks(scripted):
+    """The server feeds a prompt in the model's prefill chunks, as `ds4py run` and `Model.logits` do, so its
+    answer to a prompt is theirs bit for bit (a product's bits can depend on its rows)."""
+    model = scripted.state.model
+    model.prefill_chunk, model.fed = 7, []
+    try:
+        r = client(scripted).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "A prompt of its own, fed in chunks of seven."}])
+    finally:
+        model.prefill_chunk = 256
+    n = r.usage.prompt_tokens
+    assert n > 14
+    assert model.fed[: -(-n // 7)] == [7] * (n // 7) + ([n % 7] if n % 7 else [])
+
+
 def test_thinking(scripted):
     c = client(scripted)
     kw = dict(model="m", messages=[{"role": "user", "content": "hi"}], extra_body={"chat_template_kwargs":
