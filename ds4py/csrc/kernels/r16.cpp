@@ -1,0 +1,247 @@
+#include "bf16.h"
+#include "row_ops.h"
+
+namespace {
+// MXFP4 repacked by 16 rows ("R16"): for each group of 16 rows and each block b (32 values), 272 bytes: the 16
+// rows' scale bytes, then their 16 bytes of nibbles interleaved 4 bytes at a time: byte 16 + 64v + 4r + k is
+// byte j = 4v + k of row r (v = 0..3, r = 0..15, k = 0..3), and a byte holds element j (low nibble) and j + 16
+// (high). So each 64-byte load is 4 bytes of all 16 rows, meeting one broadcast 4-byte group of activations,
+// the 16 rows' scales come in one 16-byte load, and the dot products land one row per lane: ~5 instructions per
+// 64 weights where the ggml layout takes ~15 (its pairs of blocks need shuffles, and their scales gathered
+// from 17-byte strides). Same bytes, same values; llama.cpp repacks MXFP4 to interleaved rows on x86 too.
+constexpr int64_t R16_BLOCK = 272;
+
+inline int64_t r16_offset(int r, int j) { return 16 + 64 * (j / 4) + 4 * r + j % 4; }
+
+// dst may be src (sstride = nb * 17): each group is copied aside before it is rewritten.
+void repack16(const uint8_t* src, int64_t sstride, uint8_t* dst, int64_t rows, int64_t nb) {
+  at::parallel_for(0, rows / 16, 8, [&](int64_t g0, int64_t g1) {
+    std::vector<uint8_t> tmp(16 * nb * 17);
+    for (int64_t g = g0; g < g1; g++) {
+      for (int r = 0; r < 16; r++) std::memcpy(tmp.data() + r * nb * 17, src + (g * 16 + r) * sstride, nb * 17);
+      for (int64_t b = 0; b < nb; b++) {
+        uint8_t* o = dst + (g * nb + b) * R16_BLOCK;
+        for (int r = 0; r < 16; r++) {
+          const uint8_t* blk = tmp.data() + r * nb * 17 + b * 17;
+          o[r] = blk[0];
+          for (int j = 0; j < 16; j++) o[r16_offset(r, j)] = blk[1 + j];
+        }
+      }
+    }
+  });
+}
+
+template <typename Out>
+void dequant_r16(const uint8_t* w, int64_t rows, int64_t n, Out* out) {
+  const int64_t nb = n / 32;
+  at::parallel_for(0, rows / 16, 2, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; g++)
+      for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* blk = w + (g * nb + b) * R16_BLOCK;
+        for (int r = 0; r < 16; r++) {
+          const float d = E8M0_HALF.v[blk[r]];
+          Out* o = out + (g * 16 + r) * n + b * 32;
+          for (int j = 0; j < 16; j++) {
+            const uint8_t q = blk[r16_offset(r, j)];
+            const float lo = d * (float)KVALUES[q & 15], hi = d * (float)KVALUES[q >> 4];
+            if constexpr (sizeof(Out) == 4) {
+              o[j] = lo;
+              o[j + 16] = hi;
+            } else {
+              o[j] = float_to_bf16(lo);
+              o[j + 16] = float_to_bf16(hi);
+            }
+          }
+        }
+      }
+  });
+}
+
+// Activations for R16 weights: per row and block the 32 int8 codes (as quantize_acts makes them), the correction
+// -12 * (their sum) (the weights are made unsigned, +12, for vpdpbusd) and the scale.
+struct Acts16 {
+  int64_t T = 0, nb = 0;
+  std::vector<int8_t> q;     // [T][nb][32]
+  std::vector<int32_t> c;    // [T][nb]
+  std::vector<float> d;      // [T][nb]
+};
+
+void quantize_acts16(const float* x, int64_t T, int64_t n, Acts16& a) {
+  a.T = T;
+  a.nb = n / 32;
+  a.q.assign(T * a.nb * 32, 0);
+  a.c.assign(T * a.nb, 0);
+  a.d.assign(T * a.nb, 0.0f);
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++)
+      for (int64_t b = 0; b < a.nb; b++) {
+        int8_t* q = a.q.data() + (t * a.nb + b) * 32;
+        const float d = quantize_block(x + t * n + b * 32, q);  // the codes quantize_acts makes
+        int32_t sum = 0;
+        for (int i = 0; i < 32; i++) sum += q[i];
+        a.c[t * a.nb + b] = -12 * sum;
+        a.d[t * a.nb + b] = d;
+      }
+  });
+}
+
+#if DS4PY_AVX512
+// y[t * ystride + r] = dot(row r of the group at wg, activation row t0 + t) for r < 16, t < TT.
+template <int TT>
+void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t ystride) {
+  // KVALUES + 12: the e2m1 values (doubled, as ggml stores them) made unsigned
+  const __m512i table =
+      _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[TT];
+  for (int t = 0; t < TT; t++) acc[t] = _mm512_setzero_ps();
+  const int8_t* q0 = a.q.data() + t0 * a.nb * 32;
+  const int32_t* c0 = a.c.data() + t0 * a.nb;
+  const float* d0 = a.d.data() + t0 * a.nb;
+  for (int64_t b = 0; b < a.nb; b++) {
+    const uint8_t* blk = wg + b * R16_BLOCK;
+    _mm_prefetch((const char*)(blk + 4096), _MM_HINT_T0);
+    _mm_prefetch((const char*)(blk + 4096 + 64), _MM_HINT_T0);
+    _mm_prefetch((const char*)(blk + 4096 + 128), _MM_HINT_T0);
+    _mm_prefetch((const char*)(blk + 4096 + 192), _MM_HINT_T0);
+    _mm_prefetch((const char*)(blk + 4096 + 256), _MM_HINT_T0);
+    // the 16 scales 2^(e - 128) (ggml's e8m0 "half"), exact for every e (e < 2 gives the subnormals)
+    const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)blk));
+    __m512i bits = _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
+    const __mmask16 low = _mm512_cmplt_epu32_mask(e, _mm512_set1_epi32(2));
+    if (__builtin_expect(low != 0, 0))
+      bits = _mm512_mask_mov_epi32(bits, low, _mm512_srlv_epi32(_mm512_set1_epi32(0x00400000),
+                                                                 _mm512_sub_epi32(_mm512_set1_epi32(1), e)));
+    const __m512 dw = _mm512_castsi512_ps(bits);
+    __m512i lo[4], hi[4];
+    for (int v = 0; v < 4; v++) {
+      const __m512i W = _mm512_loadu_si512(blk + 16 + 64 * v);
+      lo[v] = _mm512_shuffle_epi8(table, _mm512_and_si512(W, m4));
+      hi[v] = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(W, 4), m4));
+    }
+    for (int t = 0; t < TT; t++) {
+      const int8_t* qc = q0 + (t * a.nb + b) * 32;
+      int32_t g4[8];
+      std::memcpy(g4, qc, 32);
+      __m512i dot = _mm512_set1_epi32(c0[t * a.nb + b]);
+      for (int v = 0; v < 4; v++) {
+        dot = _mm512_dpbusd_epi32(dot, lo[v], _mm512_set1_epi32(g4[v]));      // elements 4v .. 4v + 3
+        dot = _mm512_dpbusd_epi32(dot, hi[v], _mm512_set1_epi32(g4[4 + v]));  // elements 16 + 4v ..
+      }
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_set1_ps(d0[t * a.nb + b])), acc[t]);
+    }
+  }
+  for (int t = 0; t < TT; t++) _mm512_storeu_ps(y + t * ystride, acc[t]);
+}
+#elif DS4PY_AVX2
+// The AVX512 r16_dot with rows 0-7 and 8-15 in two halves (each 64-byte vector of the group holds rows 0-7 in its
+// first 32 bytes): the same exact int32 dots (vpmaddubsw of the unsigned table values, <= 24, and the int8
+// activations stays within int16) and the same float steps, so the same bits.
+template <int TT>
+void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t ystride) {
+  const __m256i table =
+      _mm256_broadcastsi128_si256(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  __m256 acc[TT][2];
+  for (int t = 0; t < TT; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  const int8_t* q0 = a.q.data() + t0 * a.nb * 32;
+  const int32_t* c0 = a.c.data() + t0 * a.nb;
+  const float* d0 = a.d.data() + t0 * a.nb;
+  for (int64_t b = 0; b < a.nb; b++) {
+    const uint8_t* blk = wg + b * R16_BLOCK;
+    for (int l = 0; l < 5; l++) _mm_prefetch((const char*)(blk + 4096 + 64 * l), _MM_HINT_T0);
+    __m256 dw[2];
+    for (int h = 0; h < 2; h++) {  // 2^(e - 128), exact: e >= 2 through the exponent bits, else the table
+      const __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 8 * h)));
+      dw[h] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23));
+      if (__builtin_expect(_mm256_movemask_epi8(_mm256_cmpgt_epi32(_mm256_set1_epi32(2), e)) != 0, 0)) {
+        float v[8];
+        for (int r = 0; r < 8; r++) v[r] = E8M0_HALF.v[blk[8 * h + r]];
+        dw[h] = _mm256_loadu_ps(v);
+      }
+    }
+    __m256i lo[4][2], hi[4][2];
+    for (int v = 0; v < 4; v++)
+      for (int h = 0; h < 2; h++) {
+        const __m256i W = _mm256_loadu_si256((const __m256i*)(blk + 16 + 64 * v + 32 * h));
+        lo[v][h] = _mm256_shuffle_epi8(table, _mm256_and_si256(W, m4));
+        hi[v][h] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(W, 4), m4));
+      }
+    for (int t = 0; t < TT; t++) {
+      const int8_t* qc = q0 + (t * a.nb + b) * 32;
+      int32_t g4[8];
+      std::memcpy(g4, qc, 32);
+      const __m256 sd = _mm256_set1_ps(d0[t * a.nb + b]);
+      for (int h = 0; h < 2; h++) {
+        // the products' pairs summed in int16, four vpmaddubsw at a time, before one vpmaddwd: each pair is at
+        // most 2 * 24 * 128 = 6144, four 24576 < 32767, so the int32 dot is the same exact sum
+        const __m256i ones = _mm256_set1_epi16(1);
+        __m256i dot = _mm256_set1_epi32(c0[t * a.nb + b]);
+        for (int k = 0; k < 4; k += 2) {
+          const __m256i p = _mm256_add_epi16(
+              _mm256_add_epi16(_mm256_maddubs_epi16(lo[k][h], _mm256_set1_epi32(g4[k])),
+                               _mm256_maddubs_epi16(hi[k][h], _mm256_set1_epi32(g4[4 + k]))),
+              _mm256_add_epi16(_mm256_maddubs_epi16(lo[k + 1][h], _mm256_set1_epi32(g4[k + 1])),
+                               _mm256_maddubs_epi16(hi[k + 1][h], _mm256_set1_epi32(g4[5 + k]))));
+          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(p, ones));
+        }
+        acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw[h], sd), acc[t][h]);
+      }
+    }
+  }
+  for (int t = 0; t < TT; t++) {
+    _mm256_storeu_ps(y + t * ystride, acc[t][0]);
+    _mm256_storeu_ps(y + t * ystride + 8, acc[t][1]);
+  }
+}
+#else
+template <int TT>
+void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t ystride) {
+  float acc[TT][16] = {};
+  for (int64_t b = 0; b < a.nb; b++) {
+    const uint8_t* blk = wg + b * R16_BLOCK;
+    for (int r = 0; r < 16; r++) {
+      const float dw = E8M0_HALF.v[blk[r]];
+      for (int t = 0; t < TT; t++) {
+        const int8_t* q = a.q.data() + ((t0 + t) * a.nb + b) * 32;
+        int32_t s = 0;
+        for (int j = 0; j < 16; j++) {
+          const uint8_t c = blk[r16_offset(r, j)];
+          s += (int32_t)KVALUES[c & 15] * q[j] + (int32_t)KVALUES[c >> 4] * q[j + 16];
+        }
+        acc[t][r] += dw * a.d[(t0 + t) * a.nb + b] * (float)s;
+      }
+    }
+  }
+  for (int t = 0; t < TT; t++)
+    for (int r = 0; r < 16; r++) y[t * ystride + r] = acc[t][r];
+}
+#endif
+
+void r16_tile(const uint8_t* wg, const Acts16& a, int64_t t0, int tt, float* y, int64_t ystride) {
+  switch (tt) {
+    case 1: return r16_dot<1>(wg, a, t0, y, ystride);
+    case 2: return r16_dot<2>(wg, a, t0, y, ystride);
+    case 3: return r16_dot<3>(wg, a, t0, y, ystride);
+    case 4: return r16_dot<4>(wg, a, t0, y, ystride);
+    case 5: return r16_dot<5>(wg, a, t0, y, ystride);
+    case 6: return r16_dot<6>(wg, a, t0, y, ystride);
+    case 7: return r16_dot<7>(wg, a, t0, y, ystride);
+    default: return r16_dot<8>(wg, a, t0, y, ystride);
+  }
+}
+
+// x [T, n] -> y [T, rows] for R16 weights w (rows % 16 == 0, groups of n/32 * 272 bytes)
+void r16_linear(const Acts16& a, const uint8_t* w, int64_t rows, float* y) {
+  const int64_t groups = rows / 16, gbytes = a.nb * R16_BLOCK;
+  at::parallel_for(0, groups, grain_for(16 * a.nb * 32 * a.T, 1), [&](int64_t g0, int64_t g1) {
+    for (int64_t c0 = g0; c0 < g1; c0 += 2)  // 32 rows stay in cache while the activation tiles pass
+      for (int64_t t0 = 0; t0 < a.T; t0 += TILE_T) {
+        const int tt = (int)std::min<int64_t>(TILE_T, a.T - t0);
+        for (int64_t g = c0; g < std::min(g1, c0 + 2); g++)
+          r16_tile(w + g * gbytes, a, t0, tt, y + t0 * rows + g * 16, rows);
+      }
+  });
+}
+}  // namespace
+
