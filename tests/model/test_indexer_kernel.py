@@ -91,15 +91,17 @@ def pair_order_totals(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scal
     return reduce16(lanes) + 0.0
 
 
-@pytest.mark.parametrize("H, hd, n", [(24, 16, 37), (64, 128, 70), (16, 16, 9)])
+@pytest.mark.parametrize("H, hd, n", [(24, 16, 37), (64, 128, 70), (16, 16, 9), (128, 32, 23)])
 def test_bf16_scores_are_the_pair_order_sums(H, hd, n):
     """bf16 queries and keys: the totals are the defined pair-order sums bit for bit, on this CPU's build (vdpbf16ps
-    where it has AVX512-BF16) and on builds without AVX512-BF16 and without AVX512 (the code other CPUs run)."""
+    where it has AVX512-BF16) and on builds without AVX512-BF16 and without AVX512 (the code other CPUs run). The
+    keys are a strided view (rows further apart than head_dim), as a cache's may be."""
     gen = torch.Generator().manual_seed(H + n)
     T = 3
     q = torch.randn(T, H, hd, generator=gen).bfloat16()
     w = torch.rand(T, H, generator=gen)
-    keys = torch.randn(n, hd, generator=gen).bfloat16()
+    keys = torch.randn(n, hd + 6, generator=gen).bfloat16()[:, 3:hd + 3]
+    assert keys.stride(0) == hd + 6
     scale = hd**-0.5
     want = pair_order_totals(q, w, keys, scale)
     native = indexer_kernel.index_rows(q, w, keys, None, scale, 5)
