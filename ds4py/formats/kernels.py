@@ -9,9 +9,9 @@ rounding makes the result differ from `F.linear(x, W.dequantize())` by a relativ
 
 The C++ code (ds4py/csrc/kernels/, one file per section, joined by `csrc`) is compiled at first use with
 `torch.utils.cpp_extension.load_inline` into $TORCH_EXTENSIONS_DIR or ~/.cache/ds4py/kernels (about 3 s; it
-includes only ATen's parallel_for header and is loaded with ctypes, not pybind11) and parallelized over output rows with `at::parallel_for`,
-so it follows `torch.set_num_threads`. When it cannot be built (no compiler: one warning, then the
-fallback), when the tensors are not on the CPU, or when DS4PY_NO_KERNELS=1, the functions use
+includes only ATen's parallel_for header and is loaded with ctypes, not pybind11) and parallelized over output
+rows with `at::parallel_for`, so it follows `torch.set_num_threads`. When it cannot be built (no compiler: one
+warning, then the fallback), when the tensors are not on the CPU, or when DS4PY_NO_KERNELS=1, the functions use
 `fallback_linear`: dequantize + `F.linear`, exactly what `Weight.linear` did before.
 The SIMD code is AVX512-VNNI's, or on CPUs with AVX2 + FMA only its operations in 256-bit halves (the same
 values, `isa`); DS4PY_KERNELS_GENERIC=1 builds the portable loop instead (for testing it).
