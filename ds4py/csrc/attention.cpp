@@ -396,3 +396,232 @@ extern "C" int ds4py_attend_rows(const void* q, int64_t R, int64_t H, int64_t hd
   });
   return 0;
 }
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+namespace {
+// A prompt's queries over large bf16 heads (V4 Flash: 64 of 512 over 128 window keys + 512 entries, ~42 M
+// multiply-adds a query) with vdpbf16ps, where torch's bf16 matmuls were the faster code: one query at a time
+// per thread, each product over pairs (d + 1 then d for a logit, key j + 1 then j for an output value), float32
+// sums. The values are attend_query's with the window summed apart (bf16 logits times the scale, the softmax with
+// the sink, bf16 probabilities, the window's and the entries' sums rounded to bf16 and added) up to float32
+// summation order and its exp (a polynomial within 2 ulp).
+struct DpScratch {
+  std::vector<uint32_t> qp, pair;  // q [hd / 2, Hp] and the probabilities [pairs, Hp]: two bf16 per lane
+  std::vector<float> logit, o;     // [L, Hp] (then the exps), [H, hd]
+  std::vector<uint16_t> prob;      // [L, Hp] bf16 bits
+  std::vector<__m512i> kv;         // a block of 64 output values: [pairs, 4] keys j, j + 1 interleaved
+};
+
+// exp(x) for x <= 0, 16 at a time: Cephes' expf polynomial (as exp8_nonpositive), 0 below -87.3
+inline __m512 exp16_nonpositive(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.3f);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
+  const __m512 xc = _mm512_max_ps(x, lo);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(y, n));
+}
+
+// float32 -> bf16 bits in 32-bit lanes, rounded to nearest even as float_to_bf16 (finite values)
+inline __m512i round_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+}
+
+inline __m512 bf16_bits_to_float(__m512i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)); }
+
+// the logits of keys rows[0..L) for q pairs qp [hd / 2, Hp]: logit[j, h] = bf16(q_h . k_j) * scale, 4 keys and
+// G groups of 16 heads at a time (G <= 4 a pass)
+template <int G>
+void dp_logits(const uint32_t* qp, int64_t Hp, int64_t g0, int64_t P, const uint16_t* const* rows, int64_t L,
+               float scale, float* logit) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  auto put = [&](int64_t j, int g, __m512 acc) {
+    _mm512_storeu_ps(logit + j * Hp + 16 * (g0 + g), _mm512_mul_ps(bf16_bits_to_float(round_bf16(acc)), sc));
+  };
+  auto pair_of = [&](const uint16_t* row, int64_t p) {
+    uint32_t u;
+    std::memcpy(&u, row + 2 * p, 4);
+    return (__m512bh)_mm512_set1_epi32((int)u);
+  };
+  int64_t j = 0;
+  for (; j + 4 <= L; j += 4) {
+    __m512 a[4][G];
+    for (int e = 0; e < 4; e++)
+      for (int g = 0; g < G; g++) a[e][g] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < P; p++) {
+      __m512bh k[4];
+      for (int e = 0; e < 4; e++) k[e] = pair_of(rows[j + e], p);
+      for (int g = 0; g < G; g++) {
+        const __m512bh qv = (__m512bh)_mm512_loadu_si512(qp + p * Hp + 16 * (g0 + g));
+        for (int e = 0; e < 4; e++) a[e][g] = _mm512_dpbf16_ps(a[e][g], qv, k[e]);
+      }
+    }
+    for (int e = 0; e < 4; e++)
+      for (int g = 0; g < G; g++) put(j + e, g, a[e][g]);
+  }
+  for (; j < L; j++) {
+    __m512 a[G];
+    for (int g = 0; g < G; g++) a[g] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < P; p++) {
+      const __m512bh k = pair_of(rows[j], p);
+      for (int g = 0; g < G; g++)
+        a[g] = _mm512_dpbf16_ps(a[g], (__m512bh)_mm512_loadu_si512(qp + p * Hp + 16 * (g0 + g)), k);
+    }
+    for (int g = 0; g < G; g++) put(j, g, a[g]);
+  }
+}
+
+// out values d0 .. d0 + 64 of every head: sum over keys rows[j0 .. j0 + n) of p[j, h] * k_j (pairs j, j + 1 from
+// s.pair rows pr0 on), rounded to bf16 -> sums [H, 64] as floats
+void dp_values(const uint16_t* const* rows, int64_t n, int64_t d0, const uint32_t* pair, int64_t Hp, int64_t H,
+               std::vector<__m512i>& kv, float* sums) {
+  const int64_t np = (n + 1) / 2;
+  if ((int64_t)kv.size() < np * 4) kv.resize(np * 4);
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                       21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t p = 0; p < np; p++)  // lane i of vector v: (k_j[d0 + 16 v + i], k_j+1[...]), zero past the last key
+    for (int v = 0; v < 4; v++) {
+      const __m256i a = _mm256_loadu_si256((const __m256i*)(rows[2 * p] + d0 + 16 * v));
+      const __m256i b = 2 * p + 1 < n ? _mm256_loadu_si256((const __m256i*)(rows[2 * p + 1] + d0 + 16 * v))
+                                      : _mm256_setzero_si256();
+      kv[p * 4 + v] = _mm512_permutexvar_epi16(idx, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+    }
+  for (int64_t h0 = 0; h0 < H; h0 += 4) {
+    const int nh = (int)std::min<int64_t>(4, H - h0);
+    __m512 acc[4][4];
+    for (int h = 0; h < 4; h++)
+      for (int v = 0; v < 4; v++) acc[h][v] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < np; p++) {
+      const __m512i* k = kv.data() + p * 4;
+      for (int h = 0; h < nh; h++) {
+        const __m512bh pv = (__m512bh)_mm512_set1_epi32((int)pair[p * Hp + h0 + h]);
+        for (int v = 0; v < 4; v++) acc[h][v] = _mm512_dpbf16_ps(acc[h][v], (__m512bh)k[v], pv);
+      }
+    }
+    for (int h = 0; h < nh; h++)
+      for (int v = 0; v < 4; v++)
+        _mm512_storeu_ps(sums + (h0 + h) * 64 + 16 * v, bf16_bits_to_float(round_bf16(acc[h][v])));
+  }
+}
+
+// one query q [H, hd] (bf16) over rows[0..L) (the window's W keys, then the entries), its sinks: out [H, hd] bf16
+// as attend_query<true> with the window summed apart when apart. hd % 64 == 0.
+void attend_query_dp(const uint16_t* q, int64_t H, int64_t hd, const uint16_t* const* rows, int64_t W, int64_t L,
+                     bool apart, const float* sinks, float scale, const float* rot, int64_t half, int conj,
+                     uint16_t* out, DpScratch& s) {
+  const int64_t Hp = (H + 15) / 16 * 16, P = hd / 2, C = L - W;
+  s.qp.assign(P * Hp, 0u);
+  for (int64_t h = 0; h < H; h++)
+    for (int64_t p = 0; p < P; p++) std::memcpy(&s.qp[p * Hp + h], q + h * hd + 2 * p, 4);
+  s.logit.resize(L * Hp);
+  for (int64_t g0 = 0; g0 < Hp / 16; g0 += 4) {
+    switch (std::min<int64_t>(4, Hp / 16 - g0)) {
+      case 1: dp_logits<1>(s.qp.data(), Hp, g0, P, rows, L, scale, s.logit.data()); break;
+      case 2: dp_logits<2>(s.qp.data(), Hp, g0, P, rows, L, scale, s.logit.data()); break;
+      case 3: dp_logits<3>(s.qp.data(), Hp, g0, P, rows, L, scale, s.logit.data()); break;
+      default: dp_logits<4>(s.qp.data(), Hp, g0, P, rows, L, scale, s.logit.data());
+    }
+  }
+  // the softmax with the sink, 16 heads a vector: the maximum, the exps summed over the keys in order and the
+  // sink's last, the probabilities rounded to bf16
+  s.prob.resize(L * Hp);
+  alignas(64) float sk[16];
+  for (int64_t g = 0; g < Hp / 16; g++) {
+    for (int l = 0; l < 16; l++) sk[l] = 16 * g + l < H ? sinks[16 * g + l] : 0.0f;
+    const __m512 sink = _mm512_load_ps(sk);
+    __m512 mx = sink;
+    for (int64_t j = 0; j < L; j++) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s.logit.data() + j * Hp + 16 * g));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < L; j++) {
+      float* lj = s.logit.data() + j * Hp + 16 * g;
+      const __m512 e = exp16_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(lj), mx));
+      _mm512_storeu_ps(lj, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    sum = _mm512_add_ps(sum, exp16_nonpositive(_mm512_sub_ps(sink, mx)));
+    for (int64_t j = 0; j < L; j++) {
+      const __m512i b = round_bf16(_mm512_div_ps(_mm512_loadu_ps(s.logit.data() + j * Hp + 16 * g), sum));
+      _mm256_storeu_si256((__m256i*)(s.prob.data() + j * Hp + 16 * g), _mm512_cvtepi32_epi16(b));
+    }
+  }
+  // the probabilities in pairs per part (the window's, then the entries'), a zero after an odd part's last
+  const int64_t pw = (W + 1) / 2, pc = (C + 1) / 2;
+  s.pair.resize((pw + pc) * Hp);
+  auto pairs = [&](int64_t j0, int64_t n, uint32_t* dst) {
+    for (int64_t p = 0; p < (n + 1) / 2; p++)
+      for (int64_t g = 0; g < Hp / 16; g++) {
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s.prob.data() + (j0 + 2 * p) * Hp + 16 * g)));
+        const __m512i hi = 2 * p + 1 < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                               (const __m256i*)(s.prob.data() + (j0 + 2 * p + 1) * Hp + 16 * g)))
+                                         : _mm512_setzero_si512();
+        _mm512_storeu_si512(dst + p * Hp + 16 * g, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      }
+  };
+  pairs(0, W, s.pair.data());
+  pairs(W, C, s.pair.data() + pw * Hp);
+  s.o.resize(H * hd);
+  std::vector<float> a(H * 64), c(H * 64);
+  for (int64_t d0 = 0; d0 < hd; d0 += 64) {
+    dp_values(rows, W, d0, s.pair.data(), Hp, H, s.kv, a.data());
+    if (apart && C) dp_values(rows + W, C, d0, s.pair.data() + pw * Hp, Hp, H, s.kv, c.data());
+    for (int64_t h = 0; h < H; h++)
+      for (int64_t i = 0; i < 64; i++)
+        s.o[h * hd + d0 + i] = apart ? round_if_bf16(a[h * 64 + i] + (C ? c[h * 64 + i] : 0.0f), true)
+                                     : a[h * 64 + i];
+  }
+  for (int64_t h = 0; h < H; h++) rotate_store(s.o.data() + h * hd, hd, rot, half, conj, 1, out + h * hd);
+}
+}  // namespace
+
+// ds4py_attend_rows for bf16 q, keys and entries with attend_query_dp (hd % 64 == 0): the same arguments and
+// values up to float32 summation order. Returns 0, or 1 for a top index >= n.
+extern "C" int ds4py_attend_rows_dp(const void* q, int64_t R, int64_t H, int64_t hd, const void* keys, int64_t S,
+                                    int64_t window, const void* entries, int64_t n, const int64_t* top, int64_t k,
+                                    const int64_t* visible, const float* sinks, float scale, const float* rot,
+                                    int64_t half, int conj, void* out) {
+  if (top)
+    for (int64_t i = 0; i < R * k; i++)
+      if (top[i] >= n) return 1;
+  const uint16_t *kb = (const uint16_t*)keys, *eb = (const uint16_t*)entries;
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    thread_local DpScratch s;
+    std::vector<const uint16_t*> rows;
+    for (int64_t r = r0; r < r1; r++) {
+      const int64_t own = S - R + r, oldest = std::max<int64_t>(0, own - window + 1);
+      rows.clear();
+      for (int64_t j = oldest; j <= own; j++) rows.push_back(kb + j * hd);
+      const int64_t W = (int64_t)rows.size();
+      if (top) {
+        for (int64_t c = 0; c < k; c++)
+          if (top[r * k + c] >= 0) rows.push_back(eb + top[r * k + c] * hd);
+      } else if (entries && visible) {
+        for (int64_t c = 0; c < std::min(n, visible[r]); c++) rows.push_back(eb + c * hd);
+      }
+      attend_query_dp((const uint16_t*)q + r * H * hd, H, hd, rows.data(), W, (int64_t)rows.size(),
+                      entries != nullptr, sinks, scale, rot + r * 2 * half, half, conj,
+                      (uint16_t*)out + r * H * hd, s);
+    }
+  });
+  return 0;
+}
+#endif
+
+extern "C" int ds4py_attend_dp() {  // 1 where ds4py_attend_rows_dp is built (AVX512-BF16)
+#if defined(__AVX512BF16__)
+  return 1;
+#else
+  return 0;
+#endif
+}

@@ -4,7 +4,9 @@ weighted sum and the inverse rotation. In torch (`Attention.attend_one`) these a
 per layer and token on the tiny model, where the arithmetic takes ~1 us. Larger problems (heads * head_dim *
 keys > MAX_WORK: V4 Flash's 64 heads of 512 over up to 640 keys, ~40 M multiply-adds) take another loop, the heads
 split over the threads (`attend_heads`), except where torch multiplies bf16 natively (`kernels.bf16_gemm_native`):
-there its matmuls are the faster code and their dispatch is noise.
+there its matmuls are the faster code for one token and their dispatch is noise. A prompt's large bf16 heads on such
+CPUs (AVX512-BF16) take `ds4py_attend_rows_dp` instead (`dp_heads`): both products in vdpbf16ps pairs, one query
+a thread; 128 queries over 128 window keys and 512 entries, 2 Zen 5 cores: 19.7 ms against torch's 63-68.
 
 The values are torch's up to float32 summation order and the last bit of exp: in bf16 the logits, the
 probabilities and the output are rounded to bf16 where torch's bf16 matmuls and conversions round them.
@@ -14,6 +16,7 @@ caller runs torch's ops."""
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 
@@ -33,6 +36,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds4py_attend_heads.argtypes = lib.ds4py_attend_one.argtypes
     lib.ds4py_attend_rows.restype = i32
     lib.ds4py_attend_rows.argtypes = [p, i64, i64, i64, p, i64, i64, p, i64, p, i64, p, p, f32, p, i64, i32, i32, p]
+    lib.ds4py_attend_dp.restype = i32
+    if lib.ds4py_attend_dp():
+        lib.ds4py_attend_rows_dp.restype = i32
+        lib.ds4py_attend_rows_dp.argtypes = [p, i64, i64, i64, p, i64, i64, p, i64, p, i64, p, p, f32, p, i64, i32, p]
 
 
 _load = kernels.lazy_library("ds4py_attend", _SOURCE, ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"],
@@ -81,6 +88,15 @@ def attend_one(q: torch.Tensor, window: torch.Tensor, entries: torch.Tensor | No
     return out
 
 
+def dp_heads() -> bool:
+    """Whether a prompt's large bf16 heads take `ds4py_attend_rows_dp` (vdpbf16ps; the CPU has AVX512-BF16 and the
+    build has that code); DS4PY_ATTEND_DP=0 leaves them to torch's ops."""
+    if os.environ.get("DS4PY_ATTEND_DP", "") == "0" or not kernels.bf16_gemm_native():
+        return False
+    lib = _load()
+    return lib is not None and bool(lib.ds4py_attend_dp())
+
+
 def attend_rows(q: torch.Tensor, keys: torch.Tensor, window: int, entries: torch.Tensor | None,
                 top: torch.Tensor | None, visible: torch.Tensor | None, sinks: torch.Tensor, scale: float,
                 rotation: torch.Tensor) -> torch.Tensor | None:
@@ -109,8 +125,11 @@ def attend_rows(q: torch.Tensor, keys: torch.Tensor, window: int, entries: torch
         else:
             C = entries.shape[0]
     half = rotation.shape[-1]
-    if H * hd * (window + C) > MAX_WORK or rotation.numel() != R * half or 2 * half > hd or hd % 16:
+    if rotation.numel() != R * half or 2 * half > hd or hd % 16:
         return None
+    large = H * hd * (window + C) > MAX_WORK
+    if large and not (dtype == torch.bfloat16 and hd % 64 == 0 and dp_heads()):
+        return None  # torch's ops (native bf16 matmuls where the CPU has them)
     lib = _load()
     if lib is None:
         return None
@@ -121,6 +140,16 @@ def attend_rows(q: torch.Tensor, keys: torch.Tensor, window: int, entries: torch
         top = None if top is None else top.contiguous()
         visible = None if top is not None else visible.contiguous()
     out = torch.empty(R, H, hd, dtype=dtype)
+    if large:
+        rc = lib.ds4py_attend_rows_dp(q.data_ptr(), R, H, hd, keys.data_ptr(), keys.shape[0], window,
+                                      None if entries is None else entries.data_ptr(),
+                                      0 if entries is None else entries.shape[0],
+                                      None if top is None else top.data_ptr(), 0 if top is None else top.shape[1],
+                                      None if visible is None else visible.data_ptr(), sinks.data_ptr(), scale,
+                                      rotation.data_ptr(), half, int(conj), out.data_ptr())
+        if rc:
+            raise ValueError(f"attend_rows: entry indices outside [0, {entries.shape[0]})")
+        return out
     rc = lib.ds4py_attend_rows(q.data_ptr(), R, H, hd, keys.data_ptr(), keys.shape[0], window,
                                None if entries is None else entries.data_ptr(),
                                0 if entries is None else entries.shape[0], None if top is None else top.data_ptr(),

@@ -135,3 +135,35 @@ def test_attend_rows_declines_large_problems_and_checks_indices():
     with pytest.raises(ValueError, match="entry indices"):
         attention_kernel.attend_rows(*args, keys[:3, :32], torch.full((4, 2), 3), None, sinks[:2], 0.2,
                                      rotation[:, :4])
+
+
+@pytest.mark.parametrize("case", ["window", "ratio 128", "ratio 4", "ratio 4, no entries yet"])
+@pytest.mark.parametrize("H, hd, cached", [(20, 128, 0), (20, 128, 33), (64, 512, 130)])
+def test_large_bf16_heads_equal_the_torch_ops(case, H, hd, cached, monkeypatch):
+    """A prompt's large bf16 heads (`ds4py_attend_rows_dp`, vdpbf16ps, where the CPU has AVX512-BF16): the torch
+    ops' values up to bf16 rounding, for every kind of layer, heads not a multiple of 16, odd numbers of window
+    keys and entries (the pairs' zero padding), and V4 Flash's 64 heads of 512 over a full window."""
+    if not attention_kernel.dp_heads():
+        pytest.skip("no AVX512-BF16 here: large heads take torch's ops")
+    monkeypatch.setattr(attention_kernel, "MAX_WORK", 1)  # every size counts as large
+    gen = torch.Generator().manual_seed(H + cached + len(case))
+    R, window, half, ratio, k = 9, 128 if hd == 512 else 16, 32, 4, 24
+    q = torch.randn(R, H, hd, generator=gen).bfloat16()
+    keys = torch.randn(cached + R, hd, generator=gen).bfloat16()
+    positions = torch.arange(cached, cached + R)
+    n = {"window": 0, "ratio 128": (cached + R) // ratio, "ratio 4": 41, "ratio 4, no entries yet": 0}[case]
+    entries = None if case == "window" else torch.randn(n, hd, generator=gen).bfloat16()
+    top = visible = None
+    if case.startswith("ratio 4"):
+        top = torch.randint(-1, n, (R, k), generator=gen) if n else torch.empty(R, 0, dtype=torch.long)
+    elif case == "ratio 128":
+        visible = (positions + 1) // ratio
+    sinks = torch.randn(H, generator=gen)
+    angle = torch.rand(R, half, generator=gen) * 6
+    rotation = torch.polar(torch.ones_like(angle), angle).conj()
+    ours = attention_kernel.attend_rows(q, keys, window, entries, top, visible, sinks, hd**-0.5, rotation)
+    assert ours is not None and ours.dtype == torch.bfloat16
+    layer = SimpleNamespace(n_heads=H, head_dim=hd, window=window, sinks=sinks,
+                            compressor=None if entries is None else SimpleNamespace(ratio=ratio))
+    want = rotate(Attention.attend_rows(layer, q, keys, positions, entries, top), rotation)
+    assert (ours.float() - want.float()).abs().max() <= 2**-7 * want.float().abs().max()
