@@ -586,7 +586,8 @@ void attend_query_dp(const uint16_t* q, int64_t H, int64_t hd, const uint16_t* c
 }  // namespace
 
 // ds4py_attend_rows for bf16 q, keys and entries with attend_query_dp (hd % 64 == 0): the same arguments and
-// values up to float32 summation order. Returns 0, or 1 for a top index >= n.
+// values up to float32 summation order (one token, R = 1: `attend_one` with the window and the entries summed
+// apart). Returns 0, or 1 for a top index >= n.
 extern "C" int ds4py_attend_rows_dp(const void* q, int64_t R, int64_t H, int64_t hd, const void* keys, int64_t S,
                                     int64_t window, const void* entries, int64_t n, const int64_t* top, int64_t k,
                                     const int64_t* visible, const float* sinks, float scale, const float* rot,
@@ -595,20 +596,34 @@ extern "C" int ds4py_attend_rows_dp(const void* q, int64_t R, int64_t H, int64_t
     for (int64_t i = 0; i < R * k; i++)
       if (top[i] >= n) return 1;
   const uint16_t *kb = (const uint16_t*)keys, *eb = (const uint16_t*)entries;
+  auto keys_of = [&](int64_t r, std::vector<const uint16_t*>& rows) {  // -> the window's count
+    const int64_t own = S - R + r, oldest = std::max<int64_t>(0, own - window + 1);
+    rows.clear();
+    for (int64_t j = oldest; j <= own; j++) rows.push_back(kb + j * hd);
+    if (top) {
+      for (int64_t c = 0; c < k; c++)
+        if (top[r * k + c] >= 0) rows.push_back(eb + top[r * k + c] * hd);
+    } else if (entries && visible) {
+      for (int64_t c = 0; c < std::min(n, visible[r]); c++) rows.push_back(eb + c * hd);
+    }
+    return own - oldest + 1;
+  };
+  if (R == 1) {  // one token: its heads split over the threads by 16 (each head's values whatever the split)
+    std::vector<const uint16_t*> rows;
+    const int64_t W = keys_of(0, rows);
+    at::parallel_for(0, (H + 15) / 16, 1, [&](int64_t g0, int64_t g1) {
+      thread_local DpScratch s;
+      const int64_t h0 = 16 * g0, nh = std::min(H, 16 * g1) - h0;
+      attend_query_dp((const uint16_t*)q + h0 * hd, nh, hd, rows.data(), W, (int64_t)rows.size(), entries != nullptr,
+                      sinks + h0, scale, rot, half, conj, (uint16_t*)out + h0 * hd, s);
+    });
+    return 0;
+  }
   at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
     thread_local DpScratch s;
     std::vector<const uint16_t*> rows;
     for (int64_t r = r0; r < r1; r++) {
-      const int64_t own = S - R + r, oldest = std::max<int64_t>(0, own - window + 1);
-      rows.clear();
-      for (int64_t j = oldest; j <= own; j++) rows.push_back(kb + j * hd);
-      const int64_t W = (int64_t)rows.size();
-      if (top) {
-        for (int64_t c = 0; c < k; c++)
-          if (top[r * k + c] >= 0) rows.push_back(eb + top[r * k + c] * hd);
-      } else if (entries && visible) {
-        for (int64_t c = 0; c < std::min(n, visible[r]); c++) rows.push_back(eb + c * hd);
-      }
+      const int64_t W = keys_of(r, rows);
       attend_query_dp((const uint16_t*)q + r * H * hd, H, hd, rows.data(), W, (int64_t)rows.size(),
                       entries != nullptr, sinks, scale, rot + r * 2 * half, half, conj,
                       (uint16_t*)out + r * H * hd, s);

@@ -63,6 +63,11 @@ def attend_one(q: torch.Tensor, window: torch.Tensor, entries: torch.Tensor | No
         return None
     large = q.numel() * (window.shape[0] + C) > MAX_WORK
     if large and kernels.bf16_gemm_native():
+        if dtype == torch.bfloat16 and q.shape[1] % 64 == 0 and dp_heads():  # vdpbf16ps, the heads over the threads
+            S, n = window.shape[0], 0 if entries is None else entries.shape[0]
+            return attend_rows(q[None], window, S, entries, None if top is None else top.view(1, -1),
+                               None if entries is None or top is not None else torch.tensor([n]), sinks, scale,
+                               rotation)
         return None  # torch's bf16 matmuls (oneDNN's native ones) are the faster code there
     H, hd = q.shape
     half = rotation.shape[-1]

@@ -71,8 +71,12 @@ def test_large_heads_equal_the_torch_ops(dtype, case, monkeypatch):
     for got in (large, small):
         assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
     assert (large.float() - small.float()).abs().max() <= tol * small.float().abs().max()
-    monkeypatch.setenv("DS4PY_BF16_GEMM", "1")  # oneDNN's bf16 GEMM: torch's ops are the faster code
-    assert attention_kernel.attend_one(q, window, entries, top, sinks, hd**-0.5, rotation) is None
+    monkeypatch.setenv("DS4PY_BF16_GEMM", "1")  # oneDNN's bf16 GEMM: torch's ops, or for bf16 the vdpbf16ps call
+    native = attention_kernel.attend_one(q, window, entries, top, sinks, hd**-0.5, rotation)
+    if dtype == torch.bfloat16 and attention_kernel.dp_heads():
+        assert (native.float() - want.float()).abs().max() <= tol * want.float().abs().max()
+    else:
+        assert native is None
 
 
 def test_attend_one_checks_indices_and_head_sizes(monkeypatch):
@@ -166,4 +170,25 @@ def test_large_bf16_heads_equal_the_torch_ops(case, H, hd, cached, monkeypatch):
     layer = SimpleNamespace(n_heads=H, head_dim=hd, window=window, sinks=sinks,
                             compressor=None if entries is None else SimpleNamespace(ratio=ratio))
     want = rotate(Attention.attend_rows(layer, q, keys, positions, entries, top), rotation)
+    assert (ours.float() - want.float()).abs().max() <= 2**-7 * want.float().abs().max()
+
+
+@pytest.mark.parametrize("case", ["window", "all entries", "top entries"])
+@pytest.mark.parametrize("H, hd", [(20, 128), (64, 512)])
+def test_one_token_large_bf16_heads_equal_the_torch_ops(case, H, hd):
+    """One decoding token's large bf16 heads (`attend_one` through `ds4py_attend_rows_dp`, the heads split over the
+    threads by 16) against the one-token torch ops, within bf16 rounding."""
+    if not attention_kernel.dp_heads():
+        pytest.skip("no AVX512-BF16 here: large heads take torch's ops")
+    gen = torch.Generator().manual_seed(H + len(case))
+    S, n, k = 128, 300, 64
+    q = torch.randn(H, hd, generator=gen).bfloat16()
+    window = torch.randn(S, hd, generator=gen).bfloat16()
+    entries = None if case == "window" else torch.randn(n, hd, generator=gen).bfloat16()
+    top = torch.randperm(n, generator=gen)[:k] if case == "top entries" else None
+    sinks = torch.randn(H, generator=gen)
+    rotation = torch.polar(torch.ones(1, 32), torch.rand(1, 32, generator=gen) * 6).conj()
+    ours = attention_kernel.attend_one(q, window, entries, top, sinks, hd**-0.5, rotation)
+    assert ours is not None and ours.shape == (1, H, hd)
+    want = torch_attend(q, window, entries, top, sinks, hd**-0.5, rotation)
     assert (ours.float() - want.float()).abs().max() <= 2**-7 * want.float().abs().max()
