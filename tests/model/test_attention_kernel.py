@@ -192,3 +192,26 @@ def test_one_token_large_bf16_heads_equal_the_torch_ops(case, H, hd):
     assert ours is not None and ours.shape == (1, H, hd)
     want = torch_attend(q, window, entries, top, sinks, hd**-0.5, rotation)
     assert (ours.float() - want.float()).abs().max() <= 2**-7 * want.float().abs().max()
+
+
+def test_large_bf16_heads_give_a_token_the_same_bits_in_a_prompt_and_decoding(monkeypatch):
+    """With the vdpbf16ps call a prompt's query r (all heads in one pass) and the same token decoded alone (its
+    window's keys, the heads split over the threads by 16) give the same bits: each head's sums do not depend on
+    how the heads or the queries are grouped."""
+    if not attention_kernel.dp_heads():
+        pytest.skip("no AVX512-BF16 here: large heads take torch's ops")
+    monkeypatch.setattr(attention_kernel, "MAX_WORK", 1)  # every size counts as large
+    gen = torch.Generator().manual_seed(11)
+    R, H, hd, window, n, k, cached = 5, 40, 128, 16, 50, 12, 20
+    q = torch.randn(R, H, hd, generator=gen).bfloat16()
+    keys = torch.randn(cached + R, hd, generator=gen).bfloat16()
+    entries = torch.randn(n, hd, generator=gen).bfloat16()
+    top = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(R)])
+    sinks = torch.randn(H, generator=gen)
+    rotation = torch.polar(torch.ones(R, 16), torch.rand(R, 16, generator=gen) * 6).conj()
+    prompt = attention_kernel.attend_rows(q, keys, window, entries, top, None, sinks, hd**-0.5, rotation)
+    for r in range(R):
+        own = cached + r
+        alone = attention_kernel.attend_one(q[r], keys[own - window + 1:own + 1], entries, top[r], sinks, hd**-0.5,
+                                            rotation[r:r + 1])
+        assert torch.equal(alone[0], prompt[r]), r
