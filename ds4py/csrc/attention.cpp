@@ -409,6 +409,7 @@ namespace {
 struct DpScratch {
   std::vector<uint32_t> qp, pair;  // q [hd / 2, Hp] and the probabilities [pairs, Hp]: two bf16 per lane
   std::vector<float> logit, o;     // [L, Hp] (then the exps), [H, hd]
+  std::vector<float> sums;         // a block of 64 output values' sums: the window's [H, 64], the entries' [H, 64]
   std::vector<uint16_t> prob;      // [L, Hp] bf16 bits
   std::vector<__m512i> kv;         // a block of 64 output values: [pairs, 4] keys j, j + 1 interleaved
 };
@@ -559,23 +560,24 @@ void attend_query_dp(const uint16_t* q, int64_t H, int64_t hd, const uint16_t* c
   // the probabilities in pairs per part (the window's, then the entries'), a zero after an odd part's last
   const int64_t pw = (W + 1) / 2, pc = (C + 1) / 2;
   s.pair.resize((pw + pc) * Hp);
+  auto prob16 = [&](int64_t j, int64_t g) {  // key j's probabilities of heads 16 g .. 16 g + 16, in 32-bit lanes
+    return _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s.prob.data() + j * Hp + 16 * g)));
+  };
   auto pairs = [&](int64_t j0, int64_t n, uint32_t* dst) {
     for (int64_t p = 0; p < (n + 1) / 2; p++)
       for (int64_t g = 0; g < Hp / 16; g++) {
-        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s.prob.data() + (j0 + 2 * p) * Hp + 16 * g)));
-        const __m512i hi = 2 * p + 1 < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                                               (const __m256i*)(s.prob.data() + (j0 + 2 * p + 1) * Hp + 16 * g)))
-                                         : _mm512_setzero_si512();
-        _mm512_storeu_si512(dst + p * Hp + 16 * g, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        const __m512i hi = 2 * p + 1 < n ? prob16(j0 + 2 * p + 1, g) : _mm512_setzero_si512();
+        _mm512_storeu_si512(dst + p * Hp + 16 * g, _mm512_or_si512(prob16(j0 + 2 * p, g), _mm512_slli_epi32(hi, 16)));
       }
   };
   pairs(0, W, s.pair.data());
   pairs(W, C, s.pair.data() + pw * Hp);
   s.o.resize(H * hd);
-  std::vector<float> a(H * 64), c(H * 64);
+  s.sums.resize(2 * H * 64);
+  float *a = s.sums.data(), *c = a + H * 64;  // [H, 64]: the window's sums, the entries'
   for (int64_t d0 = 0; d0 < hd; d0 += 64) {
-    dp_values(rows, W, d0, s.pair.data(), Hp, H, s.kv, a.data());
-    if (apart && C) dp_values(rows + W, C, d0, s.pair.data() + pw * Hp, Hp, H, s.kv, c.data());
+    dp_values(rows, W, d0, s.pair.data(), Hp, H, s.kv, a);
+    if (apart && C) dp_values(rows + W, C, d0, s.pair.data() + pw * Hp, Hp, H, s.kv, c);
     for (int64_t h = 0; h < H; h++)
       for (int64_t i = 0; i < 64; i++)
         s.o[h * hd + d0 + i] = apart ? round_if_bf16(a[h * 64 + i] + (C ? c[h * 64 + i] : 0.0f), true)
