@@ -63,7 +63,9 @@ def test_read_ahead_holds_no_more_memory(big_experts, tmp_path):
     for read_ahead in ("off", "gate"):
         r = probe(big_experts, str(90 * 2**20), tmp_path / f"{read_ahead}.pt", read_ahead)
         growth[read_ahead] = r["peak"] - r["baseline"]
-    assert growth["gate"] <= growth["off"] + 8 * 2**20, {k: v / 2**20 for k, v in growth.items()}
+    # 12 MiB: runs spread by a few MiB (gate - off measured -0.4 .. +4.9 MiB over 6 pairs; one full-suite run went
+    # past the 8 MiB this allowed before), the bug it guards against held ~30 MiB
+    assert growth["gate"] <= growth["off"] + 12 * 2**20, {k: v / 2**20 for k, v in growth.items()}
 
 
 def assert_same_outputs(a_path: Path, b_path: Path) -> None:
