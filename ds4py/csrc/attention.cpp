@@ -524,8 +524,9 @@ void attend_query_dp(const uint16_t* q, int64_t H, int64_t hd, const uint16_t* c
                      uint16_t* out, DpScratch& s) {
   const int64_t Hp = (H + 15) / 16 * 16, P = hd / 2, C = L - W;
   s.qp.assign(P * Hp, 0u);
-  for (int64_t h = 0; h < H; h++)
-    for (int64_t p = 0; p < P; p++) std::memcpy(&s.qp[p * Hp + h], q + h * hd + 2 * p, 4);
+  uint32_t* qp = s.qp.data();
+  for (int64_t p = 0; p < P; p++)  // (local pointers: no reload of the vector's through the stores)
+    for (int64_t h = 0; h < H; h++) std::memcpy(qp + p * Hp + h, q + h * hd + 2 * p, 4);
   s.logit.resize(L * Hp);
   for (int64_t g0 = 0; g0 < Hp / 16; g0 += 4) {
     switch (std::min<int64_t>(4, Hp / 16 - g0)) {
