@@ -400,6 +400,8 @@ extern "C" int ds4py_attend_rows(const void* q, int64_t R, int64_t H, int64_t hd
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 namespace {
+#include "heads_dot.h"
+
 // A prompt's queries over large bf16 heads (V4 Flash: 64 of 512 over 128 window keys + 512 entries, ~42 M
 // multiply-adds a query) with vdpbf16ps, where torch's bf16 matmuls were the faster code: one query at a time
 // per thread, each product over pairs (d + 1 then d for a logit, key j + 1 then j for an output value), float32
@@ -442,46 +444,16 @@ inline __m512i round_bf16(__m512 v) {
 
 inline __m512 bf16_bits_to_float(__m512i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)); }
 
-// the logits of keys rows[0..L) for q pairs qp [hd / 2, Hp]: logit[j, h] = bf16(q_h . k_j) * scale, 4 keys and
-// G groups of 16 heads at a time (G <= 4 a pass)
+// the logits of keys rows[0..L) for q pairs qp [hd / 2, Hp]: logit[j, h] = bf16(q_h . k_j) * scale, for the
+// G groups of 16 heads from group g0 (`heads_dot_bf16`, G <= 4 a pass)
 template <int G>
 void dp_logits(const uint32_t* qp, int64_t Hp, int64_t g0, int64_t P, const uint16_t* const* rows, int64_t L,
                float scale, float* logit) {
   const __m512 sc = _mm512_set1_ps(scale);
-  auto put = [&](int64_t j, int g, __m512 acc) {
-    _mm512_storeu_ps(logit + j * Hp + 16 * (g0 + g), _mm512_mul_ps(bf16_bits_to_float(round_bf16(acc)), sc));
-  };
-  auto pair_of = [&](const uint16_t* row, int64_t p) {
-    uint32_t u;
-    std::memcpy(&u, row + 2 * p, 4);
-    return (__m512bh)_mm512_set1_epi32((int)u);
-  };
-  int64_t j = 0;
-  for (; j + 4 <= L; j += 4) {
-    __m512 a[4][G];
-    for (int e = 0; e < 4; e++)
-      for (int g = 0; g < G; g++) a[e][g] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < P; p++) {
-      __m512bh k[4];
-      for (int e = 0; e < 4; e++) k[e] = pair_of(rows[j + e], p);
-      for (int g = 0; g < G; g++) {
-        const __m512bh qv = (__m512bh)_mm512_loadu_si512(qp + p * Hp + 16 * (g0 + g));
-        for (int e = 0; e < 4; e++) a[e][g] = _mm512_dpbf16_ps(a[e][g], qv, k[e]);
-      }
-    }
-    for (int e = 0; e < 4; e++)
-      for (int g = 0; g < G; g++) put(j + e, g, a[e][g]);
-  }
-  for (; j < L; j++) {
-    __m512 a[G];
-    for (int g = 0; g < G; g++) a[g] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < P; p++) {
-      const __m512bh k = pair_of(rows[j], p);
-      for (int g = 0; g < G; g++)
-        a[g] = _mm512_dpbf16_ps(a[g], (__m512bh)_mm512_loadu_si512(qp + p * Hp + 16 * (g0 + g)), k);
-    }
-    for (int g = 0; g < G; g++) put(j, g, a[g]);
-  }
+  heads_dot_bf16<G>(qp + 16 * g0, Hp, P, L, [&](int64_t j) { return rows[j]; }, [&](int64_t j, const __m512* acc) {
+    for (int g = 0; g < G; g++)
+      _mm512_storeu_ps(logit + j * Hp + 16 * (g0 + g), _mm512_mul_ps(bf16_bits_to_float(round_bf16(acc[g])), sc));
+  });
 }
 
 // out values d0 .. d0 + 64 of every head: sum over keys rows[j0 .. j0 + n) of p[j, h] * k_j (pairs j, j + 1 from

@@ -91,52 +91,23 @@ const ScoreRows SCORE_ROWS[8] = {score_rows<1>, score_rows<2>, score_rows<3>, sc
                                  score_rows<5>, score_rows<6>, score_rows<7>, score_rows<8>};
 
 #if defined(__AVX512BF16__)
-// score_rows for bf16 queries and keys with vdpbf16ps: qp [hd / 2, 16 G] (each lane a head's pair of bf16 values d,
-// d + 1) and the keys' bf16 rows themselves (kstride values apart, not widened). Each instruction's lane is two
-// fused steps, d + 1 then d (exact products, float32 sums; inputs and results below float32's normal range go to
-// zero): the order the other ISAs take for bf16 inputs, so the bits are theirs on normal values.
+#include "heads_dot.h"
+
+// score_rows for bf16 queries and keys with vdpbf16ps (`heads_dot_bf16`): qp [hd / 2, 16 G] (each lane a head's
+// pair of bf16 values d, d + 1) and the keys' bf16 rows themselves (kstride values apart, not widened). The dots'
+// order, d + 1 then d, is the one the other ISAs take for bf16 inputs, so the bits are theirs on normal values.
 template <int G>
 void score_rows_dp(const uint32_t* qp, const float* wp, const uint16_t* keys, int64_t kstride, int64_t hd,
                    int64_t rows, float scale, float* totals) {
   const __m512 zero = _mm512_setzero_ps(), sc = _mm512_set1_ps(scale);
-  auto finish = [&](const __m512* acc) {  // as score_rows'
-    __m512 sum = zero;
-    for (int g = 0; g < G; g++)
-      sum = _mm512_fmadd_ps(_mm512_loadu_ps(wp + 16 * g), _mm512_mul_ps(_mm512_max_ps(acc[g], zero), sc), sum);
-    return _mm512_reduce_add_ps(sum) + 0.0f;
-  };
-  auto pair = [&](int64_t j, int64_t p) {  // key j's values 2p, 2p + 1 in every lane
-    uint32_t u;
-    std::memcpy(&u, keys + j * kstride + 2 * p, 4);
-    return _mm512_set1_epi32((int)u);
-  };
-  constexpr int E = G <= 4 ? 4 : 2;  // entries at a time: E G accumulators, each q load used E times
-  const int64_t P = hd / 2;
-  int64_t j = 0;
-  for (; j + E <= rows; j += E) {
-    __m512 a[E][G];
-    for (int e = 0; e < E; e++)
-      for (int g = 0; g < G; g++) a[e][g] = zero;
-    for (int64_t p = 0; p < P; p++) {
-      __m512i v[E];
-      for (int e = 0; e < E; e++) v[e] = pair(j + e, p);
-      for (int g = 0; g < G; g++) {
-        const __m512bh qv = (__m512bh)_mm512_loadu_si512(qp + p * 16 * G + 16 * g);
-        for (int e = 0; e < E; e++) a[e][g] = _mm512_dpbf16_ps(a[e][g], qv, (__m512bh)v[e]);
-      }
-    }
-    for (int e = 0; e < E; e++) totals[j + e] = finish(a[e]);
-  }
-  for (; j < rows; j++) {
-    __m512 a[G];
-    for (int g = 0; g < G; g++) a[g] = zero;
-    for (int64_t p = 0; p < P; p++) {
-      const __m512bh v = (__m512bh)pair(j, p);
-      for (int g = 0; g < G; g++)
-        a[g] = _mm512_dpbf16_ps(a[g], (__m512bh)_mm512_loadu_si512(qp + p * 16 * G + 16 * g), v);
-    }
-    totals[j] = finish(a);
-  }
+  heads_dot_bf16<G>(qp, 16 * G, hd / 2, rows, [&](int64_t j) { return keys + j * kstride; },
+                    [&](int64_t j, const __m512* acc) {  // as score_rows' finish
+                      __m512 sum = zero;
+                      for (int g = 0; g < G; g++)
+                        sum = _mm512_fmadd_ps(_mm512_loadu_ps(wp + 16 * g),
+                                              _mm512_mul_ps(_mm512_max_ps(acc[g], zero), sc), sum);
+                      totals[j] = _mm512_reduce_add_ps(sum) + 0.0f;
+                    });
 }
 
 using ScoreRowsDp = void (*)(const uint32_t*, const float*, const uint16_t*, int64_t, int64_t, int64_t, float,
