@@ -399,7 +399,10 @@ extern "C" int ds4py_attend_rows(const void* q, int64_t R, int64_t H, int64_t hd
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
+#define DS4PY_AVX512 1  // for exp.h's exp16
+#define DS4PY_AVX2 0
 namespace {
+#include "exp.h"
 #include "heads_dot.h"
 
 // A prompt's queries over large bf16 heads (V4 Flash: 64 of 512 over 128 window keys + 512 entries, ~42 M
@@ -407,7 +410,7 @@ namespace {
 // per thread, each product over pairs (d + 1 then d for a logit, key j + 1 then j for an output value), float32
 // sums. The values are attend_query's with the window summed apart (bf16 logits times the scale, the softmax with
 // the sink, bf16 probabilities, the window's and the entries' sums rounded to bf16 and added) up to float32
-// summation order and its exp (a polynomial within 2 ulp).
+// summation order and its exp (exp16, a polynomial within 2 ulp).
 struct DpScratch {
   std::vector<uint32_t> qp, pair;  // q [hd / 2, Hp] and the probabilities [pairs, Hp]: two bf16 per lane
   std::vector<float> logit, o;     // [L, Hp] (then the exps), [H, hd]
@@ -415,25 +418,6 @@ struct DpScratch {
   std::vector<uint16_t> prob;      // [L, Hp] bf16 bits
   std::vector<__m512i> kv;         // a block of 64 output values: [pairs, 4] keys j, j + 1 interleaved
 };
-
-// exp(x) for x <= 0, 16 at a time: Cephes' expf polynomial (as exp8_nonpositive), 0 below -87.3
-inline __m512 exp16_nonpositive(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.3f);
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
-  const __m512 xc = _mm512_max_ps(x, lo);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-  return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(y, n));
-}
 
 // float32 -> bf16 bits in 32-bit lanes, rounded to nearest even as float_to_bf16 (finite values)
 inline __m512i round_bf16(__m512 v) {
@@ -520,11 +504,11 @@ void attend_query_dp(const uint16_t* q, int64_t H, int64_t hd, const uint16_t* c
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < L; j++) {
       float* lj = s.logit.data() + j * Hp + 16 * g;
-      const __m512 e = exp16_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(lj), mx));
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(lj), mx));
       _mm512_storeu_ps(lj, e);
       sum = _mm512_add_ps(sum, e);
     }
-    sum = _mm512_add_ps(sum, exp16_nonpositive(_mm512_sub_ps(sink, mx)));
+    sum = _mm512_add_ps(sum, exp16(_mm512_sub_ps(sink, mx)));
     for (int64_t j = 0; j < L; j++) {
       const __m512i b = round_bf16(_mm512_div_ps(_mm512_loadu_ps(s.logit.data() + j * Hp + 16 * g), sum));
       _mm256_storeu_si256((__m256i*)(s.prob.data() + j * Hp + 16 * g), _mm512_cvtepi32_epi16(b));
