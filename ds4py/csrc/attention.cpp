@@ -360,6 +360,29 @@ extern "C" int ds4py_attend_heads(const void* q, int64_t H, int64_t hd, const vo
   return 0;
 }
 
+namespace {
+// whether a prompt's top indices (count of them, -1: none) are all below n
+inline bool tops_below(const int64_t* top, int64_t count, int64_t n) {
+  for (int64_t i = 0; i < count; i++)
+    if (top[i] >= n) return false;
+  return true;
+}
+
+// a prompt's query r's compressed entries (rows of `bytes`) appended to rows: its indexer's top [R, k] row (-1:
+// none), or else (visible non-null) the first visible[r] of them, or none (entries null)
+template <typename Row>
+void add_entries(std::vector<Row>& rows, int64_t r, const void* entries, int64_t n, int64_t bytes,
+                 const int64_t* top, int64_t k, const int64_t* visible) {
+  const char* e = (const char*)entries;
+  if (top) {
+    for (int64_t c = 0; c < k; c++)
+      if (top[r * k + c] >= 0) rows.push_back((Row)(e + top[r * k + c] * bytes));
+  } else if (entries && visible) {
+    for (int64_t c = 0; c < std::min(n, visible[r]); c++) rows.push_back((Row)(e + c * bytes));
+  }
+}
+}  // namespace
+
 // R consecutive queries of a prompt q [R, H, hd] (contiguous), keys [S, hd]: the cached window, then the R
 // queries' own keys; query r (its key S - R + r) sees the `window` keys ending at its own, then the compressed
 // entries [n, hd]: its indexer's top [R, k] (-1: none), or else (visible non-null) the first visible[r] of them,
@@ -369,9 +392,7 @@ extern "C" int ds4py_attend_rows(const void* q, int64_t R, int64_t H, int64_t hd
                                  int64_t window, const void* entries, int64_t n, const int64_t* top, int64_t k,
                                  const int64_t* visible, const float* sinks, float scale, const float* rot,
                                  int64_t half, int conj, int bf, void* out) {
-  if (top)
-    for (int64_t i = 0; i < R * k; i++)
-      if (top[i] >= n) return 1;
+  if (top && !tops_below(top, R * k, n)) return 1;
   const size_t es = bf ? 2 : 4;
   const int64_t most = top ? k : entries ? n : 0;
   const int64_t grain = std::max<int64_t>(1, PAR_MIN_WORK / std::max<int64_t>(1, H * hd * (window + most)));
@@ -379,17 +400,13 @@ extern "C" int ds4py_attend_rows(const void* q, int64_t R, int64_t H, int64_t hd
   all.fill(keys, bf, S, hd);
   at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
     thread_local Scratch s;
-    std::vector<const void*> rows(most);
+    std::vector<const void*> rows;
+    rows.reserve(most);
     for (int64_t r = r0; r < r1; r++) {
       const int64_t own = S - R + r, oldest = std::max<int64_t>(0, own - window + 1);
-      int64_t C = 0;
-      if (top) {
-        for (int64_t c = 0; c < k; c++)
-          if (top[r * k + c] >= 0) rows[C++] = (const char*)entries + top[r * k + c] * hd * es;
-      } else if (entries && visible) {
-        for (int64_t c = 0; c < std::min(n, visible[r]); c++) rows[C++] = (const char*)entries + c * hd * es;
-      }
-      attend_query((const char*)q + r * H * hd * es, H, hd, all, oldest, own - oldest + 1, rows.data(), C,
+      rows.clear();
+      add_entries(rows, r, entries, n, hd * es, top, k, visible);
+      attend_query((const char*)q + r * H * hd * es, H, hd, all, oldest, own - oldest + 1, rows.data(), rows.size(),
                    entries != nullptr, sinks, scale, rot + r * 2 * half, half, conj, bf,
                    (char*)out + r * H * hd * es, s);
     }
@@ -544,27 +561,20 @@ void attend_query_dp(const uint16_t* q, int64_t H, int64_t hd, const uint16_t* c
 }
 }  // namespace
 
-// ds4py_attend_rows for bf16 q, keys and entries with attend_query_dp (hd % 64 == 0): the same arguments and
-// values up to float32 summation order (one token, R = 1: `attend_one` with the window and the entries summed
+// ds4py_attend_rows for bf16 q, keys and entries (bf = 1) with attend_query_dp (hd % 64 == 0): the same arguments
+// and values up to float32 summation order (one token, R = 1: `attend_one` with the window and the entries summed
 // apart). Returns 0, or 1 for a top index >= n.
 extern "C" int ds4py_attend_rows_dp(const void* q, int64_t R, int64_t H, int64_t hd, const void* keys, int64_t S,
                                     int64_t window, const void* entries, int64_t n, const int64_t* top, int64_t k,
                                     const int64_t* visible, const float* sinks, float scale, const float* rot,
-                                    int64_t half, int conj, void* out) {
-  if (top)
-    for (int64_t i = 0; i < R * k; i++)
-      if (top[i] >= n) return 1;
-  const uint16_t *kb = (const uint16_t*)keys, *eb = (const uint16_t*)entries;
-  auto keys_of = [&](int64_t r, std::vector<const uint16_t*>& rows) {  // -> the window's count
+                                    int64_t half, int conj, int /* bf */, void* out) {
+  if (top && !tops_below(top, R * k, n)) return 1;
+  const uint16_t* kb = (const uint16_t*)keys;
+  auto keys_of = [&](int64_t r, std::vector<const uint16_t*>& rows) {  // the window's, then the entries -> W
     const int64_t own = S - R + r, oldest = std::max<int64_t>(0, own - window + 1);
     rows.clear();
     for (int64_t j = oldest; j <= own; j++) rows.push_back(kb + j * hd);
-    if (top) {
-      for (int64_t c = 0; c < k; c++)
-        if (top[r * k + c] >= 0) rows.push_back(eb + top[r * k + c] * hd);
-    } else if (entries && visible) {
-      for (int64_t c = 0; c < std::min(n, visible[r]); c++) rows.push_back(eb + c * hd);
-    }
+    add_entries(rows, r, entries, n, hd * 2, top, k, visible);
     return own - oldest + 1;
   };
   if (R == 1) {  // one token: its heads split over the threads by 16 (each head's values whatever the split)

@@ -39,7 +39,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ds4py_attend_dp.restype = i32
     if lib.ds4py_attend_dp():
         lib.ds4py_attend_rows_dp.restype = i32
-        lib.ds4py_attend_rows_dp.argtypes = [p, i64, i64, i64, p, i64, i64, p, i64, p, i64, p, p, f32, p, i64, i32, p]
+        lib.ds4py_attend_rows_dp.argtypes = lib.ds4py_attend_rows.argtypes
 
 
 _load = kernels.lazy_library("ds4py_attend", _SOURCE, ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"],
@@ -145,22 +145,11 @@ def attend_rows(q: torch.Tensor, keys: torch.Tensor, window: int, entries: torch
         top = None if top is None else top.contiguous()
         visible = None if top is not None else visible.contiguous()
     out = torch.empty(R, H, hd, dtype=dtype)
-    if large:
-        rc = lib.ds4py_attend_rows_dp(q.data_ptr(), R, H, hd, keys.data_ptr(), keys.shape[0], window,
-                                      None if entries is None else entries.data_ptr(),
-                                      0 if entries is None else entries.shape[0],
-                                      None if top is None else top.data_ptr(), 0 if top is None else top.shape[1],
-                                      None if visible is None else visible.data_ptr(), sinks.data_ptr(), scale,
-                                      rotation.data_ptr(), half, int(conj), out.data_ptr())
-        if rc:
-            raise ValueError(f"attend_rows: entry indices outside [0, {entries.shape[0]})")
-        return out
-    rc = lib.ds4py_attend_rows(q.data_ptr(), R, H, hd, keys.data_ptr(), keys.shape[0], window,
-                               None if entries is None else entries.data_ptr(),
-                               0 if entries is None else entries.shape[0], None if top is None else top.data_ptr(),
-                               0 if top is None else top.shape[1], None if visible is None else visible.data_ptr(),
-                               sinks.data_ptr(), scale, rotation.data_ptr(), half, int(conj),
-                               int(dtype == torch.bfloat16), out.data_ptr())
+    rc = (lib.ds4py_attend_rows_dp if large else lib.ds4py_attend_rows)(  # (the first: bf16 large heads)
+        q.data_ptr(), R, H, hd, keys.data_ptr(), keys.shape[0], window, None if entries is None else entries.data_ptr(),
+        0 if entries is None else entries.shape[0], None if top is None else top.data_ptr(),
+        0 if top is None else top.shape[1], None if visible is None else visible.data_ptr(), sinks.data_ptr(), scale,
+        rotation.data_ptr(), half, int(conj), int(dtype == torch.bfloat16), out.data_ptr())
     if rc:
         raise ValueError(f"attend_rows: entry indices outside [0, {entries.shape[0]})")
     return out
