@@ -95,18 +95,15 @@ def test_attend_one_checks_indices_and_head_sizes(monkeypatch):
                                         0.2, rotation[:, :4])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("case", ["window", "ratio 128", "ratio 4", "ratio 4, no entries yet"])
-@pytest.mark.parametrize("cached", [0, 3, 7], ids=lambda c: f"cached {c}")
-def test_attend_rows_equals_the_torch_ops(dtype, case, cached):
-    """A prompt chunk's rows: each query over its own window (the cached keys, then the chunk's), the entries
-    closed before it (ratio 128) or its indexer's top-k with -1 for none (ratio 4), and the sink."""
-    gen = torch.Generator().manual_seed(len(case) + cached)
-    R, H, hd, window, half, ratio, k = 21, 4, 32, 8, 4, 4, 3
+def rows_against_torch(gen, case, dtype, cached, R, H, hd, window, half, k, n_top):
+    """A prompt chunk's R rows for a kind of layer (`case`: window, ratio 128, ratio 4 with n_top entries, or ratio
+    4 before any entry), through `attention_kernel.attend_rows` and through the torch ops of Attention.attend_rows
+    -> (ours or None, torch's)."""
+    ratio = 4
     q = torch.randn(R, H, hd, generator=gen).to(dtype)
     keys = torch.randn(cached + R, hd, generator=gen).to(dtype)
     positions = torch.arange(cached, cached + R)
-    n = {"window": 0, "ratio 128": (cached + R) // ratio, "ratio 4": 6, "ratio 4, no entries yet": 0}[case]
+    n = {"window": 0, "ratio 128": (cached + R) // ratio, "ratio 4": n_top, "ratio 4, no entries yet": 0}[case]
     entries = None if case == "window" else torch.randn(n, hd, generator=gen).to(dtype)
     top = visible = None
     if case.startswith("ratio 4"):
@@ -117,11 +114,22 @@ def test_attend_rows_equals_the_torch_ops(dtype, case, cached):
     angle = torch.rand(R, half, generator=gen) * 6
     rotation = torch.polar(torch.ones_like(angle), angle).conj()
     ours = attention_kernel.attend_rows(q, keys, window, entries, top, visible, sinks, hd**-0.5, rotation)
-    if ours is None:
-        pytest.skip("the attention kernel could not be built here")
     layer = SimpleNamespace(n_heads=H, head_dim=hd, window=window, sinks=sinks,
                             compressor=None if entries is None else SimpleNamespace(ratio=ratio))
-    want = rotate(Attention.attend_rows(layer, q, keys, positions, entries, top), rotation)
+    return ours, rotate(Attention.attend_rows(layer, q, keys, positions, entries, top), rotation)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", ["window", "ratio 128", "ratio 4", "ratio 4, no entries yet"])
+@pytest.mark.parametrize("cached", [0, 3, 7], ids=lambda c: f"cached {c}")
+def test_attend_rows_equals_the_torch_ops(dtype, case, cached):
+    """A prompt chunk's rows: each query over its own window (the cached keys, then the chunk's), the entries
+    closed before it (ratio 128) or its indexer's top-k with -1 for none (ratio 4), and the sink."""
+    R, H, hd = 21, 4, 32
+    ours, want = rows_against_torch(torch.Generator().manual_seed(len(case) + cached), case, dtype, cached, R, H, hd,
+                                    window=8, half=4, k=3, n_top=6)
+    if ours is None:
+        pytest.skip("the attention kernel could not be built here")
     assert ours.shape == want.shape == (R, H, hd) and ours.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2**-7
     assert (ours.float() - want.float()).abs().max() <= tol * want.float().abs().max()
@@ -150,26 +158,9 @@ def test_large_bf16_heads_equal_the_torch_ops(case, H, hd, cached, monkeypatch):
     if not attention_kernel.dp_heads():
         pytest.skip("no AVX512-BF16 here: large heads take torch's ops")
     monkeypatch.setattr(attention_kernel, "MAX_WORK", 1)  # every size counts as large
-    gen = torch.Generator().manual_seed(H + cached + len(case))
-    R, window, half, ratio, k = 9, 128 if hd == 512 else 16, 32, 4, 24
-    q = torch.randn(R, H, hd, generator=gen).bfloat16()
-    keys = torch.randn(cached + R, hd, generator=gen).bfloat16()
-    positions = torch.arange(cached, cached + R)
-    n = {"window": 0, "ratio 128": (cached + R) // ratio, "ratio 4": 41, "ratio 4, no entries yet": 0}[case]
-    entries = None if case == "window" else torch.randn(n, hd, generator=gen).bfloat16()
-    top = visible = None
-    if case.startswith("ratio 4"):
-        top = torch.randint(-1, n, (R, k), generator=gen) if n else torch.empty(R, 0, dtype=torch.long)
-    elif case == "ratio 128":
-        visible = (positions + 1) // ratio
-    sinks = torch.randn(H, generator=gen)
-    angle = torch.rand(R, half, generator=gen) * 6
-    rotation = torch.polar(torch.ones_like(angle), angle).conj()
-    ours = attention_kernel.attend_rows(q, keys, window, entries, top, visible, sinks, hd**-0.5, rotation)
+    ours, want = rows_against_torch(torch.Generator().manual_seed(H + cached + len(case)), case, torch.bfloat16,
+                                    cached, 9, H, hd, window=128 if hd == 512 else 16, half=32, k=24, n_top=41)
     assert ours is not None and ours.dtype == torch.bfloat16
-    layer = SimpleNamespace(n_heads=H, head_dim=hd, window=window, sinks=sinks,
-                            compressor=None if entries is None else SimpleNamespace(ratio=ratio))
-    want = rotate(Attention.attend_rows(layer, q, keys, positions, entries, top), rotation)
     assert (ours.float() - want.float()).abs().max() <= 2**-7 * want.float().abs().max()
 
 
