@@ -178,14 +178,14 @@ class MoE:
         T = x.shape[0]
         # Only where the CPU has a native bf16 GEMM, and for large matrices: from `bf16_gemm_min_t` tokens (the
         # Q8_0 shared expert's, V4 Flash's shared and routed experts having one shape) the shared expert takes its
-        # matrices' bf16 GEMMs (`kernels.ggml_linear`); a routed expert with a whole long chunk's tokens leaves the
-        # one call for its own GEMM too, but not from R16 stacks, whose tiles beat dequantize + GEMM at every chunk
-        # size. Elsewhere large experts stay in the int8 call.
-        values = self.w1.shape[-2] * self.w1.shape[-1]
-        long_bf16 = x.dtype == torch.bfloat16 and T >= kernels.bf16_gemm_min_t(values, cols=self.w1.shape[-1])
+        # matrices' bf16 GEMMs (`kernels.ggml_linear`, bf16 or float32 x: `kernels.gemm_prompt`); a routed expert
+        # with a whole long chunk's tokens leaves the one call for its own GEMM too, but not from R16 stacks, whose
+        # tiles beat dequantize + GEMM at every chunk size. Elsewhere large experts stay in the int8 call.
+        values, cols = self.w1.shape[-2] * self.w1.shape[-1], self.w1.shape[-1]
+        long_bf16 = x.dtype == torch.bfloat16 and T >= kernels.bf16_gemm_min_t(values, cols=cols)
         large = values >= kernels.BF16_GEMM_MIN_VALUES
-        big = long_bf16 and large and kernels.bf16_gemm_native()
-        gemm = long_bf16 and (big or not large)
+        big = large and kernels.gemm_prompt(x.dtype, T, values, cols=cols)
+        gemm = big or (long_bf16 and not large)
         stack = self.w1.stack_rows()
         hot_gemm = big and not (stack is not None and stack[1] == kernels.MXFP4_R16)
         if gemm and not big:  # small experts: routed and shared in one call over their bf16 copies
@@ -248,7 +248,7 @@ class MoE:
         return self.small[1]
 
     def add_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out + the shared experts on x, matrix by matrix (`Weight.linear`: a long bf16 prompt's bf16 GEMM)."""
+        """out + the shared experts on x, matrix by matrix (`Weight.linear`: a long prompt's bf16 GEMM)."""
         if self.shared is None:
             return out
         w1, w2, w3 = self.shared

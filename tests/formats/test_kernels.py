@@ -212,8 +212,16 @@ def test_large_matrices_take_the_bf16_gemm_from_fewer_rows(lib, monkeypatch):
     """A Q8_0 matrix of BF16_GEMM_MIN_VALUES values or more is dequantized for the bf16 GEMM from BF16_LINEAR_MIN_T
     bf16 rows (BF16_WIDE_MIN_T where 2048+ values wide; F.linear's values exactly), below that the int8 kernel (the
     float32 input's values, rounded); smaller matrices and ggml MXFP4 rows keep BF16_GEMM_MIN_T, R16 rows keep their
-    int8 tiles at any length. The grouped call stands aside where each group's matrix would take the GEMM."""
+    int8 tiles at any length. float32 rows take that GEMM for the large Q8_0 matrices only (x rounded to bf16, the
+    result widened), else the int8 kernel at any length. The grouped call stands aside where each group's matrix
+    would take the GEMM."""
     from ds4py.formats.ggml import MXFP4Rows16
+
+    def int8_kernel(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
+        monkeypatch.setenv("DS4PY_BF16_GEMM", "0")  # (no GEMM for any input)
+        y = kernels.ggml_linear(x, raw, qtype)
+        monkeypatch.setenv("DS4PY_BF16_GEMM", "1")
+        return y
 
     monkeypatch.setenv("DS4PY_BF16_GEMM", "1")
     gen = torch.Generator().manual_seed(11)
@@ -230,8 +238,13 @@ def test_large_matrices_take_the_bf16_gemm_from_fewer_rows(lib, monkeypatch):
             x = torch.randn(rows, n, generator=gen).bfloat16()
             y = kernels.ggml_linear(x, w.raw, qtype)
             gemm = F.linear(x, w.dequantize(torch.bfloat16))
-            int8 = kernels.ggml_linear(x.float(), w.raw, qtype).bfloat16()
-            assert torch.equal(y, gemm if rows >= first else int8) and not torch.equal(gemm, int8), (qtype, rows)
+            int8 = int8_kernel(x.float(), w.raw, qtype)
+            assert torch.equal(y, gemm if rows >= first else int8.bfloat16()), (qtype, rows)
+            assert not torch.equal(gemm, int8.bfloat16()), (qtype, rows)
+            large_q8 = qtype == int(Q.Q8_0) and w.shape[0] * n >= kernels.BF16_GEMM_MIN_VALUES
+            y32 = kernels.ggml_linear(x.float(), w.raw, qtype)
+            assert y32.dtype == torch.float32
+            assert torch.equal(y32, gemm.float() if large_q8 and rows >= first else int8), (qtype, rows)
     r16 = MXFP4Rows16.repack(cases[2][0])
     x = torch.randn(long, 256, generator=gen).bfloat16()
     assert torch.equal(r16.linear(x), kernels.ggml_linear(x.float(), r16.raw, kernels.MXFP4_R16).bfloat16())
@@ -239,6 +252,8 @@ def test_large_matrices_take_the_bf16_gemm_from_fewer_rows(lib, monkeypatch):
     x = torch.randn(t, 2, 256, generator=gen).bfloat16()
     assert kernels.ggml_grouped_linear(x, torch.cat([w.raw, w.raw]), int(Q.Q8_0)) is None
     assert kernels.ggml_grouped_linear(x[:-1], torch.cat([w.raw, w.raw]), int(Q.Q8_0)) is not None
+    assert kernels.ggml_grouped_linear(x.float(), torch.cat([w.raw, w.raw]), int(Q.Q8_0)) is None
+    assert kernels.ggml_grouped_linear(x[:-1].float(), torch.cat([w.raw, w.raw]), int(Q.Q8_0)) is not None
 
 
 def test_experts_one_equals_the_kernel_matmuls_one_by_one(lib):

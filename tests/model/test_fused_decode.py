@@ -275,11 +275,11 @@ def test_whole_chunk_expert_takes_the_gemm_only_when_its_matrices_are_large(mode
     assert plain.ffn.w1.stack_rows()[1] == kernels.MXFP4
     looped = plain.ffn(x, token_ids)
     assert calls == [1] and ran == [False]  # the routed loop (`MoE.routed`), each expert's bf16 GEMM
-    exact = block.ffn(x.float(), token_ids)
+    monkeypatch.setenv("DS4PY_BF16_GEMM", "0")
+    exact = block.ffn(x.float(), token_ids)  # (float32 through the int8 call: with the GEMM it would take that)
     # against float32 on the same inputs: the loop rounds to bf16 after each op (and its weights), the calls once
     assert rel(looped.float(), exact) < 3e-2 and rel(grouped.float(), exact) <= rel(looped.float(), exact)
     assert rel(stayed.float(), exact) < 3e-2
-    monkeypatch.setenv("DS4PY_BF16_GEMM", "0")
     int8 = block.ffn(x, token_ids)
     assert calls == [1] and ran == [False, True, True]  # (float32 `exact`, then this) routed and shared in one call
     assert rel(int8.float(), exact) < 3e-2
@@ -288,7 +288,8 @@ def test_whole_chunk_expert_takes_the_gemm_only_when_its_matrices_are_large(mode
 def test_mid_length_chunk_of_large_experts_takes_the_shared_expert_through_the_gemm(model, monkeypatch):
     """A bf16 chunk of BF16_LINEAR_MIN_T..BF16_GEMM_MIN_T tokens with large experts (here: the threshold lowered) and
     a native bf16 GEMM (here: said to have): the routed experts in the one int8 call, the shared one through its
-    matrices' bf16 GEMM; small experts keep the one int8 call for both."""
+    matrices' bf16 GEMM, for float32 rows too (`kernels.gemm_prompt`); small experts keep the one int8 call for
+    both."""
     monkeypatch.setenv("DS4PY_BF16_GEMM", "1")
     gen = torch.Generator().manual_seed(23)
     T = (kernels.BF16_LINEAR_MIN_T + kernels.BF16_GEMM_MIN_T) // 2
@@ -302,8 +303,12 @@ def test_mid_length_chunk_of_large_experts_takes_the_shared_expert_through_the_g
     monkeypatch.setattr(kernels, "BF16_GEMM_MIN_VALUES", 1)
     large = block.ffn(x, token_ids)
     assert ran == [True, False]
-    exact = block.ffn(x.float(), token_ids)
-    assert rel(large.float(), exact) < 3e-2 and rel(small.float(), exact) < 3e-2
+    f32 = block.ffn(x.float(), token_ids)
+    assert ran == [True, False, False] and f32.dtype == torch.float32
+    monkeypatch.setenv("DS4PY_BF16_GEMM", "0")
+    exact = block.ffn(x.float(), token_ids)  # float32 through the one int8 call
+    assert ran == [True, False, False, True]
+    assert rel(large.float(), exact) < 3e-2 and rel(small.float(), exact) < 3e-2 and rel(f32, exact) < 1e-2
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
