@@ -28,9 +28,9 @@ TOP_BYTES = 1 << 30     # the free memory kept on top of it
 
 
 def retain_freed_memory() -> bool:
-    """Set glibc's mmap threshold to KEPT_BYTES and its trim threshold to TOP_BYTES for this process (idempotent). True when set; False off
-    glibc (macOS, musl), or when the environment says DS4PY_KEEP_HEAP=0. The results of every computation are the
-    same either way: this changes only where memory comes from."""
+    """Set glibc's mmap threshold to KEPT_BYTES and its trim threshold to TOP_BYTES for this process (idempotent).
+    True when set; False off glibc (macOS, musl), or when the environment says DS4PY_KEEP_HEAP=0. The results of
+    every computation are the same either way: this changes only where memory comes from."""
     if os.environ.get("DS4PY_KEEP_HEAP", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
