@@ -221,7 +221,9 @@ def lazy_library(prefix: str, source: str, cflags: list[str], ldflags: list[str]
 
 
 def _compile(generic: bool) -> ctypes.CDLL:
-    cflags = ["-O3", "-march=native", "-fopenmp",] + (["-DDS4PY_GENERIC"] if generic else [])
+    # The portable loop's float operations as written on every CPU: left to GCC, whether `acc += d * s` became an
+    # FMA depended on -mtune (Zen tunings avoid some FMA chains, Intel ones form them), so its bits did too
+    cflags = ["-O3", "-march=native", "-fopenmp"] + (["-DDS4PY_GENERIC", "-ffp-contract=off"] if generic else [])
     lib = build_library("ds4py_kernels", _SOURCE, cflags, ["-fopenmp"])
     fn = lib.ds4py_ggml_linear
     fn.restype = ctypes.c_int

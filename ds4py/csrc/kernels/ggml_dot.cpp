@@ -215,7 +215,8 @@ void row_dot(const uint8_t* wr, const Acts& a, int64_t t0, float* y, int64_t yst
       const int8_t* q = (const int8_t*)a.qrow(t0 + t) + b * 32;
       int32_t s = 0;
       for (int i = 0; i < 32; i++) s += (int32_t)q[i] * (int32_t)w[i];
-      acc[t] += dw * a.srow(t0 + t)[Acts::sidx(b)] * (float)s;
+      // fused as written (the build has -ffp-contract=off: the same bits under every -mtune)
+      acc[t] = std::fma(dw * a.srow(t0 + t)[Acts::sidx(b)], (float)s, acc[t]);
     }
   }
   for (int t = 0; t < TT; t++) y[t * ystride] = acc[t];
