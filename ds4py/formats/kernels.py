@@ -94,6 +94,11 @@ BF16_WIDE_MIN_T = 32
 # many values: V4 Flash's 2048 x 4096; the tiny preset's 32 x 64 stay in the layer's one grouped call (a 512-token
 # chunk's MoE 0.4 ms there, ~3 ms through the per-expert loop).
 BF16_GEMM_MIN_VALUES = 1 << 20
+# R16 (repacked MXFP4) matrices of that size go to the bf16 GEMM from this many rows where the CPU has AMX-BF16
+# (`amx_bf16`): there oneDNN's GEMM outruns the int8 tiles. A 2048 x 4096 matrix on 2 Xeon cores with AMX, int8
+# tiles / (AVX512 dequantize + GEMM) time at T = 32 / 64 / 128 / 192 / 512: 0.81 / 1.16 / 2.05 / 2.58 / 3.62.
+# Without AMX the int8 tiles won at every length (`bf16_gemm_min_t`).
+R16_GEMM_MIN_T = 64
 # bf16 weights: the kernel serves up to this many activation rows (decode, batched decode); longer inputs use
 # F.linear (in tiles of BF16_TILE_ROWS output rows when the weight must be converted to x's dtype).
 BF16_KERNEL_MAX_T = 16
@@ -170,6 +175,20 @@ def bf16_gemm_native() -> bool:
         flags = set(_cpu_flags().split())
         _BF16_NATIVE.append(bool(flags & {"avx512_bf16", "amx_bf16"}))
     return _BF16_NATIVE[0]
+
+
+_AMX: list[bool] = []
+
+
+def amx_bf16() -> bool:
+    """Whether this CPU has AMX-BF16 tiles (oneDNN's bf16 GEMM runs on them), where long prompts' R16 experts take
+    that GEMM too (`R16_GEMM_MIN_T`). DS4PY_AMX=1 or 0 decides instead (for tests)."""
+    forced = os.environ.get("DS4PY_AMX", "")
+    if forced:
+        return forced != "0"
+    if not _AMX:
+        _AMX.append("amx_bf16" in set(_cpu_flags().split()))
+    return _AMX[0]
 
 
 def generic() -> bool:
@@ -368,11 +387,12 @@ def contiguous_rows(raw: torch.Tensor, qtype: int) -> torch.Tensor:
 
 def bf16_gemm_min_t(values: int, qtype: int = Q8_0, cols: int = 0) -> int:
     """The bf16 activation rows from which a Q8_0 / MXFP4 matrix of `values` values, `cols` wide, is dequantized
-    for the bf16 GEMM (where the CPU has it natively). R16 rows never are: their tiles beat it at every chunk size
-    (2048 x 4096 on 2 Zen 5 cores, int8 / bf16 time 0.16 / 0.45 / 0.65 / 0.81 at T = 64 / 256 / 512 / 1024), and
-    ggml MXFP4 rows (even with it at ~64-128) keep BF16_GEMM_MIN_T."""
+    for the bf16 GEMM (where the CPU has it natively). R16 rows only where the CPU has AMX (`amx_bf16`), from
+    R16_GEMM_MIN_T rows, for matrices of BF16_GEMM_MIN_VALUES values or more: elsewhere their tiles beat it at every
+    chunk size (2048 x 4096 on 2 Zen 5 cores, int8 / bf16 time 0.16 / 0.45 / 0.65 / 0.81 at T = 64 / 256 / 512 /
+    1024). ggml MXFP4 rows (even with it at ~64-128) keep BF16_GEMM_MIN_T."""
     if qtype == MXFP4_R16:
-        return 1 << 62
+        return R16_GEMM_MIN_T if values >= BF16_GEMM_MIN_VALUES and amx_bf16() else 1 << 62
     if qtype != Q8_0 or values < BF16_GEMM_MIN_VALUES:
         return BF16_GEMM_MIN_T
     return BF16_WIDE_MIN_T if cols >= 2048 else BF16_LINEAR_MIN_T

@@ -181,29 +181,47 @@ class MoE:
         # matrices' bf16 GEMMs (`kernels.ggml_linear`, bf16 or float32 x: `kernels.gemm_prompt`); a routed expert
         # with a whole long chunk's tokens leaves the one call for its own GEMM too, but not from R16 stacks, whose
         # tiles beat dequantize + GEMM at every chunk size. Elsewhere large experts stay in the int8 call.
+        # Where the CPU has AMX (`kernels.amx_bf16`) R16 experts with R16_GEMM_MIN_T tokens or more take their bf16
+        # GEMMs too, one by one after the others' one call ("hot" below; with 16 routed experts of V4 Flash's shape
+        # a 512-token chunk gives each ~190, with 256 ~12).
         values, cols = self.w1.shape[-2] * self.w1.shape[-1], self.w1.shape[-1]
         long_bf16 = x.dtype == torch.bfloat16 and T >= kernels.bf16_gemm_min_t(values, cols=cols)
         large = values >= kernels.BF16_GEMM_MIN_VALUES
         big = large and kernels.gemm_prompt(x.dtype, T, values, cols=cols)
         gemm = big or (long_bf16 and not large)
         stack = self.w1.stack_rows()
-        hot_gemm = big and not (stack is not None and stack[1] == kernels.MXFP4_R16)
+        r16 = stack is not None and stack[1] == kernels.MXFP4_R16
+        hot_t = kernels.BF16_GEMM_MIN_T
+        if r16:
+            hot_t = kernels.bf16_gemm_min_t(values, kernels.MXFP4_R16) if x.dtype == torch.bfloat16 else 1 << 62
+        hot_gemm = big and hot_t <= T
         if gemm and not big:  # small experts: routed and shared in one call over their bf16 copies
             packed = self.small_experts()
             out = None if packed is None else small_gemm.moe(packed, x, weights, ids, self.swiglu_limit)
             if out is not None:
                 return out
         plan = self.current_plan()  # resident stacks: the grouping and the call in C (the same pairs as below)
-        if plan is not None and not (hot_gemm and int(torch.bincount(ids.flatten()).max()) >= kernels.BF16_GEMM_MIN_T):
+        if plan is not None and not (hot_gemm and int(torch.bincount(ids.flatten()).max()) >= hot_t):
             out = kernels.moe_many(plan, x, weights, ids, shared=not gemm)
             if out is not None:
                 return self.add_shared(x, out) if gemm else out
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)  # pairs by expert, tokens ascending within one
         experts, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
-        if hot_gemm and int(counts.max()) >= kernels.BF16_GEMM_MIN_T:
+        if hot_gemm and not r16 and int(counts.max()) >= hot_t:
             return None  # (a routed expert chosen by a whole chunk: rare; the loop takes it)
         tokens, pair_weights = order // ids.shape[1], weights.flatten()[order]
+        hot = []  # (expert, its tokens, their weights): R16 experts for their own GEMMs
+        if hot_gemm and r16:
+            keep = torch.ones_like(order, dtype=torch.bool)
+            start = 0
+            for e, c in zip(experts.tolist(), counts.tolist()):
+                if c >= hot_t:
+                    hot.append((e, tokens[start:start + c], pair_weights[start:start + c]))
+                    keep[start:start + c] = False
+                start += c
+            cold = counts < hot_t
+            experts, counts, tokens, pair_weights = experts[cold], counts[cold], tokens[keep], pair_weights[keep]
         jobs = [(partial(self.routed_trio, e), c) for e, c in zip(experts.tolist(), counts.tolist())]
         if self.shared is not None and not gemm:
             w1, w2, w3 = self.shared
@@ -211,9 +229,9 @@ class MoE:
             tokens = torch.cat([tokens, torch.arange(T)])
             pair_weights = torch.cat([pair_weights, torch.ones(T)])
         streamed = not all(w.nbytes > 0 for w in (self.w1, self.w2, self.w3))
-        acc = torch.zeros(T, x.shape[1]) if streamed else None
+        acc = torch.zeros(T, x.shape[1]) if streamed or hot else None
         out, start = None, 0
-        for group in ([j] for j in jobs) if streamed else [jobs]:
+        for group in ([j] for j in jobs) if streamed else [jobs] if jobs else []:
             rows = [[m.kernel_rows() for m in trio()] for trio, _ in group]
             if any(r is None for trio in rows for r in trio):
                 return None
@@ -225,7 +243,9 @@ class MoE:
             if out is None:
                 return None
             start += n
-        if streamed:
+        for e, rows, w in hot:  # float32 sums of the bf16 GEMMs' outputs, as the call's
+            acc.index_add_(0, rows, self.expert(e, x[rows]).float() * w[:, None])
+        if streamed or hot:
             out = acc.to(x.dtype)
         return self.add_shared(x, out) if gemm else out
 

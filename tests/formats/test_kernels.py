@@ -215,9 +215,9 @@ def test_large_matrices_take_the_bf16_gemm_from_fewer_rows(lib, monkeypatch):
     """A Q8_0 matrix of BF16_GEMM_MIN_VALUES values or more is dequantized for the bf16 GEMM from BF16_LINEAR_MIN_T
     bf16 rows (BF16_WIDE_MIN_T where 2048+ values wide; F.linear's values exactly), below that the int8 kernel (the
     float32 input's values, rounded); smaller matrices and ggml MXFP4 rows keep BF16_GEMM_MIN_T, R16 rows keep their
-    int8 tiles at any length. float32 rows take that GEMM for the large Q8_0 matrices only (x rounded to bf16, the
-    result widened), else the int8 kernel at any length. The grouped call stands aside where each group's matrix
-    would take the GEMM."""
+    int8 tiles at any length without AMX, and take the GEMM from R16_GEMM_MIN_T rows with it. float32 rows take that
+    GEMM for the large Q8_0 matrices only (x rounded to bf16, the result widened), else the int8 kernel at any
+    length. The grouped call stands aside where each group's matrix would take the GEMM."""
     from ds4py.formats.ggml import MXFP4Rows16
 
     def int8_kernel(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
@@ -250,7 +250,15 @@ def test_large_matrices_take_the_bf16_gemm_from_fewer_rows(lib, monkeypatch):
             assert torch.equal(y32, gemm.float() if large_q8 and rows >= first else int8), (qtype, rows)
     r16 = MXFP4Rows16.repack(cases[2][0])
     x = torch.randn(long, 256, generator=gen).bfloat16()
+    monkeypatch.setenv("DS4PY_AMX", "0")
     assert torch.equal(r16.linear(x), kernels.ggml_linear(x.float(), r16.raw, kernels.MXFP4_R16).bfloat16())
+    monkeypatch.setenv("DS4PY_AMX", "1")
+    short = x[:kernels.R16_GEMM_MIN_T - 1]
+    assert torch.equal(r16.linear(x), F.linear(x, cases[2][0].dequantize(torch.bfloat16)))
+    assert torch.equal(r16.linear(short), int8_kernel(short.float(), r16.raw, kernels.MXFP4_R16).bfloat16())
+    small = MXFP4Rows16.repack(random_weight(Q.MXFP4, 64, 256, gen))  # under BF16_GEMM_MIN_VALUES: the tiles
+    assert torch.equal(small.linear(x), int8_kernel(x.float(), small.raw, kernels.MXFP4_R16).bfloat16())
+    monkeypatch.setenv("DS4PY_AMX", "0")
     w = cases[0][0]
     x = torch.randn(t, 2, 256, generator=gen).bfloat16()
     assert kernels.ggml_grouped_linear(x, torch.cat([w.raw, w.raw]), int(Q.Q8_0)) is None
@@ -348,6 +356,23 @@ def test_f32_linear_matches_float64_and_falls_back_for_long_inputs(lib):
         assert ((y.double() - exact).abs().max() / exact.abs().max()).item() < 1e-6
     x = torch.randn(kernels.BF16_KERNEL_MAX_T + 1, 32, generator=gen)
     assert torch.equal(kernels.f32_linear(x, w[:, :32].contiguous()), F.linear(x, w[:, :32]))
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["simd", "portable"])
+def test_r16_dequantize_matches_torch(lib, monkeypatch, generic):
+    """R16 groups -> bf16 (the vectorized loop where AVX512 is): torch's values exactly, for every scale byte
+    (subnormal products at 0-1, inf past 2^127 at 255) and every nibble."""
+    if generic:
+        monkeypatch.setenv("DS4PY_KERNELS_GENERIC", "1")
+    gen = torch.Generator().manual_seed(21)
+    rows, n = 32, 32 * 16
+    raw = torch.randint(0, 256, (rows, n // 32 * 17), dtype=torch.uint8, generator=gen)
+    raw.view(rows, n // 32, 17)[..., 0] = torch.arange(rows * n // 32).reshape(rows, n // 32).to(torch.uint8)
+    r16 = kernels.repack16(raw, n)
+    ref = kernels.r16_dequantize_torch(r16, n)
+    assert torch.isinf(ref).any() and (ref.abs() < 2**-126).logical_and(ref != 0).any()
+    assert torch.equal(kernels.dequantize(r16, kernels.MXFP4_R16, torch.bfloat16), ref.bfloat16())
+    assert torch.equal(kernels.dequantize(r16, kernels.MXFP4_R16, torch.float32), ref)
 
 
 @pytest.mark.parametrize("generic", [False, True], ids=["simd", "portable"])

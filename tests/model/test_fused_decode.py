@@ -252,8 +252,9 @@ def test_whole_chunk_expert_takes_the_gemm_only_when_its_matrices_are_large(mode
     one call (`small_gemm.moe`, routed and shared); large ones (here: the threshold lowered) in ggml rows go through
     the per-expert bf16 GEMMs where the CPU has a native bf16 GEMM (here: said to have), in R16 stacks (the repacked
     default) stay in the one int8 call with the shared expert through its GEMM; without a native bf16 GEMM both
-    stay in the one int8 call."""
+    stay in the one int8 call. (Without AMX: with it R16 experts of many tokens take their GEMMs, the next test.)"""
     monkeypatch.setenv("DS4PY_BF16_GEMM", "1")
+    monkeypatch.setenv("DS4PY_AMX", "0")
     gen = torch.Generator().manual_seed(19)
     x = torch.randn(900, model.config.hidden_size, generator=gen).bfloat16()
     token_ids = torch.randint(0, model.config.vocab_size, (900,), generator=gen)
@@ -285,12 +286,56 @@ def test_whole_chunk_expert_takes_the_gemm_only_when_its_matrices_are_large(mode
     assert rel(int8.float(), exact) < 3e-2
 
 
+def test_hot_r16_experts_take_their_gemms_where_the_cpu_has_amx(model, monkeypatch):
+    """A bf16 chunk with large experts (here: the threshold lowered) in R16 stacks where the CPU has AMX (here: said
+    to have): the experts with R16_GEMM_MIN_T tokens or more through their matrices' bf16 GEMMs, the others in one
+    int8 call (only they), the shared one through its GEMM; float32 sums of both, so within the int8 call's error
+    of float32 on the same inputs. float32 chunks, and CPUs without AMX, keep the one int8 call."""
+    monkeypatch.setenv("DS4PY_BF16_GEMM", "1")
+    monkeypatch.setenv("DS4PY_AMX", "1")
+    monkeypatch.setattr(kernels, "BF16_GEMM_MIN_VALUES", 1)
+    gen = torch.Generator().manual_seed(29)
+    block = model.transformer.blocks[1]
+    assert block.ffn.w1.stack_rows()[1] == kernels.MXFP4_R16
+    T = 256
+    x = torch.randn(T, model.config.hidden_size, generator=gen).bfloat16()
+    token_ids = torch.randint(0, model.config.vocab_size, (T,), generator=gen)
+    _, ids = block.ffn.router(x, token_ids)
+    counts = torch.bincount(ids.flatten())
+    hot_t = kernels.R16_GEMM_MIN_T
+    assert (counts >= hot_t).any() and ((counts > 0) & (counts < hot_t)).any()  # both kinds in this chunk
+    many, gemms = [], []
+    real_many, real_linear = kernels.experts_many, kernels.ggml_linear
+    monkeypatch.setattr(kernels, "experts_many", lambda x, e, q, c, *a, **k: many.append(list(c))
+                        or real_many(x, e, q, c, *a, **k))
+
+    def linear(x, raw, qtype):
+        if int(qtype) == kernels.MXFP4_R16:
+            gemms.append(x.numel() // x.shape[-1])
+        return real_linear(x, raw, qtype)
+
+    monkeypatch.setattr(kernels, "ggml_linear", linear)
+    split = block.ffn(x, token_ids)
+    assert many == [[int(c) for c in counts if 0 < c < hot_t]]  # in ascending id
+    assert sorted(gemms) == sorted(int(c) for c in counts if c >= hot_t for _ in range(3))
+    assert all(g >= hot_t for g in gemms)
+    f32 = block.ffn(x.float(), token_ids)  # float32: the one int8 call
+    monkeypatch.setenv("DS4PY_AMX", "0")
+    int8 = block.ffn(x, token_ids)
+    monkeypatch.setenv("DS4PY_BF16_GEMM", "0")
+    exact = block.ffn(x.float(), token_ids)  # float32 through the one int8 call, the shared expert's too
+    assert len(gemms) == 3 * int((counts >= hot_t).sum())  # none since the split
+    assert rel(f32, exact) < 1e-2 and rel(int8.float(), exact) < 3e-2
+    assert rel(split.float(), exact) < 3e-2 and rel(split.float(), int8.float()) < 3e-2
+
+
 def test_mid_length_chunk_of_large_experts_takes_the_shared_expert_through_the_gemm(model, monkeypatch):
     """A bf16 chunk of BF16_LINEAR_MIN_T..BF16_GEMM_MIN_T tokens with large experts (here: the threshold lowered) and
     a native bf16 GEMM (here: said to have): the routed experts in the one int8 call, the shared one through its
     matrices' bf16 GEMM, for float32 rows too (`kernels.gemm_prompt`); small experts keep the one int8 call for
-    both."""
+    both. (Without AMX, where R16 experts of many tokens would leave the one call: the test above.)"""
     monkeypatch.setenv("DS4PY_BF16_GEMM", "1")
+    monkeypatch.setenv("DS4PY_AMX", "0")
     gen = torch.Generator().manual_seed(23)
     T = (kernels.BF16_LINEAR_MIN_T + kernels.BF16_GEMM_MIN_T) // 2
     x = torch.randn(T, model.config.hidden_size, generator=gen).bfloat16()
