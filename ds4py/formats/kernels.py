@@ -16,8 +16,8 @@ warning, then the fallback), when the tensors are not on the CPU, or when DS4PY_
 The SIMD code is AVX512-VNNI's, or on CPUs with AVX2 + FMA only its operations in 256-bit halves (the same
 values, `isa`); DS4PY_KERNELS_GENERIC=1 builds the portable loop instead (for testing it).
 
-For bf16 or float32 activations with >= BF16_GEMM_MIN_T rows (long prompts; fewer for large Q8_0 matrices, none
-for R16 rows: `bf16_gemm_min_t`) on CPUs with a native bf16 GEMM (`bf16_gemm_native`) `ggml_linear` instead
+For bf16 or float32 activations with >= BF16_GEMM_MIN_T rows (long prompts; fewer for large Q8_0 matrices, R16 rows
+only with AMX: `bf16_gemm_min_t`) on CPUs with a native bf16 GEMM (`bf16_gemm_native`) `ggml_linear` instead
 dequantizes W to bf16 with the compiled `dequantize` and calls that GEMM: exactly
 F.linear(x, W.dequantize(torch.bfloat16)) for bf16 x, and that of x rounded to bf16, widened back, for float32 x
 (`gemm_prompt`).
