@@ -180,7 +180,7 @@ class MoE:
         # Q8_0 shared expert's, V4 Flash's shared and routed experts having one shape) the shared expert takes its
         # matrices' bf16 GEMMs (`kernels.ggml_linear`, bf16 or float32 x: `kernels.gemm_prompt`); a routed expert
         # with a whole long chunk's tokens leaves the one call for its own GEMM too, but not from R16 stacks, whose
-        # tiles beat dequantize + GEMM at every chunk size. Elsewhere large experts stay in the int8 call.
+        # tiles beat dequantize + GEMM at every chunk size without AMX. Elsewhere large experts stay in the int8 call.
         # Where the CPU has AMX (`kernels.amx_bf16`) R16 experts with R16_GEMM_MIN_T tokens or more take their bf16
         # GEMMs too, one by one after the others' one call ("hot" below; with 16 routed experts of V4 Flash's shape
         # a 512-token chunk gives each ~190, with 256 ~12).
