@@ -6,10 +6,7 @@ inline void q8_0_block_bf16(const uint8_t* blk, uint16_t* o) {
   const __m512 d = _mm512_set1_ps(half_at(blk));
   for (int h = 0; h < 2; h++) {
     const __m128i q = _mm_loadu_si128((const __m128i*)(blk + 2 + 16 * h));
-    const __m512i u = _mm512_castps_si512(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q))));
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-    _mm256_storeu_si256((__m256i*)(o + 16 * h), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+    store_bf16x16(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q))), o + 16 * h);
   }
 }
 #endif

@@ -32,15 +32,12 @@ void repack16(const uint8_t* src, int64_t sstride, uint8_t* dst, int64_t rows, i
 }
 
 #if DS4PY_AVX512
-// 16 nibble codes (bytes of i) -> 16 bf16 of d * KVALUES[code]: the scalar loop's operations 16 lanes at a time (the
-// float32 product, then the same integer round to nearest even; the products are finite or inf, never NaN), so the
+// 16 nibble codes (bytes of codes) -> 16 bf16 of d * KVALUES[code]: the scalar loop's operations 16 lanes at a time
+// (the float32 product, then the same round to nearest even; the products are finite or inf, never NaN), so the
 // same bits, as `q8_0_block_bf16`
 inline void mxfp4_codes_bf16(__m128i codes, __m512 d, uint16_t* o) {
   const __m128i k = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)KVALUES), codes);
-  const __m512i u = _mm512_castps_si512(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(k))));
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  _mm256_storeu_si256((__m256i*)o, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+  store_bf16x16(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(k))), o);
 }
 #endif
 
