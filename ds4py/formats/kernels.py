@@ -28,6 +28,7 @@ On a CUDA device `ggml_linear` and `bf16_linear` take the Triton kernels of `ds4
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import re
@@ -160,7 +161,10 @@ def _build_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "ds4py" / "kernels"
 
 
-_BF16_NATIVE: list[bool] = []
+@functools.cache
+def _cpu_has(*flags: str) -> bool:
+    """Whether /proc/cpuinfo lists any of `flags` (read once per set)."""
+    return bool(set(_cpu_flags().split()) & set(flags))
 
 
 def bf16_gemm_native() -> bool:
@@ -171,13 +175,7 @@ def bf16_gemm_native() -> bool:
     forced = os.environ.get("DS4PY_BF16_GEMM", "")  # read only for long prompts' large products
     if forced:
         return forced != "0"
-    if not _BF16_NATIVE:
-        flags = set(_cpu_flags().split())
-        _BF16_NATIVE.append(bool(flags & {"avx512_bf16", "amx_bf16"}))
-    return _BF16_NATIVE[0]
-
-
-_AMX: list[bool] = []
+    return _cpu_has("avx512_bf16", "amx_bf16")
 
 
 def amx_bf16() -> bool:
@@ -186,9 +184,7 @@ def amx_bf16() -> bool:
     forced = os.environ.get("DS4PY_AMX", "")
     if forced:
         return forced != "0"
-    if not _AMX:
-        _AMX.append("amx_bf16" in set(_cpu_flags().split()))
-    return _AMX[0]
+    return _cpu_has("amx_bf16")
 
 
 def generic() -> bool:
