@@ -213,14 +213,11 @@ class MoE:
         tokens, pair_weights = order // ids.shape[1], weights.flatten()[order]
         hot = []  # (expert, its tokens, their weights): R16 experts for their own GEMMs
         if hot_gemm and r16:
-            keep = torch.ones_like(order, dtype=torch.bool)
-            start = 0
-            for e, c in zip(experts.tolist(), counts.tolist()):
-                if c >= hot_t:
-                    hot.append((e, tokens[start:start + c], pair_weights[start:start + c]))
-                    keep[start:start + c] = False
-                start += c
+            sizes = counts.tolist()
+            hot = [(e, t, w) for e, c, t, w in zip(experts.tolist(), sizes, tokens.split(sizes),
+                                                   pair_weights.split(sizes)) if c >= hot_t]
             cold = counts < hot_t
+            keep = cold.repeat_interleave(counts)  # per pair: its expert's
             experts, counts, tokens, pair_weights = experts[cold], counts[cold], tokens[keep], pair_weights[keep]
         jobs = [(partial(self.routed_trio, e), c) for e, c in zip(experts.tolist(), counts.tolist())]
         if self.shared is not None and not gemm:
