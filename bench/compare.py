@@ -95,7 +95,7 @@ def run_llama(bench: str, model: Path, p: int, n: int, threads: int, repeats: in
            "-d", str(depth)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     note = None
-    if proc.returncode < 0:
+    if proc.returncode < 0 and "cur_backend_id != -1" in proc.stderr + proc.stdout:
         # On CPUs with AMX this llama.cpp puts the Q8_0 matrices in its AMX buffer type, and the deepseek4 graph
         # then aborts in the scheduler (GGML_ASSERT(*cur_backend_id != -1), seen on a Xeon with AMX): run it again
         # without its extra buffer types (no AMX, no repacked weights), as its users would, and say so
