@@ -95,11 +95,18 @@ BF16_WIDE_MIN_T = 32
 # many values: V4 Flash's 2048 x 4096; the tiny preset's 32 x 64 stay in the layer's one grouped call (a 512-token
 # chunk's MoE 0.4 ms there, ~3 ms through the per-expert loop).
 BF16_GEMM_MIN_VALUES = 1 << 20
-# R16 (repacked MXFP4) matrices of that size go to the bf16 GEMM from this many rows where the CPU has AMX-BF16
-# (`amx_bf16`): there oneDNN's GEMM outruns the int8 tiles. A 2048 x 4096 matrix on 2 Xeon cores with AMX, int8
-# tiles / (AVX512 dequantize + GEMM) time at T = 32 / 64 / 128 / 192 / 512: 0.81 / 1.16 / 2.05 / 2.58 / 3.62.
-# Without AMX the int8 tiles won at every length (`bf16_gemm_min_t`).
-R16_GEMM_MIN_T = 64
+# R16 (repacked MXFP4) matrices of that size go to the bf16 products from this many rows where the CPU has
+# AMX-BF16 (`amx_bf16`): below R16_AMX_MAX_T rows its tiles fed straight from the blocks (`r16_amx_linear`), from
+# there oneDNN's GEMM on a dequantized copy. 2048 x 4096 on 2 Xeon cores with AMX, int8 tiles / AMX tiles time at
+# T = 16 / 37 / 64: 1.26 / 1.63 / 2.43 (4096 x 2048: 1.04 / 1.69 / 2.55); the flash-slice's 512-token prompt
+# (256 experts, ~12 tokens each), alternated, 264.5 / 271.3 / 275.6 tok/s from 64 / 32 / 16 rows. Without AMX
+# the int8 tiles won at every length (`bf16_gemm_min_t`).
+R16_GEMM_MIN_T = 16
+# Below this many rows that product runs on the tiles straight from the R16 blocks: no bf16 copy of the matrix
+# written out and read back, no GEMM set-up. 2048 x 4096 on 2 Xeon cores, (dequantize + GEMM) / tiles time at
+# T = 64 / 96 / 192 / 512: 2.14 / 1.78 / 1.30 / 0.61 (4096 x 2048: 2.16 / 1.80 / 1.24 / 0.76); flash-slice-few's
+# 512-token prompt (16 experts, ~96 tokens each), alternated: 287.4 -> 359.9 tok/s.
+R16_AMX_MAX_T = 256
 # bf16 weights: the kernel serves up to this many activation rows (decode, batched decode); longer inputs use
 # F.linear (in tiles of BF16_TILE_ROWS output rows when the weight must be converted to x's dtype).
 BF16_KERNEL_MAX_T = 16
@@ -134,12 +141,12 @@ SWIGLU_C = csrc("swiglu.h")
 REDUCE16_C = csrc("reduce16.h")
 
 # This module's library, one section per file: the shared definitions and the activations' Q8_0 rounding
-# (common.h), the int8 dots of Q8_0 / MXFP4 rows (ggml_dot), MXFP4 repacked by 16 rows (r16), the products'
-# entry point (ggml_linear), dequantize, bf16 and float32 rows (bf16_linear, f32_linear), the experts and the
-# router (experts, moe) and one decoding token's fused projections (decode_plans)
-_SOURCE = csrc("kernels/common.h", "kernels/ggml_dot.cpp", "kernels/r16.cpp", "kernels/ggml_linear.cpp",
-               "kernels/dequantize.cpp", "kernels/bf16_linear.cpp", "kernels/f32_linear.cpp", "kernels/experts.cpp",
-               "kernels/moe.cpp", "kernels/decode_plans.cpp")
+# (common.h), the int8 dots of Q8_0 / MXFP4 rows (ggml_dot), MXFP4 repacked by 16 rows (r16) and their AMX
+# products (amx), the products' entry point (ggml_linear), dequantize, bf16 and float32 rows (bf16_linear,
+# f32_linear), the experts and the router (experts, moe) and one decoding token's fused projections (decode_plans)
+_SOURCE = csrc("kernels/common.h", "kernels/ggml_dot.cpp", "kernels/r16.cpp", "kernels/amx.cpp",
+               "kernels/ggml_linear.cpp", "kernels/dequantize.cpp", "kernels/bf16_linear.cpp", "kernels/f32_linear.cpp",
+               "kernels/experts.cpp", "kernels/moe.cpp", "kernels/decode_plans.cpp")
 
 _lock = threading.Lock()
 _libs: dict[bool, ctypes.CDLL | None] = {}
@@ -248,6 +255,9 @@ def _compile(generic: bool) -> ctypes.CDLL:
     fn = lib.ds4py_mxfp4_repack16
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    fn = lib.ds4py_r16_amx_linear
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     fn = lib.ds4py_f32_linear
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
@@ -436,6 +446,10 @@ def ggml_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
         return fallback_linear(x, raw, qtype)
     T = x.numel() // n if n else 0
     if gemm_prompt(dtype, T, rows * n, qtype, n):
+        if qtype == MXFP4_R16 and dtype == torch.bfloat16 and T < R16_AMX_MAX_T:
+            y = r16_amx_linear(x, raw)
+            if y is not None:
+                return y
         # long prompts: one fast dequantize to bf16, then the bf16 GEMM beats the per-block int8 kernel
         if dtype == torch.bfloat16:
             return F.linear(x, dequantize(raw, qtype, torch.bfloat16))
@@ -445,6 +459,23 @@ def ggml_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
         xk = xk.contiguous()
     y = _ggml_call(lib, qtype, xk, T, n, raw, 1, (*shape[:-1], rows))
     return y if dtype != torch.float16 else y.to(dtype)
+
+
+def r16_amx_linear(x: torch.Tensor, raw: torch.Tensor) -> torch.Tensor | None:
+    """bf16 x [..., n] @ W.T for R16 groups raw [rows, n/32*17] on the CPU -> [..., rows] bf16 on AMX-BF16 tiles,
+    each block dequantized into them (F.linear(x, W.dequantize(bfloat16))'s values up to float32 summation order),
+    or None where this build or CPU has no AMX (or no kernels)."""
+    lib = _lib()
+    n = x.shape[-1]
+    if lib is None or x.dtype != torch.bfloat16 or not (x.is_cpu and raw.is_cpu) or raw.shape[0] % 16 or n % 32:
+        return None
+    xc = x if x.is_contiguous() else x.contiguous()
+    raw = contiguous_rows(raw, MXFP4_R16)
+    T, rows = x.numel() // n if n else 0, raw.shape[0]
+    y = torch.empty(*x.shape[:-1], rows, dtype=torch.bfloat16)
+    if lib.ds4py_r16_amx_linear(xc.data_ptr(), T, n, raw.data_ptr(), rows, y.data_ptr()):
+        return None
+    return y
 
 
 def _ggml_call(lib: ctypes.CDLL, qtype: int, x: torch.Tensor, T: int, n: int, raw: torch.Tensor,

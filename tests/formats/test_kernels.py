@@ -215,7 +215,8 @@ def test_large_matrices_take_the_bf16_gemm_from_fewer_rows(lib, monkeypatch):
     """A Q8_0 matrix of BF16_GEMM_MIN_VALUES values or more is dequantized for the bf16 GEMM from BF16_LINEAR_MIN_T
     bf16 rows (BF16_WIDE_MIN_T where 2048+ values wide; F.linear's values exactly), below that the int8 kernel (the
     float32 input's values, rounded); smaller matrices and ggml MXFP4 rows keep BF16_GEMM_MIN_T, R16 rows keep their
-    int8 tiles at any length without AMX, and take the GEMM from R16_GEMM_MIN_T rows with it. float32 rows take that
+    int8 tiles at any length without AMX, and take the GEMM from R16_GEMM_MIN_T rows with it (under R16_AMX_MAX_T
+    rows the AMX tiles straight from the blocks, where the CPU has them). float32 rows take that
     GEMM for the large Q8_0 matrices only (x rounded to bf16, the result widened), else the int8 kernel at any
     length. The grouped call stands aside where each group's matrix would take the GEMM."""
     from ds4py.formats.ggml import MXFP4Rows16
@@ -256,6 +257,11 @@ def test_large_matrices_take_the_bf16_gemm_from_fewer_rows(lib, monkeypatch):
     short = x[:kernels.R16_GEMM_MIN_T - 1]
     assert torch.equal(r16.linear(x), F.linear(x, cases[2][0].dequantize(torch.bfloat16)))
     assert torch.equal(r16.linear(short), int8_kernel(short.float(), r16.raw, kernels.MXFP4_R16).bfloat16())
+    mid = x[:kernels.R16_AMX_MAX_T - 1]  # under R16_AMX_MAX_T: the tiles straight from the blocks, where there
+    tiles = kernels.r16_amx_linear(mid, r16.raw)
+    assert (tiles is not None) == kernels._cpu_has("amx_bf16")
+    assert torch.equal(r16.linear(mid), F.linear(mid, cases[2][0].dequantize(torch.bfloat16)) if tiles is None
+                       else tiles)
     small = MXFP4Rows16.repack(random_weight(Q.MXFP4, 64, 256, gen))  # under BF16_GEMM_MIN_VALUES: the tiles
     assert torch.equal(small.linear(x), int8_kernel(x.float(), small.raw, kernels.MXFP4_R16).bfloat16())
     monkeypatch.setenv("DS4PY_AMX", "0")
@@ -373,6 +379,39 @@ def test_r16_dequantize_matches_torch(lib, monkeypatch, generic):
     assert torch.isinf(ref).any() and (ref.abs() < 2**-126).logical_and(ref != 0).any()
     assert torch.equal(kernels.dequantize(r16, kernels.MXFP4_R16, torch.bfloat16), ref.bfloat16())
     assert torch.equal(kernels.dequantize(r16, kernels.MXFP4_R16, torch.float32), ref)
+    # every block's scales within [2, 252] (each value there, every nibble): the vectorized loop's exponent add
+    scales = 2 + torch.arange(rows * n // 32) % 251
+    raw.view(rows, n // 32, 17)[..., 0] = scales.reshape(rows, n // 32).to(torch.uint8)
+    r16 = kernels.repack16(raw, n)
+    assert torch.equal(kernels.dequantize(r16, kernels.MXFP4_R16, torch.bfloat16),
+                       kernels.r16_dequantize_torch(r16, n).bfloat16())
+
+
+def test_r16_amx_tiles_give_the_bf16_gemm_values(lib):
+    """R16 rows times bf16 rows on AMX tiles, each block dequantized into them (where the CPU has AMX-BF16; None
+    elsewhere): F.linear(x, W.dequantize(bfloat16))'s values up to float32 summation order and the bf16 rounding
+    of the sums, for row counts that fill no tile, an odd number of 16-row groups, 20 blocks (passes of 16 and 4),
+    scale bytes 0-1 (subnormal products) beside ordinary ones."""
+    gen = torch.Generator().manual_seed(31)
+    if not kernels._cpu_has("amx_bf16"):
+        x = torch.randn(20, 64, generator=gen).bfloat16()
+        assert kernels.r16_amx_linear(x, kernels.repack16(random_weight(Q.MXFP4, 16, 64, gen).raw, 64)) is None
+        return
+    for rows, n, T in ((48, 640, 37), (32, 96, 1), (64, 512, 100), (16, 32, 16)):
+        w = random_weight(Q.MXFP4, rows, n, gen)
+        w.raw.view(rows, n // 32, 17)[0, :, 0] = torch.tensor([0, 1, 127])[torch.arange(n // 32) % 3].to(torch.uint8)
+        raw = kernels.repack16(w.raw, n)
+        wb = w.dequantize(torch.bfloat16)
+        x = torch.randn(T, n, generator=gen).bfloat16()
+        y = kernels.r16_amx_linear(x, raw)
+        assert y is not None and y.shape == (T, rows) and y.dtype == torch.bfloat16
+        exact = x.double() @ wb.double().T
+        # (+ 2^-120: the tiles take subnormal bf16 values as 0, as oneDNN's GEMM on them does)
+        bound = 2**-8 * exact.abs() + 2**-16 * (x.double().abs() @ wb.double().abs().T) + 2**-120
+        assert ((y.double() - exact).abs() <= bound).all(), (rows, n, T)
+        assert rel_err(y, F.linear(x, wb)) < 2e-3, (rows, n, T)
+        y3 = kernels.r16_amx_linear(x.reshape(1, T, n), raw)  # leading dims kept
+        assert torch.equal(y3, y.reshape(1, T, rows))
 
 
 @pytest.mark.parametrize("generic", [False, True], ids=["simd", "portable"])

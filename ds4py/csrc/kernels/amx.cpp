@@ -1,0 +1,158 @@
+// R16 (repacked MXFP4) rows times bf16 activations on AMX-BF16 tiles, dequantizing straight into them: the long
+// prompts' expert products without a bf16 copy of the matrix written out to memory and read back by a GEMM (the
+// dequantize + oneDNN path, `bf16_gemm_min_t`). The values are that path's: each weight is its exact bf16 value
+// (`r16_block_bf16`), each activation its bf16 value, the products summed in float32 (the order differs: the
+// tiles add 32 products at a time along a row), the sum rounded to bf16 as F.linear's output is.
+#if DS4PY_AVX512 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define DS4PY_AMX 1
+#else
+#define DS4PY_AMX 0
+#endif
+
+namespace {
+#if DS4PY_AMX
+// Linux hands a process the tiles' 8 KB of state only once asked (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); oneDNN asks the same way.
+bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tmm0-3: float32 sums, 16 weight rows x 16 tokens; tmm4-5: two groups' 16 rows x 32 bf16 weights; tmm6-7: two
+// tiles of 16 tokens, their 32 bf16 values as 16 pairs a row (the layout TDPBF16PS multiplies by)
+constexpr int64_t KC = 16;  // blocks of 32 values per pass of the token tiles
+
+void configure_tiles() {
+  TileConfig c;
+  for (int i = 0; i < 8; i++) {
+    c.rows[i] = 16;
+    c.colsb[i] = 64;
+  }
+  _tile_loadconfig(&c);
+}
+
+// x [T, n] bf16 -> xt [tiles][n / 2][16][2]: tile j's token tt, values 2i and 2i + 1, at ((j * n / 2 + i) * 16 +
+// tt) * 2 (tokens past T are 0). So a block b of 32 values of tile j is the 1 KB from (j * n / 2 + 16 b) * 32.
+void pack_tokens(const uint16_t* x, int64_t T, int64_t n, int64_t tiles, uint32_t* xt) {
+  const int64_t half = n / 2;
+  at::parallel_for(0, tiles, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j++) {
+      uint32_t* o = xt + j * half * 16;
+      const uint32_t* src[16];  // rows past T read as 0
+      static const uint32_t zeros[1] = {0};
+      int64_t step[16];
+      for (int tt = 0; tt < 16; tt++) {
+        const int64_t t = j * 16 + tt;
+        src[tt] = t < T ? (const uint32_t*)(x + t * n) : zeros;
+        step[tt] = t < T;
+      }
+      for (int64_t i = 0; i < half; i++)  // one 64-byte row of xt at a time, from 16 sequential reads
+        for (int tt = 0; tt < 16; tt++) o[i * 16 + tt] = src[tt][i * step[tt]];
+    }
+  });
+}
+
+// The 16 rows x 32 values of R16 block blk as bf16 rows of 32 at o (the A tile's layout).
+inline void r16_block_tile(const uint8_t* blk, uint16_t* o) {
+  if (r16_block_bf16_fast(blk, o, 32)) return;
+  for (int r = 0; r < 16; r++) {  // subnormal or huge scales: the float32 product, rounded
+    const float d = E8M0_HALF.v[blk[r]];
+    for (int j = 0; j < 16; j++) {
+      const uint8_t q = blk[r16_offset(r, j)];
+      o[r * 32 + j] = float_to_bf16(d * (float)KVALUES[q & 15]);
+      o[r * 32 + j + 16] = float_to_bf16(d * (float)KVALUES[q >> 4]);
+    }
+  }
+}
+
+// The float32 sums of 16 weight rows x 16 tokens (a stored tile) into y [T, rows] as bf16, rows from n0, tokens
+// from t0 (those past T, or rows past `rows`, left out).
+inline void store_sums(const float* c, uint16_t* y, int64_t T, int64_t rows, int64_t t0, int64_t n0) {
+  for (int tt = 0; tt < 16 && t0 + tt < T; tt++)
+    for (int r = 0; r < 16 && n0 + r < rows; r++) y[(t0 + tt) * rows + n0 + r] = float_to_bf16(c[r * 16 + tt]);
+}
+#endif
+}  // namespace
+
+// y [T, rows] bf16 = x [T, n] bf16 @ W.T for R16 groups w (rows % 16 == 0, n % 32 == 0), on AMX-BF16 tiles.
+// Returns 0, or 1 where this build or this CPU has no AMX (the caller takes the dequantize + GEMM path).
+extern "C" int ds4py_r16_amx_linear(const uint16_t* x, int64_t T, int64_t n, const uint8_t* w, int64_t rows,
+                                    uint16_t* y) {
+#if DS4PY_AMX
+  if (rows % 16 || n % 32 || !amx_permitted()) return 1;
+  if (T == 0 || rows == 0) return 0;
+  const int64_t nb = n / 32, groups = rows / 16, tiles = (T + 15) / 16 + ((T + 15) / 16) % 2;
+  std::vector<uint32_t> xt(tiles * (n / 2) * 16);
+  pack_tokens(x, T, n, tiles, xt.data());
+  const int64_t pairs = (groups + 1) / 2;
+  at::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
+    configure_tiles();
+    // two groups' weights for KC blocks as A tiles (32 KB: they stay in L1 while every token tile passes):
+    // panel[h][b] is group h's 16 rows x 32 bf16 of block b (1 KB)
+    alignas(64) uint16_t panel[2][KC][512];
+    std::vector<float> acc(tiles * 512);  // [tiles / 2][4 tiles][16 rows x 16 tokens]: the sums between chunks
+    for (int64_t p = p0; p < p1; p++) {
+      const bool second = 2 * p + 1 < groups;
+      if (!second) std::memset(panel[1], 0, sizeof(panel[1]));
+      const uint8_t* w0 = w + 2 * p * nb * R16_BLOCK;
+      for (int64_t k0 = 0; k0 < nb; k0 += KC) {
+        const int64_t kn = std::min<int64_t>(KC, nb - k0);
+        for (int64_t j = 0; j < tiles; j += 2) {
+          const uint32_t* b0 = xt.data() + (j * (n / 2) + 16 * k0) * 16;
+          const uint32_t* b1 = b0 + (n / 2) * 16;
+          float* c = acc.data() + j * 512;
+          if (k0 == 0) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+          } else {
+            _tile_loadd(0, c, 64);
+            _tile_loadd(1, c + 256, 64);
+            _tile_loadd(2, c + 512, 64);
+            _tile_loadd(3, c + 768, 64);
+          }
+          for (int64_t b = 0; b < kn; b++) {
+            if (j == 0) {  // the first tokens' pass dequantizes each block as it goes (while the tiles work)
+              r16_block_tile(w0 + (k0 + b) * R16_BLOCK, panel[0][b]);
+              if (second) r16_block_tile(w0 + (nb + k0 + b) * R16_BLOCK, panel[1][b]);
+            }
+            _tile_loadd(4, panel[0][b], 64);
+            _tile_loadd(5, panel[1][b], 64);
+            _tile_loadd(6, b0 + b * 256, 64);
+            _tile_loadd(7, b1 + b * 256, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+          _tile_stored(0, c, 64);
+          _tile_stored(1, c + 256, 64);
+          _tile_stored(2, c + 512, 64);
+          _tile_stored(3, c + 768, 64);
+        }
+      }
+      for (int64_t j = 0; j < tiles; j += 2) {
+        const float* c = acc.data() + j * 512;
+        store_sums(c, y, T, rows, j * 16, 32 * p);
+        store_sums(c + 256, y, T, rows, j * 16 + 16, 32 * p);
+        store_sums(c + 512, y, T, rows, j * 16, 32 * p + 16);
+        store_sums(c + 768, y, T, rows, j * 16 + 16, 32 * p + 16);
+      }
+    }
+    _tile_release();
+  });
+  return 0;
+#else
+  (void)x, (void)T, (void)n, (void)w, (void)rows, (void)y;
+  return 1;
+#endif
+}
