@@ -96,7 +96,7 @@ BF16_WIDE_MIN_T = 32
 # chunk's MoE 0.4 ms there, ~3 ms through the per-expert loop).
 BF16_GEMM_MIN_VALUES = 1 << 20
 # R16 (repacked MXFP4) matrices of that size go to the bf16 products from this many rows where the CPU has
-# AMX-BF16 (`amx_bf16`): below R16_AMX_MAX_T rows its tiles fed straight from the blocks (`r16_amx_linear`), from
+# AMX-BF16 (`amx_bf16`): below R16_AMX_MAX_T rows its tiles fed straight from the blocks (`amx_linear`), from
 # there oneDNN's GEMM on a dequantized copy. 2048 x 4096 on 2 Xeon cores with AMX, int8 tiles / AMX tiles time at
 # T = 16 / 37 / 64: 1.26 / 1.63 / 2.43 (4096 x 2048: 1.04 / 1.69 / 2.55); the flash-slice's 512-token prompt
 # (256 experts, ~12 tokens each), alternated, 264.5 / 271.3 / 275.6 tok/s from 64 / 32 / 16 rows. Without AMX
@@ -107,6 +107,14 @@ R16_GEMM_MIN_T = 16
 # T = 64 / 96 / 192 / 512: 2.14 / 1.78 / 1.30 / 0.61 (4096 x 2048: 2.16 / 1.80 / 1.24 / 0.76); flash-slice-few's
 # 512-token prompt (16 experts, ~96 tokens each), alternated: 287.4 -> 359.9 tok/s.
 R16_AMX_MAX_T = 256
+# Large Q8_0 matrices times bf16 rows take those tiles too where the CPU has AMX, from Q8_AMX_MIN_T rows (before
+# BF16_WIDE_MIN_T / BF16_LINEAR_MIN_T) to under Q8_AMX_MAX_T. 2 Xeon cores, alternated, int8 kernel / tiles time
+# at T = 8 / 16 / 32: 32768 x 1024 0.69 / 1.37 / 2.39, 4096 x 8192 0.82 / 1.30 / 2.77, 2048 x 4096 0.86 / 1.64 /
+# 2.95, 512 x 4096 0.68 / 1.56 / 3.31; (dequantize + GEMM) / tiles at T = 256: 32768 x 1024 1.32, 4096 x 8192 1.23,
+# 2048 x 4096 0.72, 1024 x 4096 0.99, so chunks of 256 keep the GEMM (flash-slice-few pp512, alternated, 341.3 /
+# 342.2 tok/s without / with tiles at 256; pp128 261.1 -> 285.9).
+Q8_AMX_MIN_T = 16
+Q8_AMX_MAX_T = 256
 # bf16 weights: the kernel serves up to this many activation rows (decode, batched decode); longer inputs use
 # F.linear (in tiles of BF16_TILE_ROWS output rows when the weight must be converted to x's dtype).
 BF16_KERNEL_MAX_T = 16
@@ -141,11 +149,11 @@ SWIGLU_C = csrc("swiglu.h")
 REDUCE16_C = csrc("reduce16.h")
 
 # This module's library, one section per file: the shared definitions and the activations' Q8_0 rounding
-# (common.h), the int8 dots of Q8_0 / MXFP4 rows (ggml_dot), MXFP4 repacked by 16 rows (r16) and their AMX
-# products (amx), the products' entry point (ggml_linear), dequantize, bf16 and float32 rows (bf16_linear,
+# (common.h), the int8 dots of Q8_0 / MXFP4 rows (ggml_dot), MXFP4 repacked by 16 rows (r16), the products'
+# entry point (ggml_linear), dequantize, Q8_0 and R16 products on AMX tiles (amx), bf16 and float32 rows (bf16_linear,
 # f32_linear), the experts and the router (experts, moe) and one decoding token's fused projections (decode_plans)
-_SOURCE = csrc("kernels/common.h", "kernels/ggml_dot.cpp", "kernels/r16.cpp", "kernels/amx.cpp",
-               "kernels/ggml_linear.cpp", "kernels/dequantize.cpp", "kernels/bf16_linear.cpp", "kernels/f32_linear.cpp",
+_SOURCE = csrc("kernels/common.h", "kernels/ggml_dot.cpp", "kernels/r16.cpp", "kernels/ggml_linear.cpp",
+               "kernels/dequantize.cpp", "kernels/amx.cpp", "kernels/bf16_linear.cpp", "kernels/f32_linear.cpp",
                "kernels/experts.cpp", "kernels/moe.cpp", "kernels/decode_plans.cpp")
 
 _lock = threading.Lock()
@@ -255,9 +263,10 @@ def _compile(generic: bool) -> ctypes.CDLL:
     fn = lib.ds4py_mxfp4_repack16
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-    fn = lib.ds4py_r16_amx_linear
+    fn = lib.ds4py_amx_linear
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_void_p]
     fn = lib.ds4py_f32_linear
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
@@ -406,7 +415,9 @@ def bf16_gemm_min_t(values: int, qtype: int = Q8_0, cols: int = 0) -> int:
 
 def gemm_prompt(dtype: torch.dtype, T: int, values: int, qtype: int = Q8_0, cols: int = 0) -> bool:
     """Whether T rows of `dtype` activations times a ggml matrix of `values` values, `cols` wide, take dequantize to
-    bf16 + the bf16 GEMM instead of the int8 kernel (`bf16_gemm_min_t`, where the CPU has that GEMM natively).
+    bf16 + the bf16 GEMM instead of the int8 kernel (`bf16_gemm_min_t`, where the CPU has that GEMM natively), or
+    for bf16 rows where the CPU has AMX, the tiles fed from the blocks (`amx_linear`: R16_GEMM_MIN_T <= T <
+    R16_AMX_MAX_T for R16 rows, Q8_AMX_MIN_T <= T < Q8_AMX_MAX_T for large Q8_0 matrices).
     float32 rows too for Q8_0 matrices of BF16_GEMM_MIN_VALUES values or more (where it was measured): rounded to
     bf16 (2^-9 of each value) they lose less than the kernel's Q8_0 rounding of them (per 32 values, 2^-8 of the
     largest), and the product is faster. Relative error against float64 of a 4096 x 8192 Q8_0 product at T = 512
@@ -417,6 +428,8 @@ def gemm_prompt(dtype: torch.dtype, T: int, values: int, qtype: int = Q8_0, cols
             return False
     elif dtype != torch.bfloat16:
         return False
+    elif qtype == Q8_0 and values >= BF16_GEMM_MIN_VALUES and Q8_AMX_MIN_T <= T < Q8_AMX_MAX_T and amx_bf16():
+        return True  # bf16 rows on AMX tiles (`amx_linear`)
     return T >= bf16_gemm_min_t(values, qtype, cols) and bf16_gemm_native()
 
 
@@ -446,8 +459,8 @@ def ggml_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
         return fallback_linear(x, raw, qtype)
     T = x.numel() // n if n else 0
     if gemm_prompt(dtype, T, rows * n, qtype, n):
-        if qtype == MXFP4_R16 and dtype == torch.bfloat16 and T < R16_AMX_MAX_T:
-            y = r16_amx_linear(x, raw)
+        if dtype == torch.bfloat16 and T < (R16_AMX_MAX_T if qtype == MXFP4_R16 else Q8_AMX_MAX_T) and amx_bf16():
+            y = amx_linear(x, raw, qtype)
             if y is not None:
                 return y
         # long prompts: one fast dequantize to bf16, then the bf16 GEMM beats the per-block int8 kernel
@@ -461,19 +474,20 @@ def ggml_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
     return y if dtype != torch.float16 else y.to(dtype)
 
 
-def r16_amx_linear(x: torch.Tensor, raw: torch.Tensor) -> torch.Tensor | None:
-    """bf16 x [..., n] @ W.T for R16 groups raw [rows, n/32*17] on the CPU -> [..., rows] bf16 on AMX-BF16 tiles,
-    each block dequantized into them (F.linear(x, W.dequantize(bfloat16))'s values up to float32 summation order),
-    or None where this build or CPU has no AMX (or no kernels)."""
+def amx_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor | None:
+    """bf16 x [..., n] @ W.T for Q8_0 rows or R16 groups raw [rows, n/32*block_bytes] on the CPU -> [..., rows]
+    bf16 on AMX-BF16 tiles, each block dequantized into them (F.linear(x, W.dequantize(bfloat16))'s values up to
+    float32 summation order), or None where this build or CPU has no AMX (or no kernels), or for other types."""
     lib = _lib()
     n = x.shape[-1]
-    if lib is None or x.dtype != torch.bfloat16 or not (x.is_cpu and raw.is_cpu) or raw.shape[0] % 16 or n % 32:
+    if (lib is None or x.dtype != torch.bfloat16 or not (x.is_cpu and raw.is_cpu) or qtype not in (Q8_0, MXFP4_R16)
+            or (qtype == MXFP4_R16 and raw.shape[0] % 16) or n % 32):
         return None
     xc = x if x.is_contiguous() else x.contiguous()
-    raw = contiguous_rows(raw, MXFP4_R16)
+    raw = contiguous_rows(raw, qtype)
     T, rows = x.numel() // n if n else 0, raw.shape[0]
     y = torch.empty(*x.shape[:-1], rows, dtype=torch.bfloat16)
-    if lib.ds4py_r16_amx_linear(xc.data_ptr(), T, n, raw.data_ptr(), rows, y.data_ptr()):
+    if lib.ds4py_amx_linear(qtype, xc.data_ptr(), T, n, raw.data_ptr(), raw.stride(0), rows, y.data_ptr()):
         return None
     return y
 

@@ -182,7 +182,7 @@ class MoE:
         # with a whole long chunk's tokens leaves the one call for its own GEMM too, but not from R16 stacks, whose
         # tiles beat dequantize + GEMM at every chunk size without AMX. Elsewhere large experts stay in the int8 call.
         # Where the CPU has AMX (`kernels.amx_bf16`) R16 experts with R16_GEMM_MIN_T tokens or more take their bf16
-        # products too (AMX tiles fed from the blocks, `kernels.r16_amx_linear`, or a GEMM from R16_AMX_MAX_T), one
+        # products too (AMX tiles fed from the blocks, `kernels.amx_linear`, or a GEMM from R16_AMX_MAX_T), one
         # by one after the others' one call ("hot" below; with 16 routed experts of V4 Flash's shape a 512-token
         # chunk gives each ~190, with 256 ~12).
         values, cols = self.w1.shape[-2] * self.w1.shape[-1], self.w1.shape[-1]

@@ -228,6 +228,7 @@ def test_large_matrices_take_the_bf16_gemm_from_fewer_rows(lib, monkeypatch):
         return y
 
     monkeypatch.setenv("DS4PY_BF16_GEMM", "1")
+    monkeypatch.setenv("DS4PY_AMX", "0")  # (the AMX tiles for Q8_0 rows: below)
     gen = torch.Generator().manual_seed(11)
     t, long = kernels.BF16_LINEAR_MIN_T, kernels.BF16_GEMM_MIN_T
     assert t < long
@@ -249,6 +250,22 @@ def test_large_matrices_take_the_bf16_gemm_from_fewer_rows(lib, monkeypatch):
             y32 = kernels.ggml_linear(x.float(), w.raw, qtype)
             assert y32.dtype == torch.float32
             assert torch.equal(y32, gemm.float() if large_q8 and rows >= first else int8), (qtype, rows)
+    monkeypatch.setenv("DS4PY_AMX", "1")  # large Q8_0 matrices, bf16 rows: the tiles from Q8_AMX_MIN_T rows
+    w = cases[0][0]
+    for rows in (kernels.Q8_AMX_MIN_T - 1, kernels.Q8_AMX_MIN_T, kernels.Q8_AMX_MAX_T - 1, kernels.Q8_AMX_MAX_T):
+        x = torch.randn(rows, 256, generator=gen).bfloat16()
+        tiles = kernels.amx_linear(x, w.raw, int(Q.Q8_0))
+        assert (tiles is not None) == kernels._cpu_has("amx_bf16")
+        if rows < kernels.Q8_AMX_MIN_T:
+            want = int8_kernel(x.float(), w.raw, int(Q.Q8_0)).bfloat16()
+        elif rows >= kernels.Q8_AMX_MAX_T or tiles is None:
+            want = F.linear(x, w.dequantize(torch.bfloat16))
+        else:
+            want = tiles
+        assert torch.equal(kernels.ggml_linear(x, w.raw, int(Q.Q8_0)), want), rows
+        y32 = kernels.ggml_linear(x.float(), w.raw, int(Q.Q8_0))  # float32 rows: as without AMX
+        assert torch.equal(y32, F.linear(x, w.dequantize(torch.bfloat16)).float() if rows >= t
+                           else int8_kernel(x.float(), w.raw, int(Q.Q8_0))), rows
     r16 = MXFP4Rows16.repack(cases[2][0])
     x = torch.randn(long, 256, generator=gen).bfloat16()
     monkeypatch.setenv("DS4PY_AMX", "0")
@@ -258,7 +275,7 @@ def test_large_matrices_take_the_bf16_gemm_from_fewer_rows(lib, monkeypatch):
     assert torch.equal(r16.linear(x), F.linear(x, cases[2][0].dequantize(torch.bfloat16)))
     assert torch.equal(r16.linear(short), int8_kernel(short.float(), r16.raw, kernels.MXFP4_R16).bfloat16())
     mid = x[:kernels.R16_AMX_MAX_T - 1]  # under R16_AMX_MAX_T: the tiles straight from the blocks, where there
-    tiles = kernels.r16_amx_linear(mid, r16.raw)
+    tiles = kernels.amx_linear(mid, r16.raw, kernels.MXFP4_R16)
     assert (tiles is not None) == kernels._cpu_has("amx_bf16")
     assert torch.equal(r16.linear(mid), F.linear(mid, cases[2][0].dequantize(torch.bfloat16)) if tiles is None
                        else tiles)
@@ -387,30 +404,38 @@ def test_r16_dequantize_matches_torch(lib, monkeypatch, generic):
                        kernels.r16_dequantize_torch(r16, n).bfloat16())
 
 
-def test_r16_amx_tiles_give_the_bf16_gemm_values(lib):
-    """R16 rows times bf16 rows on AMX tiles, each block dequantized into them (where the CPU has AMX-BF16; None
-    elsewhere): F.linear(x, W.dequantize(bfloat16))'s values up to float32 summation order and the bf16 rounding
-    of the sums, for row counts that fill no tile, an odd number of 16-row groups, 20 blocks (passes of 16 and 4),
-    scale bytes 0-1 (subnormal products) beside ordinary ones."""
+def test_amx_tiles_give_the_bf16_gemm_values(lib):
+    """R16 groups and Q8_0 rows times bf16 rows on AMX tiles, each block dequantized into them (where the CPU has
+    AMX-BF16; None elsewhere): F.linear(x, W.dequantize(bfloat16))'s values up to float32 summation order and the
+    bf16 rounding of the sums, for row counts that fill no tile, an odd number of 16-row groups (Q8_0: groups short
+    of 16 rows, rows strided apart), 20 blocks (passes of 16 and 4), scale bytes 0-1 (subnormal products) beside
+    ordinary ones."""
     gen = torch.Generator().manual_seed(31)
     if not kernels._cpu_has("amx_bf16"):
         x = torch.randn(20, 64, generator=gen).bfloat16()
-        assert kernels.r16_amx_linear(x, kernels.repack16(random_weight(Q.MXFP4, 16, 64, gen).raw, 64)) is None
+        r16 = kernels.repack16(random_weight(Q.MXFP4, 16, 64, gen).raw, 64)
+        assert kernels.amx_linear(x, r16, kernels.MXFP4_R16) is None
         return
-    for rows, n, T in ((48, 640, 37), (32, 96, 1), (64, 512, 100), (16, 32, 16)):
-        w = random_weight(Q.MXFP4, rows, n, gen)
-        w.raw.view(rows, n // 32, 17)[0, :, 0] = torch.tensor([0, 1, 127])[torch.arange(n // 32) % 3].to(torch.uint8)
-        raw = kernels.repack16(w.raw, n)
+    cases = [(Q.MXFP4, 48, 640, 37), (Q.MXFP4, 32, 96, 1), (Q.MXFP4, 64, 512, 100), (Q.MXFP4, 16, 32, 16),
+             (Q.Q8_0, 40, 640, 37), (Q.Q8_0, 7, 96, 20), (Q.Q8_0, 64, 512, 100)]  # Q8_0: partial 16-row groups
+    for qtype, rows, n, T in cases:
+        w = random_weight(qtype, rows, n, gen)
+        if qtype == Q.MXFP4:
+            scales = torch.tensor([0, 1, 127])[torch.arange(n // 32) % 3]
+            w.raw.view(rows, n // 32, 17)[0, :, 0] = scales.to(torch.uint8)
+            raw, kind = kernels.repack16(w.raw, n), kernels.MXFP4_R16
+        else:
+            raw, kind = torch.cat([w.raw, w.raw], 1)[:, :w.raw.shape[1]], int(Q.Q8_0)  # rows strided apart
         wb = w.dequantize(torch.bfloat16)
         x = torch.randn(T, n, generator=gen).bfloat16()
-        y = kernels.r16_amx_linear(x, raw)
+        y = kernels.amx_linear(x, raw, kind)
         assert y is not None and y.shape == (T, rows) and y.dtype == torch.bfloat16
         exact = x.double() @ wb.double().T
         # (+ 2^-120: the tiles take subnormal bf16 values as 0, as oneDNN's GEMM on them does)
         bound = 2**-8 * exact.abs() + 2**-16 * (x.double().abs() @ wb.double().abs().T) + 2**-120
         assert ((y.double() - exact).abs() <= bound).all(), (rows, n, T)
         assert rel_err(y, F.linear(x, wb)) < 2e-3, (rows, n, T)
-        y3 = kernels.r16_amx_linear(x.reshape(1, T, n), raw)  # leading dims kept
+        y3 = kernels.amx_linear(x.reshape(1, T, n), raw, kind)  # leading dims kept
         assert torch.equal(y3, y.reshape(1, T, rows))
 
 

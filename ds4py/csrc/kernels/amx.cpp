@@ -1,8 +1,8 @@
-// R16 (repacked MXFP4) rows times bf16 activations on AMX-BF16 tiles, dequantizing straight into them: the long
-// prompts' expert products without a bf16 copy of the matrix written out to memory and read back by a GEMM (the
+// Q8_0 rows and R16 (repacked MXFP4) groups times bf16 activations on AMX-BF16 tiles, dequantizing straight into
+// them: the prompts' products without a bf16 copy of the matrix written out to memory and read back by a GEMM (the
 // dequantize + oneDNN path, `bf16_gemm_min_t`). The values are that path's: each weight is its exact bf16 value
-// (`r16_block_bf16`), each activation its bf16 value, the products summed in float32 (the order differs: the
-// tiles add 32 products at a time along a row), the sum rounded to bf16 as F.linear's output is.
+// (`r16_block_bf16_fast`, `q8_0_block_bf16`), each activation its bf16 value, the products summed in float32 (the
+// order differs: the tiles add 32 products at a time along a row), the sum rounded to bf16 as F.linear's output is.
 #if DS4PY_AVX512 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -29,6 +29,7 @@ struct alignas(64) TileConfig {
 // tmm0-3: float32 sums, 16 weight rows x 16 tokens; tmm4-5: two groups' 16 rows x 32 bf16 weights; tmm6-7: two
 // tiles of 16 tokens, their 32 bf16 values as 16 pairs a row (the layout TDPBF16PS multiplies by)
 constexpr int64_t KC = 16;  // blocks of 32 values per pass of the token tiles
+constexpr int64_t SP = 8;   // pairs of 16-row groups per pass
 
 void configure_tiles() {
   TileConfig c;
@@ -73,86 +74,130 @@ inline void r16_block_tile(const uint8_t* blk, uint16_t* o) {
   }
 }
 
-// The float32 sums of 16 weight rows x 16 tokens (a stored tile) into y [T, rows] as bf16, rows from n0, tokens
-// from t0 (those past T, or rows past `rows`, left out).
-inline void store_sums(const float* c, uint16_t* y, int64_t T, int64_t rows, int64_t t0, int64_t n0) {
-  for (int tt = 0; tt < 16 && t0 + tt < T; tt++)
-    for (int r = 0; r < 16 && n0 + r < rows; r++) y[(t0 + tt) * rows + n0 + r] = float_to_bf16(c[r * 16 + tt]);
+// The 16 rows x 32 values of block b of Q8_0 rows r0.. (row r at w + r * wstride) as bf16 rows of 32 at o, rows
+// from `rows` on as 0 (dequantize's `q8_0_block_bf16`, the exact bf16 of each product)
+inline void q8_0_block_tile(const uint8_t* w, int64_t wstride, int64_t r0, int64_t rows, int64_t b, uint16_t* o) {
+  for (int r = 0; r < 16; r++) {
+    if (r0 + r < rows) q8_0_block_bf16(w + (r0 + r) * wstride + b * 34, o + r * 32);
+    else std::memset(o + r * 32, 0, 64);
+  }
 }
-#endif
-}  // namespace
 
-// y [T, rows] bf16 = x [T, n] bf16 @ W.T for R16 groups w (rows % 16 == 0, n % 32 == 0), on AMX-BF16 tiles.
-// Returns 0, or 1 where this build or this CPU has no AMX (the caller takes the dequantize + GEMM path).
-extern "C" int ds4py_r16_amx_linear(const uint16_t* x, int64_t T, int64_t n, const uint8_t* w, int64_t rows,
-                                    uint16_t* y) {
-#if DS4PY_AMX
-  if (rows % 16 || n % 32 || !amx_permitted()) return 1;
-  if (T == 0 || rows == 0) return 0;
-  const int64_t nb = n / 32, groups = rows / 16, tiles = (T + 15) / 16 + ((T + 15) / 16) % 2;
+// The float32 sums of 16 weight rows x 16 tokens (a stored tile) into y [T, rows] as bf16 (rounded as
+// float_to_bf16), rows from n0, tokens from t0 (those past T, or rows past `rows`, left out): each token's 16 sums
+// gathered from the tile's column.
+inline void store_sums(const float* c, uint16_t* y, int64_t T, int64_t rows, int64_t t0, int64_t n0) {
+  const int64_t nr = std::min<int64_t>(16, rows - n0);
+  if (nr <= 0) return;  // (a pair's absent second group)
+  const __mmask16 m = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);
+  const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(16));
+  for (int tt = 0; tt < 16 && t0 + tt < T; tt++) {
+    const __m512i u = _mm512_castps_si512(_mm512_i32gather_ps(column, c + tt, 4));
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    _mm256_mask_storeu_epi16(y + (t0 + tt) * rows + n0, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+  }
+}
+
+// y [T, rows] bf16 = x [T, n] bf16 @ W.T on AMX-BF16 tiles, W's 16-row groups' blocks of 32 values made by
+// fill(g, b, o) (16 rows x 32 bf16 at o; rows past `rows` as 0) as the first token tiles need them.
+template <class Fill>
+void amx_linear(const uint16_t* x, int64_t T, int64_t n, int64_t rows, uint16_t* y, Fill fill) {
+  const int64_t nb = n / 32, groups = (rows + 15) / 16, tiles = (T + 15) / 16 + ((T + 15) / 16) % 2;
   std::vector<uint32_t> xt(tiles * (n / 2) * 16);
   pack_tokens(x, T, n, tiles, xt.data());
   const int64_t pairs = (groups + 1) / 2;
   at::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
     configure_tiles();
-    // two groups' weights for KC blocks as A tiles (32 KB: they stay in L1 while every token tile passes):
-    // panel[h][b] is group h's 16 rows x 32 bf16 of block b (1 KB)
-    alignas(64) uint16_t panel[2][KC][512];
-    std::vector<float> acc(tiles * 512);  // [tiles / 2][4 tiles][16 rows x 16 tokens]: the sums between chunks
-    for (int64_t p = p0; p < p1; p++) {
-      const bool second = 2 * p + 1 < groups;
-      if (!second) std::memset(panel[1], 0, sizeof(panel[1]));
-      const uint8_t* w0 = w + 2 * p * nb * R16_BLOCK;
+    // SP pairs of groups at a time: per pass of KC blocks their weights as A tiles (panel[q][h][b]: pair q's group
+    // h, 16 rows x 32 bf16 of block b, 1 KB), each token pair's B tiles (32 KB) meeting all SP pairs while in L1,
+    // so the packed tokens stream from memory once per SP pairs and pass; the sums wait in acc between passes
+    std::vector<uint16_t> panel(SP * 2 * KC * 512);
+    std::vector<float> acc(SP * tiles * 512);  // [SP][tiles / 2][4 tiles][16 rows x 16 tokens]
+    for (int64_t s0 = p0; s0 < p1; s0 += SP) {
+      const int64_t sp = std::min<int64_t>(SP, p1 - s0);
       for (int64_t k0 = 0; k0 < nb; k0 += KC) {
         const int64_t kn = std::min<int64_t>(KC, nb - k0);
         for (int64_t j = 0; j < tiles; j += 2) {
           const uint32_t* b0 = xt.data() + (j * (n / 2) + 16 * k0) * 16;
           const uint32_t* b1 = b0 + (n / 2) * 16;
-          float* c = acc.data() + j * 512;
-          if (k0 == 0) {
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-          } else {
-            _tile_loadd(0, c, 64);
-            _tile_loadd(1, c + 256, 64);
-            _tile_loadd(2, c + 512, 64);
-            _tile_loadd(3, c + 768, 64);
-          }
-          for (int64_t b = 0; b < kn; b++) {
-            if (j == 0) {  // the first tokens' pass dequantizes each block as it goes (while the tiles work)
-              r16_block_tile(w0 + (k0 + b) * R16_BLOCK, panel[0][b]);
-              if (second) r16_block_tile(w0 + (nb + k0 + b) * R16_BLOCK, panel[1][b]);
+          for (int64_t q = 0; q < sp; q++) {
+            const int64_t p = s0 + q;
+            const bool second = 2 * p + 1 < groups;
+            uint16_t* a0 = panel.data() + q * 2 * KC * 512;
+            uint16_t* a1 = a0 + KC * 512;
+            if (j == 0 && !second) std::memset(a1, 0, KC * 1024);
+            float* c = acc.data() + (q * tiles + j) * 512;
+            if (k0 == 0) {
+              _tile_zero(0);
+              _tile_zero(1);
+              _tile_zero(2);
+              _tile_zero(3);
+            } else {
+              _tile_loadd(0, c, 64);
+              _tile_loadd(1, c + 256, 64);
+              _tile_loadd(2, c + 512, 64);
+              _tile_loadd(3, c + 768, 64);
             }
-            _tile_loadd(4, panel[0][b], 64);
-            _tile_loadd(5, panel[1][b], 64);
-            _tile_loadd(6, b0 + b * 256, 64);
-            _tile_loadd(7, b1 + b * 256, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
+            for (int64_t b = 0; b < kn; b++) {
+              if (j == 0) {  // the first tokens' pass dequantizes each block as it goes (while the tiles work)
+                fill(2 * p, k0 + b, a0 + b * 512);
+                if (second) fill(2 * p + 1, k0 + b, a1 + b * 512);
+              }
+              _tile_loadd(4, a0 + b * 512, 64);
+              _tile_loadd(5, a1 + b * 512, 64);
+              _tile_loadd(6, b0 + b * 256, 64);
+              _tile_loadd(7, b1 + b * 256, 64);
+              _tile_dpbf16ps(0, 4, 6);
+              _tile_dpbf16ps(1, 4, 7);
+              _tile_dpbf16ps(2, 5, 6);
+              _tile_dpbf16ps(3, 5, 7);
+            }
+            _tile_stored(0, c, 64);
+            _tile_stored(1, c + 256, 64);
+            _tile_stored(2, c + 512, 64);
+            _tile_stored(3, c + 768, 64);
           }
-          _tile_stored(0, c, 64);
-          _tile_stored(1, c + 256, 64);
-          _tile_stored(2, c + 512, 64);
-          _tile_stored(3, c + 768, 64);
         }
       }
-      for (int64_t j = 0; j < tiles; j += 2) {
-        const float* c = acc.data() + j * 512;
-        store_sums(c, y, T, rows, j * 16, 32 * p);
-        store_sums(c + 256, y, T, rows, j * 16 + 16, 32 * p);
-        store_sums(c + 512, y, T, rows, j * 16, 32 * p + 16);
-        store_sums(c + 768, y, T, rows, j * 16 + 16, 32 * p + 16);
-      }
+      for (int64_t q = 0; q < sp; q++)
+        for (int64_t j = 0; j < tiles; j += 2) {
+          const float* c = acc.data() + (q * tiles + j) * 512;
+          const int64_t n0 = 32 * (s0 + q);
+          store_sums(c, y, T, rows, j * 16, n0);
+          store_sums(c + 256, y, T, rows, j * 16 + 16, n0);
+          store_sums(c + 512, y, T, rows, j * 16, n0 + 16);
+          store_sums(c + 768, y, T, rows, j * 16 + 16, n0 + 16);
+        }
     }
     _tile_release();
   });
+}
+#endif
+}  // namespace
+
+// y [T, rows] bf16 = x [T, n] bf16 @ W.T for W Q8_0 rows (row r at w + r * wstride) or R16 groups (rows % 16 == 0),
+// n % 32 == 0, on AMX-BF16 tiles. Returns 0, or 1 where this build or this CPU has no AMX, or for another qtype
+// (the caller takes the dequantize + GEMM path).
+extern "C" int ds4py_amx_linear(int qtype, const uint16_t* x, int64_t T, int64_t n, const uint8_t* w,
+                                int64_t wstride, int64_t rows, uint16_t* y) {
+#if DS4PY_AMX
+  if (n % 32 || (qtype != Q8_0 && qtype != MXFP4_R16) || (qtype == MXFP4_R16 && rows % 16) || !amx_permitted())
+    return 1;
+  if (T == 0 || rows == 0) return 0;
+  const int64_t nb = n / 32;
+  if (qtype == MXFP4_R16)
+    amx_linear(x, T, n, rows, y, [&](int64_t g, int64_t b, uint16_t* o) {
+      r16_block_tile(w + (g * nb + b) * R16_BLOCK, o);
+    });
+  else
+    amx_linear(x, T, n, rows, y, [&](int64_t g, int64_t b, uint16_t* o) {
+      q8_0_block_tile(w, wstride, 16 * g, rows, b, o);
+    });
   return 0;
 #else
-  (void)x, (void)T, (void)n, (void)w, (void)rows, (void)y;
+  (void)qtype, (void)x, (void)T, (void)n, (void)w, (void)wstride, (void)rows, (void)y;
   return 1;
 #endif
 }
