@@ -3,11 +3,23 @@ namespace {
 // One Q8_0 block -> 32 bf16: the scalar loop's operations 16 lanes at a time (d * q in float32, then the same
 // integer round to nearest even), so the same bits. A 4096 x 4096 matrix took 2.95 ms on 2 Zen 5 cores scalar.
 inline void q8_0_block_bf16(const uint8_t* blk, uint16_t* o) {
+#if defined(__AVX512BF16__) && defined(__F16C__)
+  // vcvtne2ps2bf16 rounds to nearest even as store_bf16x16 does, and its flushing of subnormal inputs never
+  // applies: |d * q| >= 2^-24 or 0. The AMX tiles' Q8_0 weights come from here (~2x the instructions otherwise).
+  uint16_t h;
+  std::memcpy(&h, blk, 2);
+  const __m512 d = _mm512_set1_ps(_cvtsh_ss(h));
+  const __m128i q0 = _mm_loadu_si128((const __m128i*)(blk + 2)), q1 = _mm_loadu_si128((const __m128i*)(blk + 18));
+  const __m512 lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)));
+  const __m512 hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)));
+  _mm512_storeu_si512((void*)o, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+#else
   const __m512 d = _mm512_set1_ps(half_at(blk));
   for (int h = 0; h < 2; h++) {
     const __m128i q = _mm_loadu_si128((const __m128i*)(blk + 2 + 16 * h));
     store_bf16x16(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q))), o + 16 * h);
   }
+#endif
 }
 #endif
 
