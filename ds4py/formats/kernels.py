@@ -112,7 +112,7 @@ R16_AMX_MAX_T = 256
 # at T = 8 / 16 / 32: 32768 x 1024 0.69 / 1.37 / 2.39, 4096 x 8192 0.82 / 1.30 / 2.77, 2048 x 4096 0.86 / 1.64 /
 # 2.95, 512 x 4096 0.68 / 1.56 / 3.31; (dequantize + GEMM) / tiles at T = 256: 32768 x 1024 1.32, 4096 x 8192 1.23,
 # 2048 x 4096 0.72, 1024 x 4096 0.99, so chunks of 256 keep the GEMM (flash-slice-few pp512, alternated, 341.3 /
-# 342.2 tok/s without / with tiles at 256; pp128 261.1 -> 285.9).
+# 342.2 tok/s without / with tiles at 256; pp128 261.1 -> 285.9, another run 235.7 -> 248.8).
 Q8_AMX_MIN_T = 16
 Q8_AMX_MAX_T = 256
 # bf16 weights: the kernel serves up to this many activation rows (decode, batched decode); longer inputs use
