@@ -20,7 +20,8 @@ For bf16 or float32 activations with >= BF16_GEMM_MIN_T rows (long prompts; fewe
 only with AMX: `bf16_gemm_min_t`) on CPUs with a native bf16 GEMM (`bf16_gemm_native`) `ggml_linear` instead
 dequantizes W to bf16 with the compiled `dequantize` and calls that GEMM: exactly
 F.linear(x, W.dequantize(torch.bfloat16)) for bf16 x, and that of x rounded to bf16, widened back, for float32 x
-(`gemm_prompt`).
+(`gemm_prompt`). Where the CPU has AMX-BF16, bf16 rows of Q8_0 and R16 matrices up to a few hundred take AMX tiles
+fed straight from the blocks instead (`amx_linear`: those values up to float32 summation order; `amx_tiles`).
 
 On a CUDA device `ggml_linear` and `bf16_linear` take the Triton kernels of `ds4py.formats.gpu_kernels` instead.
 """
@@ -194,8 +195,9 @@ def bf16_gemm_native() -> bool:
 
 
 def amx_bf16() -> bool:
-    """Whether this CPU has AMX-BF16 tiles (oneDNN's bf16 GEMM runs on them), where long prompts' R16 experts take
-    that GEMM too (`R16_GEMM_MIN_T`). DS4PY_AMX=1 or 0 decides instead (for tests)."""
+    """Whether this CPU has AMX-BF16 tiles (oneDNN's bf16 GEMM runs on them), where prompts' R16 experts take the
+    bf16 products too (`R16_GEMM_MIN_T`) and shorter prompts' Q8_0 / R16 products run on ds4py's own tiles
+    (`amx_tiles`). DS4PY_AMX=1 or 0 decides instead (for tests)."""
     forced = os.environ.get("DS4PY_AMX", "")
     if forced:
         return forced != "0"
@@ -428,9 +430,17 @@ def gemm_prompt(dtype: torch.dtype, T: int, values: int, qtype: int = Q8_0, cols
             return False
     elif dtype != torch.bfloat16:
         return False
-    elif qtype == Q8_0 and values >= BF16_GEMM_MIN_VALUES and Q8_AMX_MIN_T <= T < Q8_AMX_MAX_T and amx_bf16():
-        return True  # bf16 rows on AMX tiles (`amx_linear`)
+    elif qtype == Q8_0 and values >= BF16_GEMM_MIN_VALUES and T >= Q8_AMX_MIN_T and amx_tiles(dtype, T, qtype):
+        return True
     return T >= bf16_gemm_min_t(values, qtype, cols) and bf16_gemm_native()
+
+
+def amx_tiles(dtype: torch.dtype, T: int, qtype: int) -> bool:
+    """Whether T rows of `dtype` times a Q8_0 / R16 matrix that `gemm_prompt` sends to the bf16 products run on the
+    AMX tiles (`amx_linear`) instead of dequantize + GEMM: bf16 rows, under R16_AMX_MAX_T / Q8_AMX_MAX_T of them,
+    where the CPU has AMX-BF16."""
+    max_t = R16_AMX_MAX_T if qtype == MXFP4_R16 else Q8_AMX_MAX_T if qtype == Q8_0 else 0
+    return dtype == torch.bfloat16 and T < max_t and amx_bf16()
 
 
 def ggml_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
@@ -459,7 +469,7 @@ def ggml_linear(x: torch.Tensor, raw: torch.Tensor, qtype: int) -> torch.Tensor:
         return fallback_linear(x, raw, qtype)
     T = x.numel() // n if n else 0
     if gemm_prompt(dtype, T, rows * n, qtype, n):
-        if dtype == torch.bfloat16 and T < (R16_AMX_MAX_T if qtype == MXFP4_R16 else Q8_AMX_MAX_T) and amx_bf16():
+        if amx_tiles(dtype, T, qtype):
             y = amx_linear(x, raw, qtype)
             if y is not None:
                 return y

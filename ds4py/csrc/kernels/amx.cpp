@@ -1,7 +1,7 @@
 // Q8_0 rows and R16 (repacked MXFP4) groups times bf16 activations on AMX-BF16 tiles, dequantizing straight into
 // them: the prompts' products without a bf16 copy of the matrix written out to memory and read back by a GEMM (the
 // dequantize + oneDNN path, `bf16_gemm_min_t`). The values are that path's: each weight is its exact bf16 value
-// (`r16_block_bf16_fast`, `q8_0_block_bf16`), each activation its bf16 value, the products summed in float32 (the
+// (`r16_block_bf16`, `q8_0_block_bf16`), each activation its bf16 value, the products summed in float32 (the
 // order differs: the tiles add 32 products at a time along a row), the sum rounded to bf16 as F.linear's output is.
 #if DS4PY_AVX512 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
 #include <sys/syscall.h>
@@ -61,19 +61,6 @@ void pack_tokens(const uint16_t* x, int64_t T, int64_t n, int64_t tiles, uint32_
   });
 }
 
-// The 16 rows x 32 values of R16 block blk as bf16 rows of 32 at o (the A tile's layout).
-inline void r16_block_tile(const uint8_t* blk, uint16_t* o) {
-  if (r16_block_bf16_fast(blk, o, 32)) return;
-  for (int r = 0; r < 16; r++) {  // subnormal or huge scales: the float32 product, rounded
-    const float d = E8M0_HALF.v[blk[r]];
-    for (int j = 0; j < 16; j++) {
-      const uint8_t q = blk[r16_offset(r, j)];
-      o[r * 32 + j] = float_to_bf16(d * (float)KVALUES[q & 15]);
-      o[r * 32 + j + 16] = float_to_bf16(d * (float)KVALUES[q >> 4]);
-    }
-  }
-}
-
 // The 16 rows x 32 values of block b of Q8_0 rows r0.. (row r at w + r * wstride) as bf16 rows of 32 at o, rows
 // from `rows` on as 0 (dequantize's `q8_0_block_bf16`, the exact bf16 of each product)
 inline void q8_0_block_tile(const uint8_t* w, int64_t wstride, int64_t r0, int64_t rows, int64_t b, uint16_t* o) {
@@ -92,12 +79,8 @@ inline void store_sums(const float* c, uint16_t* y, int64_t T, int64_t rows, int
   const __mmask16 m = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);
   const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32(16));
-  for (int tt = 0; tt < 16 && t0 + tt < T; tt++) {
-    const __m512i u = _mm512_castps_si512(_mm512_i32gather_ps(column, c + tt, 4));
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-    _mm256_mask_storeu_epi16(y + (t0 + tt) * rows + n0, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
-  }
+  for (int tt = 0; tt < 16 && t0 + tt < T; tt++)
+    _mm256_mask_storeu_epi16(y + (t0 + tt) * rows + n0, m, bf16x16(_mm512_i32gather_ps(column, c + tt, 4)));
 }
 
 // y [T, rows] bf16 = x [T, n] bf16 @ W.T on AMX-BF16 tiles, W's 16-row groups' blocks of 32 values made by
@@ -192,7 +175,7 @@ extern "C" int ds4py_amx_linear(int qtype, const uint16_t* x, int64_t T, int64_t
   const int64_t nb = n / 32;
   if (qtype == MXFP4_R16)
     amx_linear(x, T, n, rows, y, [&](int64_t g, int64_t b, uint16_t* o) {
-      r16_block_tile(w + (g * nb + b) * R16_BLOCK, o);
+      r16_block_bf16(w + (g * nb + b) * R16_BLOCK, o, 32);  // (the A tile's rows of 32)
     });
   else
     amx_linear(x, T, n, rows, y, [&](int64_t g, int64_t b, uint16_t* o) {

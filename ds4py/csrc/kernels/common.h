@@ -59,13 +59,15 @@ inline float* grow(std::vector<float>& v, int64_t n) {
 }
 
 #if DS4PY_AVX512
-// 16 float32 lanes -> 16 bf16 at o, rounded to nearest even as `float_to_bf16` (for values that are not NaN)
-inline void store_bf16x16(__m512 v, uint16_t* o) {
+// 16 float32 lanes -> their 16 bf16, rounded to nearest even as `float_to_bf16` (for values that are not NaN)
+inline __m256i bf16x16(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  _mm256_storeu_si256((__m256i*)o, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
+
+inline void store_bf16x16(__m512 v, uint16_t* o) { _mm256_storeu_si256((__m256i*)o, bf16x16(v)); }
 #endif
 
 #if DS4PY_AVX2

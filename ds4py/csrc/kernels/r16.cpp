@@ -39,9 +39,7 @@ inline void mxfp4_codes_bf16(__m128i codes, __m512 d, uint16_t* o) {
   const __m128i k = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)KVALUES), codes);
   store_bf16x16(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(k))), o);
 }
-#endif
 
-#if DS4PY_AVX512
 // bf16 bits of KVALUES[c] (code 8 is +0, as code 0)
 alignas(64) const uint16_t KVALUES_BF16[32] = {
     0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40c0, 0x4100, 0x4140,
@@ -80,6 +78,20 @@ inline bool r16_block_bf16_fast(const uint8_t* blk, uint16_t* o, int64_t n) {
   }
   return true;
 }
+
+// One R16 block -> bf16 rows o + r * n: `r16_block_bf16_fast`, or where a scale is subnormal or huge the float32
+// products, rounded (the scalar loop's bits either way)
+inline void r16_block_bf16(const uint8_t* blk, uint16_t* o, int64_t n) {
+  if (r16_block_bf16_fast(blk, o, n)) return;
+  for (int r = 0; r < 16; r++) {
+    int32_t q4[4];  // row r's bytes j = 4v + k, from the 4 interleaved groups
+    for (int v = 0; v < 4; v++) std::memcpy(&q4[v], blk + 16 + 64 * v + 4 * r, 4);
+    const __m128i q = _mm_loadu_si128((const __m128i*)q4);
+    const __m512 d = _mm512_set1_ps(E8M0_HALF.v[blk[r]]);
+    mxfp4_codes_bf16(_mm_and_si128(q, _mm_set1_epi8(15)), d, o + r * n);
+    mxfp4_codes_bf16(_mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(15)), d, o + r * n + 16);
+  }
+}
 #endif
 
 template <typename Out>
@@ -92,16 +104,7 @@ void dequant_r16(const uint8_t* w, int64_t rows, int64_t n, Out* out) {
 #if DS4PY_AVX512
         // 2048 x 4096 to bf16 on 2 Xeon (AMX) cores: 6.5 ms scalar; the long prompts' expert GEMMs wait on it
         if constexpr (sizeof(Out) == 2) {
-          if (r16_block_bf16_fast(blk, (uint16_t*)out + g * 16 * n + b * 32, n)) continue;
-          for (int r = 0; r < 16; r++) {  // subnormal or huge scales: the float32 product, rounded
-            int32_t q4[4];  // row r's bytes j = 4v + k, from the 4 interleaved groups
-            for (int v = 0; v < 4; v++) std::memcpy(&q4[v], blk + 16 + 64 * v + 4 * r, 4);
-            const __m128i q = _mm_loadu_si128((const __m128i*)q4);
-            const __m512 d = _mm512_set1_ps(E8M0_HALF.v[blk[r]]);
-            uint16_t* o = (uint16_t*)out + (g * 16 + r) * n + b * 32;
-            mxfp4_codes_bf16(_mm_and_si128(q, _mm_set1_epi8(15)), d, o);
-            mxfp4_codes_bf16(_mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(15)), d, o + 16);
-          }
+          r16_block_bf16(blk, (uint16_t*)out + g * 16 * n + b * 32, n);
           continue;
         }
 #endif
