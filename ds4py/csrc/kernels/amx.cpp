@@ -123,9 +123,10 @@ void amx_linear(const uint16_t* x, int64_t T, int64_t n, int64_t rows, uint16_t*
     const int64_t spn = tiles <= 4 ? 1 : SP;
     std::vector<uint16_t> panel(spn * 2 * KC * 512);
     std::vector<float> acc(spn * tiles * 512);  // [spn][tiles / 2][4 tiles][16 rows x 16 tokens]
-    // The weights a pass ahead of the fills, into L2 (touch: prefetcht1), two pair-blocks a step of the tiles (one
-    // for the step's own fill, one to get ahead): the passes after the first token pair's, which only multiply,
-    // now also read the next pass's weights from memory, where before the fills waited for them. Cold weights (as
+    // The weights kept one pass of pair-blocks ahead of the fills, into L2 (touch: prefetcht1), up to two
+    // pair-blocks a step of the tiles: the lead is built in a thread's first pass, then each fill's step asks for
+    // the block a pass later, so a pass's fills find their weights on the way instead of waiting for memory.
+    // (Spreading the next pass's prefetches over all of a pass's steps instead: 1.00-1.05x, not kept.) Cold weights (as
     // in a model), alternated with the build without it: R16 2048 x 4096 at T = 16-255 1.00-1.17x faster, Q8_0
     // 4096 x 4096 0.95-1.00x; flash-slice-few's prompts, two runs of alternated rounds: pp512 1.084x and 1.073x
     // (8 rounds each), pp256 1.026x, pp128 1.033x and 1.014x (10 rounds each); the same logits
