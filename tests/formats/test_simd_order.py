@@ -24,9 +24,17 @@ def simd(lib):
 
 
 def fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """float32 a * b + c rounded once: the product is exact in float64 (operands of <= 24 bits), the sum rounds
-    to float64 then float32 (a second rounding that can matter only on an exact float32 tie: not on these data)."""
-    return (a.double() * b.double() + c.double()).float()
+    """float32 a * b + c rounded once: the product is exact in float64 (operands of <= 24 bits); the sum s in
+    float64 misses the exact one by e (TwoSum), which decides where s fell exactly halfway between two float32
+    values (there s.float() alone, a second rounding, can go the wrong way: a subnormal scale's products did)."""
+    p, c = a.double() * b.double(), c.double()
+    s = p + c
+    e = (p - (s - (s - p))) + (c - (s - p))  # s + e == p + c exactly
+    r = s.float()
+    other = torch.nextafter(r, torch.where(s > r.double(), torch.inf, -torch.inf).float())  # the far neighbour
+    halfway = (s == (r.double() + other.double()) / 2) & (e != 0)
+    toward_other = (e > 0) == (other > r)
+    return torch.where(halfway & toward_other, other, r)
 
 
 def reduce16(lanes: torch.Tensor) -> torch.Tensor:
@@ -93,14 +101,15 @@ def test_packed_products_are_the_defined_sums(qtype):
 
 def test_mxfp4_rows16_products_are_the_defined_sums():
     """Repacked MXFP4 (16 rows side by side): lane r is row r; per block its exact int dot, times (2^(e - 128) *
-    activation scale), fused into the lane: no final sum across lanes."""
+    activation scale), fused into the lane: no final sum across lanes. Rows 9 and 20: activation tiles after the
+    first (their codes are stored tile by tile), one of them partial."""
     gen = torch.Generator().manual_seed(23)
     out, n = 32, 96
     w = random_weight(Q.MXFP4, out, n, gen)
     w.raw.view(out, n // 32, 17)[:3, 0, 0] = torch.tensor([0, 1, 2], dtype=torch.uint8)  # subnormal scales
     packed = MXFP4Rows16.repack(w)
     wq, wd = ggml_blocks(Q.MXFP4, w.raw, n)
-    for T in (1, 4):
+    for T in (1, 4, 9, 20):
         x = torch.randn(T, n, generator=gen)
         xq, xd = quantize_acts(x)
         acc = torch.zeros(T, out)

@@ -128,35 +128,42 @@ void dequant_r16(const uint8_t* w, int64_t rows, int64_t n, Out* out) {
 }
 
 // Activations for R16 weights: per row and block the 32 int8 codes (as quantize_acts makes them), the correction
-// -12 * (their sum) (the weights are made unsigned, +12, for vpdpbusd) and the scale.
+// -12 * (their sum) (the weights are made unsigned, +12, for vpdpbusd) and the scale. Rows are stored by tiles of
+// TILE_T (the rows r16_dot takes at once; its tiles start at multiples of it): a tile's rows side by side in each
+// block, so one pointer walks a tile's blocks (with each row's own, eight pointers did not fit the registers).
 struct Acts16 {
   int64_t T = 0, nb = 0;
-  std::vector<int8_t> q;     // [T][nb][32]
-  std::vector<int32_t> c;    // [T][nb]
-  std::vector<float> d;      // [T][nb]
+  std::vector<int8_t> q;     // [tiles][nb][TILE_T][32]
+  std::vector<int32_t> c;    // [tiles][nb][TILE_T]
+  std::vector<float> d;      // [tiles][nb][TILE_T]
+  // (row t, block b)'s index in c / d; times 32 in q
+  int64_t at(int64_t t, int64_t b) const { return ((t / TILE_T) * nb + b) * TILE_T + t % TILE_T; }
 };
 
 void quantize_acts16(const float* x, int64_t T, int64_t n, Acts16& a) {
   a.T = T;
   a.nb = n / 32;
-  a.q.assign(T * a.nb * 32, 0);
-  a.c.assign(T * a.nb, 0);
-  a.d.assign(T * a.nb, 0.0f);
+  const int64_t padded = (T + TILE_T - 1) / TILE_T * TILE_T;
+  a.q.assign(padded * a.nb * 32, 0);
+  a.c.assign(padded * a.nb, 0);
+  a.d.assign(padded * a.nb, 0.0f);
   at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; t++)
       for (int64_t b = 0; b < a.nb; b++) {
-        int8_t* q = a.q.data() + (t * a.nb + b) * 32;
+        const int64_t i = a.at(t, b);
+        int8_t* q = a.q.data() + i * 32;
         const float d = quantize_block(x + t * n + b * 32, q);  // the codes quantize_acts makes
         int32_t sum = 0;
-        for (int i = 0; i < 32; i++) sum += q[i];
-        a.c[t * a.nb + b] = -12 * sum;
-        a.d[t * a.nb + b] = d;
+        for (int k = 0; k < 32; k++) sum += q[k];
+        a.c[i] = -12 * sum;
+        a.d[i] = d;
       }
   });
 }
 
 #if DS4PY_AVX512
-// y[t * ystride + r] = dot(row r of the group at wg, activation row t0 + t) for r < 16, t < TT.
+// y[t * ystride + r] = dot(row r of the group at wg, activation row t0 + t) for r < 16, t < TT: the rows of one
+// tile (t0 a multiple of TILE_T, TT <= TILE_T, as every caller's loop over the rows makes them).
 template <int TT>
 void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t ystride) {
   // KVALUES + 12: the e2m1 values (doubled, as ggml stores them) made unsigned
@@ -165,9 +172,10 @@ void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t y
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   __m512 acc[TT];
   for (int t = 0; t < TT; t++) acc[t] = _mm512_setzero_ps();
-  const int8_t* q0 = a.q.data() + t0 * a.nb * 32;
-  const int32_t* c0 = a.c.data() + t0 * a.nb;
-  const float* d0 = a.d.data() + t0 * a.nb;
+  const int64_t i0 = a.at(t0, 0);  // the tile's rows, TILE_T per block
+  const int8_t* q0 = a.q.data() + i0 * 32;
+  const int32_t* c0 = a.c.data() + i0;
+  const float* d0 = a.d.data() + i0;
   for (int64_t b = 0; b < a.nb; b++) {
     const uint8_t* blk = wg + b * R16_BLOCK;
     _mm_prefetch((const char*)(blk + 4096), _MM_HINT_T0);
@@ -189,16 +197,19 @@ void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t y
       lo[v] = _mm512_shuffle_epi8(table, _mm512_and_si512(W, m4));
       hi[v] = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(W, 4), m4));
     }
-    for (int t = 0; t < TT; t++) {
-      const int8_t* qc = q0 + (t * a.nb + b) * 32;
-      int32_t g4[8];
-      std::memcpy(g4, qc, 32);
-      __m512i dot = _mm512_set1_epi32(c0[t * a.nb + b]);
+#pragma GCC unroll 8
+    for (int t = 0; t < TT; t++) {  // unrolled: the accumulators stay in registers
+      const int8_t* qc = q0 + (b * TILE_T + t) * 32;
+      // each 4-byte group of codes broadcast straight from memory (one load; a copy to int32s went through
+      // general registers and a transfer per group)
+      auto group = [qc](int k) { return _mm512_broadcastd_epi32(_mm_loadu_si32(qc + 4 * k)); };
+      __m512i dot = _mm512_set1_epi32(c0[b * TILE_T + t]), dot2 = _mm512_setzero_si512();
       for (int v = 0; v < 4; v++) {
-        dot = _mm512_dpbusd_epi32(dot, lo[v], _mm512_set1_epi32(g4[v]));      // elements 4v .. 4v + 3
-        dot = _mm512_dpbusd_epi32(dot, hi[v], _mm512_set1_epi32(g4[4 + v]));  // elements 16 + 4v ..
+        dot = _mm512_dpbusd_epi32(dot, lo[v], group(v));       // elements 4v .. 4v + 3
+        dot2 = _mm512_dpbusd_epi32(dot2, hi[v], group(4 + v));  // elements 16 + 4v ..
       }
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_set1_ps(d0[t * a.nb + b])), acc[t]);
+      dot = _mm512_add_epi32(dot, dot2);
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_set1_ps(d0[b * TILE_T + t])), acc[t]);
     }
   }
   for (int t = 0; t < TT; t++) _mm512_storeu_ps(y + t * ystride, acc[t]);
@@ -214,9 +225,10 @@ void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t y
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   __m256 acc[TT][2];
   for (int t = 0; t < TT; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-  const int8_t* q0 = a.q.data() + t0 * a.nb * 32;
-  const int32_t* c0 = a.c.data() + t0 * a.nb;
-  const float* d0 = a.d.data() + t0 * a.nb;
+  const int64_t i0 = a.at(t0, 0);  // the tile's rows, TILE_T per block
+  const int8_t* q0 = a.q.data() + i0 * 32;
+  const int32_t* c0 = a.c.data() + i0;
+  const float* d0 = a.d.data() + i0;
   for (int64_t b = 0; b < a.nb; b++) {
     const uint8_t* blk = wg + b * R16_BLOCK;
     for (int l = 0; l < 5; l++) _mm_prefetch((const char*)(blk + 4096 + 64 * l), _MM_HINT_T0);
@@ -238,15 +250,15 @@ void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t y
         hi[v][h] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(W, 4), m4));
       }
     for (int t = 0; t < TT; t++) {
-      const int8_t* qc = q0 + (t * a.nb + b) * 32;
+      const int8_t* qc = q0 + (b * TILE_T + t) * 32;
       int32_t g4[8];
       std::memcpy(g4, qc, 32);
-      const __m256 sd = _mm256_set1_ps(d0[t * a.nb + b]);
+      const __m256 sd = _mm256_set1_ps(d0[b * TILE_T + t]);
       for (int h = 0; h < 2; h++) {
         // the products' pairs summed in int16, four vpmaddubsw at a time, before one vpmaddwd: each pair is at
         // most 2 * 24 * 128 = 6144, four 24576 < 32767, so the int32 dot is the same exact sum
         const __m256i ones = _mm256_set1_epi16(1);
-        __m256i dot = _mm256_set1_epi32(c0[t * a.nb + b]);
+        __m256i dot = _mm256_set1_epi32(c0[b * TILE_T + t]);
         for (int k = 0; k < 4; k += 2) {
           const __m256i p = _mm256_add_epi16(
               _mm256_add_epi16(_mm256_maddubs_epi16(lo[k][h], _mm256_set1_epi32(g4[k])),
@@ -273,13 +285,13 @@ void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t y
     for (int r = 0; r < 16; r++) {
       const float dw = E8M0_HALF.v[blk[r]];
       for (int t = 0; t < TT; t++) {
-        const int8_t* q = a.q.data() + ((t0 + t) * a.nb + b) * 32;
+        const int8_t* q = a.q.data() + a.at(t0 + t, b) * 32;
         int32_t s = 0;
         for (int j = 0; j < 16; j++) {
           const uint8_t c = blk[r16_offset(r, j)];
           s += (int32_t)KVALUES[c & 15] * q[j] + (int32_t)KVALUES[c >> 4] * q[j + 16];
         }
-        acc[t][r] += dw * a.d[(t0 + t) * a.nb + b] * (float)s;
+        acc[t][r] += dw * a.d[a.at(t0 + t, b)] * (float)s;
       }
     }
   }
