@@ -200,6 +200,106 @@ void project_rows4(const float* flat, int64_t n, const float* fn, int64_t rows, 
       project_block<PR_TOKENS, PR_ROWS>(flat + t * n, n, fn + j * n, mix + t * rows + j, rows);
   for (int t = 0; t < 4; t++) project_rows(flat + t * n, n, fn, j, rows, mix + t * rows + j);
 }
+
+// project_block's lane sums over `len` values (a multiple of 16) of a chunk, carried in memory between chunks:
+// TT tokens' values f (fstride apart) times RR rows' w (wstride apart), token t / row r's 16 lanes at
+// L + t * lstride + 16 * r, loaded, fused with the chunk's products in project_block's order, stored back
+#if defined(__AVX512F__)
+template <int TT, int RR>
+inline void project_chunk(const float* f, int64_t fstride, const float* w, int64_t wstride, int64_t len, float* L,
+                          int64_t lstride) {
+  auto load = [](const float* p) {
+    v16f v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  };
+  v16f acc[TT][RR];
+  for (int t = 0; t < TT; t++)
+    for (int r = 0; r < RR; r++) acc[t][r] = load(L + t * lstride + 16 * r);
+  for (int64_t i = 0; i < len; i += 16) {
+    v16f wv[RR];
+    for (int r = 0; r < RR; r++) wv[r] = load(w + r * wstride + i);
+    for (int t = 0; t < TT; t++) {
+      const v16f x = load(f + t * fstride + i);
+      for (int r = 0; r < RR; r++) acc[t][r] += x * wv[r];
+    }
+  }
+  for (int t = 0; t < TT; t++)
+    for (int r = 0; r < RR; r++) std::memcpy(L + t * lstride + 16 * r, &acc[t][r], 64);
+}
+#else
+template <int TT, int RR>
+inline void project_chunk(const float* f, int64_t fstride, const float* w, int64_t wstride, int64_t len, float* L,
+                          int64_t lstride) {
+  auto load = [](const float* p) {
+    v8f v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  };
+  v8f lo[TT][RR], hi[TT][RR];
+  for (int t = 0; t < TT; t++)
+    for (int r = 0; r < RR; r++) lo[t][r] = load(L + t * lstride + 16 * r), hi[t][r] = load(L + t * lstride + 16 * r + 8);
+  for (int64_t i = 0; i < len; i += 16) {
+    v8f wl[RR], wh[RR];
+    for (int r = 0; r < RR; r++) wl[r] = load(w + r * wstride + i), wh[r] = load(w + r * wstride + i + 8);
+    for (int t = 0; t < TT; t++) {
+      const v8f xl = load(f + t * fstride + i), xh = load(f + t * fstride + i + 8);
+      for (int r = 0; r < RR; r++) lo[t][r] += xl * wl[r], hi[t][r] += xh * wh[r];
+    }
+  }
+  for (int t = 0; t < TT; t++)
+    for (int r = 0; r < RR; r++)
+      std::memcpy(L + t * lstride + 16 * r, &lo[t][r], 32), std::memcpy(L + t * lstride + 16 * r + 8, &hi[t][r], 32);
+}
+#endif
+
+// Chunks of the projection's values: fn's rows for one (24 x 1024 float32, 96 KB) stay in L2 while every four
+// tokens pass, where whole rows (V4 Flash: 24 of 16384, 1.5 MB) came from L3 again for each four.
+constexpr int64_t PR_CHUNK = 1024;
+constexpr int64_t PR_CHUNKED_BYTES = 1 << 18;  // fn larger than this: prompts' projections go by chunks
+
+// The projection of tokens [t0, t1) (streams [T, n] as stored, each token's values times its norm's scale rs[t -
+// t0]) by fn [rows, n], chunk by chunk -> mix [t1 - t0, rows]: each (token, row) in the lanes, order and tail of
+// project_block, so the same bits as project_rows of the normed values
+template <bool BF>
+void project_chunked(const void* streams, int64_t t0, int64_t t1, int64_t n, const float* fn, int rows,
+                     const float* rs, float* mix) {
+  const int64_t nt = t1 - t0, n16 = n / 16 * 16;
+  std::vector<float> lanes(nt * rows * 16, 0.0f), f(4 * PR_CHUNK);  // token t, row j: lanes + (t * rows + j) * 16
+  for (int64_t c0 = 0; c0 < n16; c0 += PR_CHUNK) {
+    const int64_t len = std::min(PR_CHUNK, n16 - c0);
+    for (int64_t tq = 0; tq < nt; tq += 4) {
+      const int q = (int)std::min<int64_t>(4, nt - tq);
+      for (int s = 0; s < q; s++) {  // the four tokens' chunk, normed as the whole rows are
+        const int64_t off = (t0 + tq + s) * n + c0;
+        const float r = rs[tq + s];
+        for (int64_t i = 0; i < len; i++) f[s * PR_CHUNK + i] = load_value<BF>(streams, off + i) * r;
+      }
+      float* L = lanes.data() + tq * rows * 16;
+      int j = 0;
+      if (q == 4)
+        for (; j + PR_ROWS <= rows; j += PR_ROWS)
+          for (int t = 0; t < 4; t += PR_TOKENS)
+            project_chunk<PR_TOKENS, PR_ROWS>(f.data() + t * PR_CHUNK, PR_CHUNK, fn + j * n + c0, n, len,
+                                              L + (t * rows + j) * 16, rows * 16);
+      for (int s = 0; s < q; s++)
+        for (int jj = j; jj < rows; jj++)
+          project_chunk<1, 1>(f.data() + s * PR_CHUNK, PR_CHUNK, fn + jj * n + c0, n, len, L + (s * rows + jj) * 16,
+                              rows * 16);
+    }
+  }
+  for (int64_t t = 0; t < nt; t++) {
+    const int64_t off = (t0 + t) * n;
+    for (int64_t i = n16; i < n; i++) f[i - n16] = load_value<BF>(streams, off + i) * rs[t];  // the tail, normed
+    for (int j = 0; j < rows; j++) {
+      const float* l = lanes.data() + (t * rows + j) * 16;
+      float sum = 0.0f;
+      for (int k = 0; k < 16; k++) sum += l[k];
+      for (int64_t i = n16; i < n; i++) sum += f[i - n16] * fn[j * n + i];
+      mix[t * rows + j] = sum;
+    }
+  }
+}
 }  // namespace
 
 // head: the final collapse (HyperHead): fn has only the hc rows of pre, and post / comb are not made
@@ -211,9 +311,29 @@ void hc_collapse(const void* streams, int64_t T, int hc, int64_t D, const float*
   const int64_t n = hc * D;
   // several tokens: split over the threads (each token's projection then runs on one); one token: its projection's
   // rows split over the threads. Every value is computed the same way either way.
+  const bool chunked = T > 1 && rows * n * 4 > PR_CHUNKED_BYTES;
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-  std::vector<float> flat((T > 1 ? 4 : 1) * n), mix((t1 - t0) * rows), acc(D);  // prompts: four tokens' rows
-  for (int64_t t = t0; t < t1; t++) {
+  std::vector<float> flat(chunked ? 0 : (T > 1 ? 4 : 1) * n), mix((t1 - t0) * rows), acc(D), rs(chunked ? t1 - t0 : 0);
+  if (chunked) {  // the norms' scales first (the same sums as below), then the projection by chunks
+    for (int64_t t = t0; t < t1; t++) {
+      double lanes[8] = {};
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8) {
+        float v[8];
+        for (int l = 0; l < 8; l++) v[l] = load_value<BF>(streams, t * n + i + l);
+        for (int l = 0; l < 8; l++) lanes[l] += (double)v[l] * v[l];
+      }
+      for (; i < n; i++) {
+        const float v = load_value<BF>(streams, t * n + i);
+        lanes[0] += (double)v * v;
+      }
+      double ss = 0.0;
+      for (int l = 0; l < 8; l++) ss += lanes[l];
+      rs[t - t0] = 1.0f / std::sqrt((float)(ss / n) + norm_eps);
+    }
+    project_chunked<BF>(streams, t0, t1, n, fn, rows, rs.data(), mix.data());
+  }
+  for (int64_t t = chunked ? t1 : t0; t < t1; t++) {
     const int64_t off = t * n;
     const int slot = T > 1 ? (int)((t - t0) % 4) : 0;  // several tokens: normed four at a time, then projected
     float* f = flat.data() + slot * n;

@@ -2,8 +2,8 @@
 sigmoids, a softmax and ~20 Sinkhorn-Knopp iterations to tiny [hc, hc] matrices: ~90 torch ops of a few
 values each, twice per layer, whose dispatch cost (~0.35 ms per call) rivals the matmuls in decoding.
 `hc_weights` runs them as one C++ loop in float32 (same operations, same order; `expf` may differ from
-torch's vectorised exp in the last bit). For a few tokens `hc_collapse` also does the norm, the
-[(2 + hc) * hc, hc * D] projection and the weighted sum of the streams around it; `hc_expand` does
+torch's vectorised exp in the last bit). `hc_collapse` also does the norm, the [(2 + hc) * hc, hc * D]
+projection and the weighted sum of the streams around it, for any number of tokens; `hc_expand` does
 the post/comb mixing after the sub-block for any number of tokens, in float32 with one rounding to the
 streams' dtype at the end (torch rounds bf16 streams after each op): in decoding the torch ops of
 these two took ~3 ms of a 64 ms flash-slice token (three layers), mostly small ops waking the thread
@@ -59,26 +59,23 @@ def hc_weights(mix: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc: i
     return pre, post, comb
 
 
-# up to this many tokens the compiled collapse runs (decoding, batched decoding); on longer inputs its
-# per-token projection loses to torch's matmul, unless the streams are as small as FUSED_SMALL_N values per
-# token (the projection then stays in cache). The compiled mixing weights and expand run for any T, split
-# over threads by token.
-FUSED_MAX_T = 16
-FUSED_SMALL_N = 4096
+# Whether the collapses (a block's, the final one) run compiled; False: torch's ops (tests compare the two). At
+# any number of tokens: a prompt's projection goes through fn by chunks that stay in L2 (`project_chunked`), so
+# V4 Flash's 256-token collapse takes 1.7 ms where torch's matmul, weighted sum and conversions took 5.2 (2 Zen 5
+# cores); before, prompts over 16 tokens with wide streams went to torch, whose values differ by float32 summation
+# order from a token decoded alone. The compiled mixing weights and expand run for any T, split over threads by token.
+COMPILED_COLLAPSE = True
 
 
-def _fusable(*tensors: torch.Tensor, max_t: int | None = FUSED_MAX_T) -> bool:
+def _fusable(*tensors: torch.Tensor) -> bool:
     t = tensors[0]
-    return (t.dim() >= 2 and (max_t is None or t.shape[0] <= max_t) and t.dtype in (torch.float32, torch.bfloat16)
-            and all(x.is_cpu for x in tensors)
+    return (t.dim() >= 2 and t.dtype in (torch.float32, torch.bfloat16) and all(x.is_cpu for x in tensors)
             and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)))
 
 
 def _collapsible(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Whether the compiled collapse (a block's or the final one) takes these: a few tokens, or any number of them
-    where the streams are small; float32 contiguous parameters."""
-    small = streams.dim() == 3 and streams.shape[1] * streams.shape[2] <= FUSED_SMALL_N
-    return (_fusable(streams, fn, max_t=None if small else FUSED_MAX_T)
+    """Whether the compiled collapse (a block's or the final one) takes these: float32 contiguous parameters."""
+    return (COMPILED_COLLAPSE and _fusable(streams, fn)
             and all(t.dtype == torch.float32 and t.is_contiguous() for t in (fn, base, scale)))
 
 
@@ -86,7 +83,7 @@ def hc_collapse(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, sca
                 hc_eps: float, norm_eps: float, norm: tuple[torch.Tensor, float] | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """streams [T, hc, D] -> (x [T, D] in streams' dtype, post [T, hc], comb [T, hc, hc]) in one compiled call,
-    or None where it does not apply (long inputs, other devices or dtypes, no compiler). norm = (weight [D], eps):
+    or None where it does not apply (other devices or dtypes, autograd, no compiler). norm = (weight [D], eps):
     x comes back RMS-normed as `row_kernels.rms_norm` norms it."""
     if not _collapsible(streams, fn, base, scale):
         return None
@@ -140,7 +137,7 @@ def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: 
 def hc_expand(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor,
               comb: torch.Tensor) -> torch.Tensor | None:
     """out [T, D], streams [T, hc, D] -> post_k * out + sum_j comb[j, k] * streams_j [T, hc, D], or None."""
-    if not _fusable(streams, out, max_t=None) or out.dtype != streams.dtype:  # any T: no matmul to lose
+    if not _fusable(streams, out) or out.dtype != streams.dtype:
         return None
     lib = _load()
     if lib is None:
@@ -193,10 +190,10 @@ def hc_expand_collapse(plan: HcPlan, out: torch.Tensor, streams: torch.Tensor, p
     """`hc_expand` of a sub-block's out [T, D] into streams [T, hc, D], then `hc_collapse` of the result for the
     next sub-block (its parameters and norm from `hc_plan`, checked there once) in one compiled call -> (next
     streams, normed x [T, D], post, comb), the same values as the two calls; None where it does not apply (as
-    `hc_collapse`: a few tokens, or any number of them where the streams are small)."""
+    `hc_collapse`)."""
     dtype, T = streams.dtype, streams.shape[0]
-    if (dtype not in (torch.float32, torch.bfloat16) or out.dtype != dtype or streams.shape != (T, plan.hc, plan.D)
-            or out.shape != (T, plan.D) or (T > FUSED_MAX_T and plan.hc * plan.D > FUSED_SMALL_N)
+    if (not COMPILED_COLLAPSE or dtype not in (torch.float32, torch.bfloat16) or out.dtype != dtype
+            or streams.shape != (T, plan.hc, plan.D) or out.shape != (T, plan.D)
             or not (streams.is_cpu and out.is_cpu) or post.dtype != torch.float32 or comb.dtype != torch.float32
             or not post.is_contiguous() or not comb.is_contiguous()
             or (torch.is_grad_enabled() and (streams.requires_grad or out.requires_grad))):

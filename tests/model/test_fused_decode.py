@@ -118,8 +118,7 @@ def test_fused_hyper_connections_equal_torch(model, monkeypatch):
 
     def torch_ops(ids, cache):
         with monkeypatch.context() as m:
-            m.setattr(hc_kernel, "FUSED_MAX_T", 0)
-            m.setattr(hc_kernel, "FUSED_SMALL_N", 0)
+            m.setattr(hc_kernel, "COMPILED_COLLAPSE", False)
             m.setattr(hyper_connection, "hc_expand", lambda *a: None)  # expand is compiled at any T
             m.setattr(block_module, "ffn_one", lambda *a: None)  # (which expands and collapses in C too)
             one_by_one(m)  # (as does the whole block's call)

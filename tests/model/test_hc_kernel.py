@@ -1,12 +1,13 @@
-"""The compiled hyper-connection code (the mixing weights; collapse and expand of a few tokens) against the
-torch ops it replaces: equal to float32 rounding, and in bf16 within one rounding of the exact value."""
+"""The compiled hyper-connection code (the mixing weights, collapse and expand) against the torch ops it replaces:
+equal to float32 rounding, and in bf16 within one rounding of the exact value."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ds4py.model.hc_kernel import FUSED_MAX_T, FUSED_SMALL_N, hc_collapse, hc_expand, hc_weights
+from ds4py.model import hc_kernel
+from ds4py.model.hc_kernel import hc_collapse, hc_expand, hc_weights
 from ds4py.model.hyper_connection import HyperConnection
 
 
@@ -36,16 +37,18 @@ def torch_collapse(h: HyperConnection, streams: torch.Tensor):
     return (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype), post, comb
 
 
-@pytest.mark.parametrize("T", [1, 3, 300])  # 300: small streams (the tiny model's) keep it for a prefill chunk
+# D = 1101: fn of 24 x 4404 float32 (423 KB), past the size from which a prompt's projection goes by chunks, with a
+# tail of 4 values after the last 16
+@pytest.mark.parametrize("T,D", [(1, 96), (3, 96), (300, 96), (3, 1101), (300, 1101)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_compiled_collapse_matches_torch(T, dtype):
-    h = random_hyper(4, 96, T)
-    streams = torch.randn(T, 4, 96, generator=torch.Generator().manual_seed(7)).to(dtype)
+def test_compiled_collapse_matches_torch(T, D, dtype):
+    h = random_hyper(4, D, T)
+    streams = torch.randn(T, 4, D, generator=torch.Generator().manual_seed(7)).to(dtype)
     fused = hc_collapse(streams, h.fn, h.base, h.scale, h.sinkhorn_iters, h.hc_eps, h.norm_eps)
     assert fused is not None, "the compiled collapse did not build"
     x, post, comb = fused
     rx, rpost, rcomb = torch_collapse(h, streams)
-    assert x.dtype == dtype and x.shape == (T, 96)
+    assert x.dtype == dtype and x.shape == (T, D)
     # the projection's float32 sums in another order than torch's matmul, through sigmoids and 20 Sinkhorn steps:
     # ~1e-6 per token, up to 2.3e-6 over 300 tokens
     assert (post - rpost).abs().max() < 5e-6 and (comb - rcomb).abs().max() < 5e-6
@@ -112,11 +115,11 @@ def test_compiled_expand_matches_float64(dtype, T):
     assert ((fused.double() - exact).abs().max() <= (torch_path.double() - exact).abs().max() + 1e-6)
 
 
-def test_long_inputs_and_autograd_use_torch():
-    D = FUSED_SMALL_N // 4 + 32  # past the streams small enough to keep the compiled collapse at any T
-    h = random_hyper(4, D, 1)
-    assert hc_collapse(torch.randn(FUSED_MAX_T + 1, 4, D), h.fn, h.base, h.scale, 20, 1e-6, 1e-6) is None
+def test_autograd_and_the_switch_use_torch(monkeypatch):
     h = random_hyper(4, 32, 1)
+    with monkeypatch.context() as m:
+        m.setattr(hc_kernel, "COMPILED_COLLAPSE", False)
+        assert hc_collapse(torch.randn(2, 4, 32), h.fn, h.base, h.scale, 20, 1e-6, 1e-6) is None
     s = torch.randn(1, 4, 32, requires_grad=True)
     assert hc_collapse(s, h.fn, h.base, h.scale, 20, 1e-6, 1e-6) is None
 
@@ -142,19 +145,18 @@ def test_compiled_final_collapse_and_norm_match_torch(T, dtype):
     assert fused.dtype == dtype and fused.shape == (T, D) and torch.equal(head.normed(streams, weight, 1e-6), fused)
     tol = 1e-5 if dtype == torch.float32 else 2**-7
     assert ((fused.float() - ref.float()).abs() <= tol * ref.float().abs().max()).all()
-    big = torch.randn(FUSED_MAX_T + 1, hc, FUSED_SMALL_N, generator=g)  # long and wide: torch's ops
-    wide = HyperHead(fn=torch.randn(hc, hc * FUSED_SMALL_N, generator=g), base=head.base, scale=head.scale,
-                     hc_eps=1e-6, norm_eps=1e-6)
-    assert hc_head(big, wide.fn, wide.base, wide.scale, 1e-6, 1e-6, torch.ones(FUSED_SMALL_N), 1e-6) is None
 
 
+# D = 50: 200 values per token, a tail of 8 after the last 16; D = 1101: fn past the size from which a prompt's
+# projection goes by chunks (lane sums carried between chunks), a tail of 4
+@pytest.mark.parametrize("D", [50, 1101])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_a_prompts_collapse_is_each_tokens_alone(dtype):
+def test_a_prompts_collapse_is_each_tokens_alone(dtype, D):
     """A prompt's tokens are projected four at a time, Sinkhorn-Knopp'd eight at a time: each token's values are
     still those of the token collapsed alone, bit for bit (T = 23: groups and a remainder)."""
-    h = random_hyper(4, 50, 7)  # 200 values per token: a 16-value tail
-    streams = torch.randn(23, 4, 50, generator=torch.Generator().manual_seed(8)).to(dtype)
-    weight = torch.rand(50, generator=torch.Generator().manual_seed(9)) + 0.5
+    h = random_hyper(4, D, 7)
+    streams = torch.randn(23, 4, D, generator=torch.Generator().manual_seed(8)).to(dtype)
+    weight = torch.rand(D, generator=torch.Generator().manual_seed(9)) + 0.5
     together = hc_collapse(streams, h.fn, h.base, h.scale, 20, 1e-6, 1e-6, norm=(weight, 1e-6))
     assert together is not None
     for t in range(23):
