@@ -94,7 +94,7 @@ def test_packed_products_are_the_defined_sums(qtype):
     gen = torch.Generator().manual_seed(21 + int(qtype))
     for out, n in ((40, 96), (33, 256)):  # 3 blocks a row (a missing odd block), and 8
         w = random_weight(qtype, out, n, gen)
-        for T in (1, 3, 9):
+        for T in (1, 3, 9, 20):  # 9, 20: activation tiles after the first (stored tile by tile), one partial
             x = torch.randn(T, n, generator=gen)
             assert torch.equal(kernels.ggml_linear(x, w.raw, int(qtype)), ggml_definition(qtype, w.raw, x)), (n, T)
 

@@ -17,18 +17,22 @@ inline float half_at(const uint8_t* p) {
   return c10::detail::fp16_ieee_to_fp32_value(h);
 }
 
-// Quantized activations. Per row t: xq[t][nbp*32] = int8 code + XQ_OFFSET (AVX512: +128, unsigned for
-// vpdpbusd; portable loop: the int8 code itself, since GCC 12 -O3 miscompiles u8-128 times s8 sums) and
-// xs[t][nbp*16] = the block scales, each repeated 8 times (block 2p in [16p, 16p+8), block 2p+1 after)
-// so a 512-bit lane group of two blocks multiplies by one vector load. nbp = nb rounded up to even;
-// the padding block is code 0 (stored 128) with scale 0.
+// Quantized activations. Per row t and pair of blocks p (blocks 2p, 2p + 1): 64 bytes of int8 codes + XQ_OFFSET
+// (AVX512: +128, unsigned for vpdpbusd; portable loop: the int8 code itself, since GCC 12 -O3 miscompiles u8-128
+// times s8 sums) and 16 floats of the two block scales, each repeated 8 times, so a 512-bit lane group of two
+// blocks multiplies by one vector load. nbp = nb rounded up to even; the padding block is code 0 (stored 128) with
+// scale 0. Rows are stored by tiles of `tile` rows (TILE_T, or all T rows where fewer: a decoded token's one), a
+// tile's rows side by side in each pair ([tiles][pairs][tile][64] bytes, [tiles][pairs][tile][16] floats), so
+// row_dot walks a tile with one pointer (with each row's own, the 8 rows' pointers did not fit the registers); its
+// row tiles never cross one of these (t0 % tile + TT <= tile, as every caller's loop over the rows makes them).
 struct Acts {
-  int64_t T, nb, nbp;
+  int64_t T, nb, nbp, tile;
   std::vector<uint8_t> q;
   std::vector<float> s;
-  const uint8_t* qrow(int64_t t) const { return q.data() + t * nbp * 32; }
-  const float* srow(int64_t t) const { return s.data() + t * nbp * 16; }
-  static int64_t sidx(int64_t b) { return (b / 2) * 16 + (b % 2) * 8; }
+  // (row t, pair p)'s index: times 64 in q, times 16 in s
+  int64_t at(int64_t t, int64_t p) const { return ((t / tile) * (nbp / 2) + p) * tile + t % tile; }
+  const uint8_t* qat(int64_t t, int64_t b) const { return q.data() + at(t, b / 2) * 64 + (b % 2) * 32; }
+  const float* sat(int64_t t, int64_t b) const { return s.data() + at(t, b / 2) * 16 + (b % 2) * 8; }
 };
 
 // One block of 32 activations -> its int8 codes (round to nearest even) and scale amax / 127, the portable way.
@@ -46,15 +50,17 @@ void quantize_acts(const float* x, int64_t T, int64_t n, Acts& a, int64_t xstrid
   a.T = T;
   a.nb = n / 32;
   a.nbp = (a.nb + 1) / 2 * 2;
-  a.q.assign(T * a.nbp * 32, (uint8_t)XQ_OFFSET);
-  a.s.assign(T * a.nbp * 16, 0.0f);
+  a.tile = std::max<int64_t>(1, std::min<int64_t>(T, TILE_T));
+  const int64_t padded = (T + a.tile - 1) / a.tile * a.tile;
+  a.q.assign(padded * a.nbp * 32, (uint8_t)XQ_OFFSET);
+  a.s.assign(padded * a.nbp * 16, 0.0f);
   at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; t++) {
       const float* xr = x + t * xstride;
-      uint8_t* q = a.q.data() + t * a.nbp * 32;
-      float* s = a.s.data() + t * a.nbp * 16;
       for (int64_t b = 0; b < a.nb; b++) {
         const float* v = xr + b * 32;
+        uint8_t* qb = (uint8_t*)a.qat(t, b);  // the block's 32 codes
+        float* s = (float*)a.sat(t, b);       // its 8 scale lanes
 #if DS4PY_AVX512
         __m512 lo = _mm512_loadu_ps(v), hi = _mm512_loadu_ps(v + 16);
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
@@ -63,7 +69,7 @@ void quantize_acts(const float* x, int64_t T, int64_t n, Acts& a, int64_t xstrid
         __m128i ql = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, vid)));
         __m128i qh = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, vid)));
         __m256i qq = _mm256_xor_si256(_mm256_set_m128i(qh, ql), _mm256_set1_epi8((char)0x80));
-        _mm256_storeu_si256((__m256i*)(q + b * 32), qq);
+        _mm256_storeu_si256((__m256i*)qb, qq);
 #elif DS4PY_AVX2
         __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
                v3 = _mm256_loadu_ps(v + 24);
@@ -80,12 +86,12 @@ void quantize_acts(const float* x, int64_t T, int64_t n, Acts& a, int64_t xstrid
                       i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, vid)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, vid));
         // packs interleave 128-bit lanes: [0-3, 8-11, 4-7, 12-15] per pack; the permute puts them back in order
         const __m256i p16 = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-        _mm256_storeu_si256((__m256i*)(q + b * 32),
+        _mm256_storeu_si256((__m256i*)qb,
                             _mm256_permutevar8x32_epi32(p16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
 #else
-        const float d = quantize_block(v, (int8_t*)(q + b * 32));
+        const float d = quantize_block(v, (int8_t*)qb);
 #endif
-        for (int k = 0; k < 8; k++) s[Acts::sidx(b) + k] = d;
+        for (int k = 0; k < 8; k++) s[k] = d;
       }
     }
   });
@@ -124,20 +130,21 @@ void row_dot(const uint8_t* wr, const Acts& a, int64_t t0, float* y, int64_t yst
   constexpr int64_t BB = QT == Q8_0 ? 34 : 17;
   __m512 acc[TT];
   for (int t = 0; t < TT; t++) acc[t] = _mm512_setzero_ps();
-  const uint8_t* xq[TT];
-  const float* xs[TT];
-  for (int t = 0; t < TT; t++) { xq[t] = a.qrow(t0 + t); xs[t] = a.srow(t0 + t); }
+  const uint8_t* xq = a.q.data() + a.at(t0, 0) * 64;  // row t0 + t of pair p: xq + (p * tile + t) * 64
+  const float* xs = a.s.data() + a.at(t0, 0) * 16;
+  const int64_t tile = a.tile;
   const __m512i c128 = _mm512_set1_epi8((char)0x80);
-  for (int64_t b = 0; b < a.nb; b += 2) {
+  for (int64_t b = 0; b < a.nb; b += 2, xq += tile * 64, xs += tile * 16) {
     __m512i w;
     __m512 dw;
     _mm_prefetch((const char*)(wr + b * BB + PF_DIST[TT]), _MM_HINT_T0);
     load_pair<QT>(wr + b * BB, b + 1 < a.nb, w, dw);
     // the activations are stored +128: dot(x+128, w) - 128*sum(w) = dot(x, w)
     __m512i init = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, w));
-    for (int t = 0; t < TT; t++) {
-      __m512i dot = _mm512_dpbusd_epi32(init, _mm512_loadu_si512(xq[t] + b * 32), w);
-      __m512 s = _mm512_mul_ps(dw, _mm512_loadu_ps(xs[t] + b * 8));
+#pragma GCC unroll 8
+    for (int t = 0; t < TT; t++) {  // unrolled: the accumulators stay in registers
+      __m512i dot = _mm512_dpbusd_epi32(init, _mm512_loadu_si512(xq + t * 64), w);
+      __m512 s = _mm512_mul_ps(dw, _mm512_loadu_ps(xs + t * 16));
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[t]);
     }
   }
@@ -172,20 +179,20 @@ void row_dot(const uint8_t* wr, const Acts& a, int64_t t0, float* y, int64_t yst
   constexpr int64_t BB = QT == Q8_0 ? 34 : 17;
   __m256 lo[TT], hi[TT];
   for (int t = 0; t < TT; t++) lo[t] = hi[t] = _mm256_setzero_ps();
-  const uint8_t* xq[TT];
-  const float* xs[TT];
-  for (int t = 0; t < TT; t++) { xq[t] = a.qrow(t0 + t); xs[t] = a.srow(t0 + t); }
-  for (int64_t b = 0; b < a.nb; b += 2) {
+  const uint8_t* xq = a.q.data() + a.at(t0, 0) * 64;  // row t0 + t of pair p: xq + (p * tile + t) * 64
+  const float* xs = a.s.data() + a.at(t0, 0) * 16;
+  const int64_t tile = a.tile;
+  for (int64_t b = 0; b < a.nb; b += 2, xq += tile * 64, xs += tile * 16) {
     _mm_prefetch((const char*)(wr + b * BB + PF_DIST[TT]), _MM_HINT_T0);
     float d0, d1;
     const __m256i w0 = load_block<QT>(wr + b * BB, true, d0), w1 = load_block<QT>(wr + (b + 1) * BB, b + 1 < a.nb, d1);
     const __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);
     const __m256 dw0 = _mm256_set1_ps(d0), dw1 = _mm256_set1_ps(d1);
     for (int t = 0; t < TT; t++) {
-      const __m256i x0 = _mm256_loadu_si256((const __m256i*)(xq[t] + b * 32));
-      const __m256i x1 = _mm256_loadu_si256((const __m256i*)(xq[t] + b * 32 + 32));
-      const __m256 s0 = _mm256_mul_ps(dw0, _mm256_loadu_ps(xs[t] + b * 8));
-      const __m256 s1 = _mm256_mul_ps(dw1, _mm256_loadu_ps(xs[t] + b * 8 + 8));
+      const __m256i x0 = _mm256_loadu_si256((const __m256i*)(xq + t * 64));
+      const __m256i x1 = _mm256_loadu_si256((const __m256i*)(xq + t * 64 + 32));
+      const __m256 s0 = _mm256_mul_ps(dw0, _mm256_loadu_ps(xs + t * 16));
+      const __m256 s1 = _mm256_mul_ps(dw1, _mm256_loadu_ps(xs + t * 16 + 8));
       lo[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4(u0, _mm256_sign_epi8(x0, w0))), s0, lo[t]);
       hi[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4(u1, _mm256_sign_epi8(x1, w1))), s1, hi[t]);
     }
@@ -212,11 +219,11 @@ void row_dot(const uint8_t* wr, const Acts& a, int64_t t0, float* y, int64_t yst
       dw = E8M0_HALF.v[blk[0]];
     }
     for (int t = 0; t < TT; t++) {
-      const int8_t* q = (const int8_t*)a.qrow(t0 + t) + b * 32;
+      const int8_t* q = (const int8_t*)a.qat(t0 + t, b);
       int32_t s = 0;
       for (int i = 0; i < 32; i++) s += (int32_t)q[i] * (int32_t)w[i];
       // fused as written (the build has -ffp-contract=off: the same bits under every -mtune)
-      acc[t] = std::fma(dw * a.srow(t0 + t)[Acts::sidx(b)], (float)s, acc[t]);
+      acc[t] = std::fma(dw * a.sat(t0 + t, b)[0], (float)s, acc[t]);
     }
   }
   for (int t = 0; t < TT; t++) y[t * ystride] = acc[t];
