@@ -77,6 +77,10 @@ inline void store_bf16x16(__m512 v, uint16_t* o) { _mm256_storeu_si256((__m256i*
 // int32 lanes i = sum of the four products u[4i + j] * s[4i + j] (u unsigned, s signed; every pair's sum within
 // int16, as the callers' values keep it): vpdpbusd's lanes without VNNI
 inline __m256i dot4(__m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);  // AVX-VNNI: one instruction, the same exact sums
+#else
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
 }
 #endif

@@ -257,8 +257,15 @@ void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t y
       for (int h = 0; h < 2; h++) {
         // the products' pairs summed in int16, four vpmaddubsw at a time, before one vpmaddwd: each pair is at
         // most 2 * 24 * 128 = 6144, four 24576 < 32767, so the int32 dot is the same exact sum
-        const __m256i ones = _mm256_set1_epi16(1);
         __m256i dot = _mm256_set1_epi32(c0[b * TILE_T + t]);
+#if defined(__AVXVNNI__)
+        // AVX-VNNI (Alder Lake and later without AVX512): vpdpbusd on 32-byte vectors, the same exact int32 sums
+        for (int k = 0; k < 4; k++) {
+          dot = _mm256_dpbusd_avx_epi32(dot, lo[k][h], _mm256_set1_epi32(g4[k]));
+          dot = _mm256_dpbusd_avx_epi32(dot, hi[k][h], _mm256_set1_epi32(g4[4 + k]));
+        }
+#else
+        const __m256i ones = _mm256_set1_epi16(1);
         for (int k = 0; k < 4; k += 2) {
           const __m256i p = _mm256_add_epi16(
               _mm256_add_epi16(_mm256_maddubs_epi16(lo[k][h], _mm256_set1_epi32(g4[k])),
@@ -267,6 +274,7 @@ void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t y
                                _mm256_maddubs_epi16(hi[k + 1][h], _mm256_set1_epi32(g4[5 + k]))));
           dot = _mm256_add_epi32(dot, _mm256_madd_epi16(p, ones));
         }
+#endif
         acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw[h], sd), acc[t][h]);
       }
     }
