@@ -238,7 +238,8 @@ inline void project_chunk(const float* f, int64_t fstride, const float* w, int64
   };
   v8f lo[TT][RR], hi[TT][RR];
   for (int t = 0; t < TT; t++)
-    for (int r = 0; r < RR; r++) lo[t][r] = load(L + t * lstride + 16 * r), hi[t][r] = load(L + t * lstride + 16 * r + 8);
+    for (int r = 0; r < RR; r++)
+      lo[t][r] = load(L + t * lstride + 16 * r), hi[t][r] = load(L + t * lstride + 16 * r + 8);
   for (int64_t i = 0; i < len; i += 16) {
     v8f wl[RR], wh[RR];
     for (int r = 0; r < RR; r++) wl[r] = load(w + r * wstride + i), wh[r] = load(w + r * wstride + i + 8);
