@@ -222,31 +222,38 @@ void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t y
 // accumulators fit the 16 registers, where both halves of 8 rows at once spilled to the stack.
 constexpr int R16_AVX2_T = 4;
 
-template <int TS>
-inline void r16_half(const uint8_t* wg, const Acts16& a, const int8_t* q0, const int32_t* c0, const float* d0, int h,
-                     float* y, int64_t ystride) {
+// TS activation rows (codes q0, corrections c0, scales d0: a tile's, TILE_T apart per block) against the group's
+// halves h0 .. h0 + NH - 1 (rows 8 h .. 8 h + 7), over all the blocks in one pass -> y[t * ystride + 8 h + r]
+template <int TS, int NH>
+inline void r16_halves(const uint8_t* wg, const Acts16& a, const int8_t* q0, const int32_t* c0, const float* d0,
+                       int h0, float* y, int64_t ystride) {
   const __m256i table =
       _mm256_broadcastsi128_si256(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
   const __m256i m4 = _mm256_set1_epi8(0x0F);
-  __m256 acc[TS];
-  for (int t = 0; t < TS; t++) acc[t] = _mm256_setzero_ps();
+  __m256 acc[TS][NH];
+  for (int t = 0; t < TS; t++)
+    for (int u = 0; u < NH; u++) acc[t][u] = _mm256_setzero_ps();
   for (int64_t b = 0; b < a.nb; b++) {
     const uint8_t* blk = wg + b * R16_BLOCK;
-    if (h == 0)
+    if (h0 == 0)
       for (int l = 0; l < 5; l++) _mm_prefetch((const char*)(blk + 4096 + 64 * l), _MM_HINT_T0);
-    // 2^(e - 128), exact: e >= 2 through the exponent bits, else the table
-    const __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 8 * h)));
-    __m256 dw = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23));
-    if (__builtin_expect(_mm256_movemask_epi8(_mm256_cmpgt_epi32(_mm256_set1_epi32(2), e)) != 0, 0)) {
-      float v[8];
-      for (int r = 0; r < 8; r++) v[r] = E8M0_HALF.v[blk[8 * h + r]];
-      dw = _mm256_loadu_ps(v);
-    }
-    __m256i lo[4], hi[4];
-    for (int v = 0; v < 4; v++) {
-      const __m256i W = _mm256_loadu_si256((const __m256i*)(blk + 16 + 64 * v + 32 * h));
-      lo[v] = _mm256_shuffle_epi8(table, _mm256_and_si256(W, m4));
-      hi[v] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(W, 4), m4));
+    __m256 dw[NH];
+    __m256i lo[4][NH], hi[4][NH];
+    for (int u = 0; u < NH; u++) {
+      const int h = h0 + u;
+      // 2^(e - 128), exact: e >= 2 through the exponent bits, else the table
+      const __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 8 * h)));
+      dw[u] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23));
+      if (__builtin_expect(_mm256_movemask_epi8(_mm256_cmpgt_epi32(_mm256_set1_epi32(2), e)) != 0, 0)) {
+        float v[8];
+        for (int r = 0; r < 8; r++) v[r] = E8M0_HALF.v[blk[8 * h + r]];
+        dw[u] = _mm256_loadu_ps(v);
+      }
+      for (int v = 0; v < 4; v++) {
+        const __m256i W = _mm256_loadu_si256((const __m256i*)(blk + 16 + 64 * v + 32 * h));
+        lo[v][u] = _mm256_shuffle_epi8(table, _mm256_and_si256(W, m4));
+        hi[v][u] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(W, 4), m4));
+      }
     }
 #pragma GCC unroll 4
     for (int t = 0; t < TS; t++) {
@@ -256,108 +263,45 @@ inline void r16_half(const uint8_t* wg, const Acts16& a, const int8_t* q0, const
         std::memcpy(&g, qc + 4 * k, 4);
         return _mm256_set1_epi32(g);
       };
-      __m256i dot = _mm256_set1_epi32(c0[b * TILE_T + t]);
-#if defined(__AVXVNNI__)
-      // AVX-VNNI (Alder Lake and later without AVX512): vpdpbusd on 32-byte vectors, the same exact int32 sums
-      for (int k = 0; k < 4; k++) {
-        dot = _mm256_dpbusd_avx_epi32(dot, lo[k], group(k));
-        dot = _mm256_dpbusd_avx_epi32(dot, hi[k], group(4 + k));
-      }
-#else
-      // the products' pairs summed in int16, four vpmaddubsw at a time, before one vpmaddwd: each pair is at
-      // most 2 * 24 * 128 = 6144, four 24576 < 32767, so the int32 dot is the same exact sum
-      for (int k = 0; k < 4; k += 2) {
-        const __m256i p = _mm256_add_epi16(
-            _mm256_add_epi16(_mm256_maddubs_epi16(lo[k], group(k)), _mm256_maddubs_epi16(hi[k], group(4 + k))),
-            _mm256_add_epi16(_mm256_maddubs_epi16(lo[k + 1], group(k + 1)),
-                             _mm256_maddubs_epi16(hi[k + 1], group(5 + k))));
-        dot = _mm256_add_epi32(dot, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
-      }
-#endif
-      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw, _mm256_set1_ps(d0[b * TILE_T + t])), acc[t]);
-    }
-  }
-  for (int t = 0; t < TS; t++) _mm256_storeu_ps(y + t * ystride + 8 * h, acc[t]);
-}
-
-// y for TT rows with both halves of the group at once (the 16 rows' weights decoded once a block)
-template <int TT>
-void r16_dot_both(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t ystride) {
-  const __m256i table =
-      _mm256_broadcastsi128_si256(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  __m256 acc[TT][2];
-  for (int t = 0; t < TT; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-  const int64_t i0 = a.at(t0, 0);  // the tile's rows, TILE_T per block
-  const int8_t* q0 = a.q.data() + i0 * 32;
-  const int32_t* c0 = a.c.data() + i0;
-  const float* d0 = a.d.data() + i0;
-  for (int64_t b = 0; b < a.nb; b++) {
-    const uint8_t* blk = wg + b * R16_BLOCK;
-    for (int l = 0; l < 5; l++) _mm_prefetch((const char*)(blk + 4096 + 64 * l), _MM_HINT_T0);
-    __m256 dw[2];
-    for (int h = 0; h < 2; h++) {  // 2^(e - 128), exact: e >= 2 through the exponent bits, else the table
-      const __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 8 * h)));
-      dw[h] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23));
-      if (__builtin_expect(_mm256_movemask_epi8(_mm256_cmpgt_epi32(_mm256_set1_epi32(2), e)) != 0, 0)) {
-        float v[8];
-        for (int r = 0; r < 8; r++) v[r] = E8M0_HALF.v[blk[8 * h + r]];
-        dw[h] = _mm256_loadu_ps(v);
-      }
-    }
-    __m256i lo[4][2], hi[4][2];
-    for (int v = 0; v < 4; v++)
-      for (int h = 0; h < 2; h++) {
-        const __m256i W = _mm256_loadu_si256((const __m256i*)(blk + 16 + 64 * v + 32 * h));
-        lo[v][h] = _mm256_shuffle_epi8(table, _mm256_and_si256(W, m4));
-        hi[v][h] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(W, 4), m4));
-      }
-    for (int t = 0; t < TT; t++) {
-      const int8_t* qc = q0 + (b * TILE_T + t) * 32;
-      int32_t g4[8];
-      std::memcpy(g4, qc, 32);
       const __m256 sd = _mm256_set1_ps(d0[b * TILE_T + t]);
-      for (int h = 0; h < 2; h++) {
-        // the products' pairs summed in int16, four vpmaddubsw at a time, before one vpmaddwd: each pair is at
-        // most 2 * 24 * 128 = 6144, four 24576 < 32767, so the int32 dot is the same exact sum
+      for (int u = 0; u < NH; u++) {
         __m256i dot = _mm256_set1_epi32(c0[b * TILE_T + t]);
 #if defined(__AVXVNNI__)
         // AVX-VNNI (Alder Lake and later without AVX512): vpdpbusd on 32-byte vectors, the same exact int32 sums
         for (int k = 0; k < 4; k++) {
-          dot = _mm256_dpbusd_avx_epi32(dot, lo[k][h], _mm256_set1_epi32(g4[k]));
-          dot = _mm256_dpbusd_avx_epi32(dot, hi[k][h], _mm256_set1_epi32(g4[4 + k]));
+          dot = _mm256_dpbusd_avx_epi32(dot, lo[k][u], group(k));
+          dot = _mm256_dpbusd_avx_epi32(dot, hi[k][u], group(4 + k));
         }
 #else
-        const __m256i ones = _mm256_set1_epi16(1);
+        // the products' pairs summed in int16, four vpmaddubsw at a time, before one vpmaddwd: each pair is at
+        // most 2 * 24 * 128 = 6144, four 24576 < 32767, so the int32 dot is the same exact sum
         for (int k = 0; k < 4; k += 2) {
           const __m256i p = _mm256_add_epi16(
-              _mm256_add_epi16(_mm256_maddubs_epi16(lo[k][h], _mm256_set1_epi32(g4[k])),
-                               _mm256_maddubs_epi16(hi[k][h], _mm256_set1_epi32(g4[4 + k]))),
-              _mm256_add_epi16(_mm256_maddubs_epi16(lo[k + 1][h], _mm256_set1_epi32(g4[k + 1])),
-                               _mm256_maddubs_epi16(hi[k + 1][h], _mm256_set1_epi32(g4[5 + k]))));
-          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(p, ones));
+              _mm256_add_epi16(_mm256_maddubs_epi16(lo[k][u], group(k)), _mm256_maddubs_epi16(hi[k][u], group(4 + k))),
+              _mm256_add_epi16(_mm256_maddubs_epi16(lo[k + 1][u], group(k + 1)),
+                               _mm256_maddubs_epi16(hi[k + 1][u], group(5 + k))));
+          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
         }
 #endif
-        acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw[h], sd), acc[t][h]);
+        acc[t][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw[u], sd), acc[t][u]);
       }
     }
   }
-  for (int t = 0; t < TT; t++) {
-    _mm256_storeu_ps(y + t * ystride, acc[t][0]);
-    _mm256_storeu_ps(y + t * ystride + 8, acc[t][1]);
-  }
+  for (int t = 0; t < TS; t++)
+    for (int u = 0; u < NH; u++) _mm256_storeu_ps(y + t * ystride + 8 * (h0 + u), acc[t][u]);
 }
+
 // a decoding token's single row: both halves at once, the weights read in one pass (the halves in turn were 0.84x
 // there, 1.21-1.33x from 2 rows: 8 R16 2048 x 4096 matrices from DRAM, built with -mno-avx512f on a Zen 5 core)
 constexpr int R16_BOTH_MAX_T = 1;
 
 template <int TT>
 void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t ystride) {
+  const int64_t i0 = a.at(t0, 0);  // the tile's rows, TILE_T per block
   if constexpr (TT <= R16_BOTH_MAX_T) {
-    r16_dot_both<TT>(wg, a, t0, y, ystride);
+    r16_halves<TT, 2>(wg, a, a.q.data() + i0 * 32, a.c.data() + i0, a.d.data() + i0, 0, y, ystride);
     return;
   }
-  const int64_t i0 = a.at(t0, 0);  // the tile's rows, TILE_T per block
   for (int h = 0; h < 2; h++)
     for (int s = 0; s < TT; s += R16_AVX2_T) {
       const int8_t* q0 = a.q.data() + (i0 + s) * 32;
@@ -365,10 +309,10 @@ void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t y
       const float* d0 = a.d.data() + i0 + s;
       float* ys = y + s * ystride;
       switch (std::min(R16_AVX2_T, TT - s)) {
-        case 1: r16_half<1>(wg, a, q0, c0, d0, h, ys, ystride); break;
-        case 2: r16_half<2>(wg, a, q0, c0, d0, h, ys, ystride); break;
-        case 3: r16_half<3>(wg, a, q0, c0, d0, h, ys, ystride); break;
-        default: r16_half<4>(wg, a, q0, c0, d0, h, ys, ystride); break;
+        case 1: r16_halves<1, 1>(wg, a, q0, c0, d0, h, ys, ystride); break;
+        case 2: r16_halves<2, 1>(wg, a, q0, c0, d0, h, ys, ystride); break;
+        case 3: r16_halves<3, 1>(wg, a, q0, c0, d0, h, ys, ystride); break;
+        default: r16_halves<4, 1>(wg, a, q0, c0, d0, h, ys, ystride); break;
       }
     }
 }
