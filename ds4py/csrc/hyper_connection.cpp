@@ -126,52 +126,69 @@ namespace {
 // (w [RR, n], n apart) side by side, out[t * ostride + r]; the blocking changes no value. With AVX-512 each lane
 // group is one 64-byte vector; elsewhere two 32-byte halves (GCC kept 64-byte vectors on AVX2 in memory: a
 // 512-token chunk's projections took 8.4 ms on one thread).
+//
+// project_chunk: the lane sums over `len` values (a multiple of 16), carried in memory (`project_chunked` passes a
+// chunk at a time): TT tokens' values f (fstride apart) times RR rows' w (wstride apart), token t / row r's 16
+// lanes at L + t * lstride + 16 * r, loaded, each lane fused with its products in order, stored back
 #if defined(__AVX512F__)
 constexpr int PR_TOKENS = 4, PR_ROWS = 4, PR_ROWS1 = 8;  // (rows side by side for one token)
 
 template <int TT, int RR>
-inline void project_block(const float* flat, int64_t n, const float* w, float* out, int64_t ostride) {
+inline void project_chunk(const float* f, int64_t fstride, const float* w, int64_t wstride, int64_t len, float* L,
+                          int64_t lstride) {
   auto load = [](const float* p) {
     v16f v;
     std::memcpy(&v, p, sizeof v);
     return v;
   };
-  v16f acc[TT][RR] = {};  // [token][row]
-  for (int64_t i = 0; i + 16 <= n; i += 16) {
+  v16f acc[TT][RR];
+  for (int t = 0; t < TT; t++)
+    for (int r = 0; r < RR; r++) acc[t][r] = load(L + t * lstride + 16 * r);
+  for (int64_t i = 0; i < len; i += 16) {
     v16f wv[RR];
-    for (int r = 0; r < RR; r++) wv[r] = load(w + r * n + i);
+    for (int r = 0; r < RR; r++) wv[r] = load(w + r * wstride + i);
     for (int t = 0; t < TT; t++) {
-      const v16f f = load(flat + t * n + i);
-      for (int r = 0; r < RR; r++) acc[t][r] += f * wv[r];
+      const v16f x = load(f + t * fstride + i);
+      for (int r = 0; r < RR; r++) acc[t][r] += x * wv[r];
     }
   }
-  float lanes[TT][RR][16];
   for (int t = 0; t < TT; t++)
-    for (int r = 0; r < RR; r++) std::memcpy(lanes[t][r], &acc[t][r], 64);
+    for (int r = 0; r < RR; r++) std::memcpy(L + t * lstride + 16 * r, &acc[t][r], 64);
+}
 #else
 constexpr int PR_TOKENS = 2, PR_ROWS = 2, PR_ROWS1 = 4;
 typedef float v8f __attribute__((vector_size(32)));
 
 template <int TT, int RR>
-inline void project_block(const float* flat, int64_t n, const float* w, float* out, int64_t ostride) {
+inline void project_chunk(const float* f, int64_t fstride, const float* w, int64_t wstride, int64_t len, float* L,
+                          int64_t lstride) {
   auto load = [](const float* p) {
     v8f v;
     std::memcpy(&v, p, sizeof v);
     return v;
   };
-  v8f lo[TT][RR] = {}, hi[TT][RR] = {};  // lanes 0-7 and 8-15
-  for (int64_t i = 0; i + 16 <= n; i += 16) {
+  v8f lo[TT][RR], hi[TT][RR];
+  for (int t = 0; t < TT; t++)
+    for (int r = 0; r < RR; r++)
+      lo[t][r] = load(L + t * lstride + 16 * r), hi[t][r] = load(L + t * lstride + 16 * r + 8);
+  for (int64_t i = 0; i < len; i += 16) {
     v8f wl[RR], wh[RR];
-    for (int r = 0; r < RR; r++) wl[r] = load(w + r * n + i), wh[r] = load(w + r * n + i + 8);
+    for (int r = 0; r < RR; r++) wl[r] = load(w + r * wstride + i), wh[r] = load(w + r * wstride + i + 8);
     for (int t = 0; t < TT; t++) {
-      const v8f fl = load(flat + t * n + i), fh = load(flat + t * n + i + 8);
-      for (int r = 0; r < RR; r++) lo[t][r] += fl * wl[r], hi[t][r] += fh * wh[r];
+      const v8f xl = load(f + t * fstride + i), xh = load(f + t * fstride + i + 8);
+      for (int r = 0; r < RR; r++) lo[t][r] += xl * wl[r], hi[t][r] += xh * wh[r];
     }
   }
-  float lanes[TT][RR][16];
   for (int t = 0; t < TT; t++)
-    for (int r = 0; r < RR; r++) std::memcpy(lanes[t][r], &lo[t][r], 32), std::memcpy(lanes[t][r] + 8, &hi[t][r], 32);
+    for (int r = 0; r < RR; r++)
+      std::memcpy(L + t * lstride + 16 * r, &lo[t][r], 32), std::memcpy(L + t * lstride + 16 * r + 8, &hi[t][r], 32);
+}
 #endif
+
+template <int TT, int RR>
+inline void project_block(const float* flat, int64_t n, const float* w, float* out, int64_t ostride) {
+  float lanes[TT][RR][16] = {};  // [token][row]
+  project_chunk<TT, RR>(flat, n, w, n, n / 16 * 16, &lanes[0][0][0], RR * 16);
   for (int t = 0; t < TT; t++) {
     float sum[RR] = {};
     for (int l = 0; l < 16; l++)  // the rows' lane sums side by side, each still in lane order
@@ -200,59 +217,6 @@ void project_rows4(const float* flat, int64_t n, const float* fn, int64_t rows, 
       project_block<PR_TOKENS, PR_ROWS>(flat + t * n, n, fn + j * n, mix + t * rows + j, rows);
   for (int t = 0; t < 4; t++) project_rows(flat + t * n, n, fn, j, rows, mix + t * rows + j);
 }
-
-// project_block's lane sums over `len` values (a multiple of 16) of a chunk, carried in memory between chunks:
-// TT tokens' values f (fstride apart) times RR rows' w (wstride apart), token t / row r's 16 lanes at
-// L + t * lstride + 16 * r, loaded, fused with the chunk's products in project_block's order, stored back
-#if defined(__AVX512F__)
-template <int TT, int RR>
-inline void project_chunk(const float* f, int64_t fstride, const float* w, int64_t wstride, int64_t len, float* L,
-                          int64_t lstride) {
-  auto load = [](const float* p) {
-    v16f v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-  };
-  v16f acc[TT][RR];
-  for (int t = 0; t < TT; t++)
-    for (int r = 0; r < RR; r++) acc[t][r] = load(L + t * lstride + 16 * r);
-  for (int64_t i = 0; i < len; i += 16) {
-    v16f wv[RR];
-    for (int r = 0; r < RR; r++) wv[r] = load(w + r * wstride + i);
-    for (int t = 0; t < TT; t++) {
-      const v16f x = load(f + t * fstride + i);
-      for (int r = 0; r < RR; r++) acc[t][r] += x * wv[r];
-    }
-  }
-  for (int t = 0; t < TT; t++)
-    for (int r = 0; r < RR; r++) std::memcpy(L + t * lstride + 16 * r, &acc[t][r], 64);
-}
-#else
-template <int TT, int RR>
-inline void project_chunk(const float* f, int64_t fstride, const float* w, int64_t wstride, int64_t len, float* L,
-                          int64_t lstride) {
-  auto load = [](const float* p) {
-    v8f v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-  };
-  v8f lo[TT][RR], hi[TT][RR];
-  for (int t = 0; t < TT; t++)
-    for (int r = 0; r < RR; r++)
-      lo[t][r] = load(L + t * lstride + 16 * r), hi[t][r] = load(L + t * lstride + 16 * r + 8);
-  for (int64_t i = 0; i < len; i += 16) {
-    v8f wl[RR], wh[RR];
-    for (int r = 0; r < RR; r++) wl[r] = load(w + r * wstride + i), wh[r] = load(w + r * wstride + i + 8);
-    for (int t = 0; t < TT; t++) {
-      const v8f xl = load(f + t * fstride + i), xh = load(f + t * fstride + i + 8);
-      for (int r = 0; r < RR; r++) lo[t][r] += xl * wl[r], hi[t][r] += xh * wh[r];
-    }
-  }
-  for (int t = 0; t < TT; t++)
-    for (int r = 0; r < RR; r++)
-      std::memcpy(L + t * lstride + 16 * r, &lo[t][r], 32), std::memcpy(L + t * lstride + 16 * r + 8, &hi[t][r], 32);
-}
-#endif
 
 // Chunks of the projection's values: fn's rows for one (24 x 1024 float32, 96 KB) stay in L2 while every four
 // tokens pass, where whole rows (V4 Flash: 24 of 16384, 1.5 MB) came from L3 again for each four.
