@@ -17,20 +17,28 @@ inline float half_at(const uint8_t* p) {
   return c10::detail::fp16_ieee_to_fp32_value(h);
 }
 
+// Activation rows stored by tiles of `tile_rows(T)` rows (TILE_T, or all T rows where fewer: a decoded token's one),
+// a tile's rows side by side in each item (Acts: a pair of blocks; Acts16: a block), so a kernel walks a tile with
+// one pointer (with each row's own, the 8 rows' pointers did not fit the registers). A kernel's row tile never
+// crosses one of these (t0 % tile + TT <= tile, as every caller's loop over the rows makes them).
+inline int64_t tile_rows(int64_t T) { return std::max<int64_t>(1, std::min<int64_t>(T, TILE_T)); }
+// (row t, item k)'s index for `items` items a row and tiles of `tile` rows
+inline int64_t tiled(int64_t t, int64_t k, int64_t items, int64_t tile) {
+  return ((t / tile) * items + k) * tile + t % tile;
+}
+
 // Quantized activations. Per row t and pair of blocks p (blocks 2p, 2p + 1): 64 bytes of int8 codes + XQ_OFFSET
 // (AVX512: +128, unsigned for vpdpbusd; portable loop: the int8 code itself, since GCC 12 -O3 miscompiles u8-128
 // times s8 sums) and 16 floats of the two block scales, each repeated 8 times, so a 512-bit lane group of two
 // blocks multiplies by one vector load. nbp = nb rounded up to even; the padding block is code 0 (stored 128) with
-// scale 0. Rows are stored by tiles of `tile` rows (TILE_T, or all T rows where fewer: a decoded token's one), a
-// tile's rows side by side in each pair ([tiles][pairs][tile][64] bytes, [tiles][pairs][tile][16] floats), so
-// row_dot walks a tile with one pointer (with each row's own, the 8 rows' pointers did not fit the registers); its
-// row tiles never cross one of these (t0 % tile + TT <= tile, as every caller's loop over the rows makes them).
+// scale 0. Rows are stored by tiles (`tile_rows`), a tile's rows side by side in each pair ([tiles][pairs][tile][64]
+// bytes, [tiles][pairs][tile][16] floats).
 struct Acts {
   int64_t T, nb, nbp, tile;
   std::vector<uint8_t> q;
   std::vector<float> s;
   // (row t, pair p)'s index: times 64 in q, times 16 in s
-  int64_t at(int64_t t, int64_t p) const { return ((t / tile) * (nbp / 2) + p) * tile + t % tile; }
+  int64_t at(int64_t t, int64_t p) const { return tiled(t, p, nbp / 2, tile); }
   const uint8_t* qat(int64_t t, int64_t b) const { return q.data() + at(t, b / 2) * 64 + (b % 2) * 32; }
   const float* sat(int64_t t, int64_t b) const { return s.data() + at(t, b / 2) * 16 + (b % 2) * 8; }
 };
@@ -50,7 +58,7 @@ void quantize_acts(const float* x, int64_t T, int64_t n, Acts& a, int64_t xstrid
   a.T = T;
   a.nb = n / 32;
   a.nbp = (a.nb + 1) / 2 * 2;
-  a.tile = std::max<int64_t>(1, std::min<int64_t>(T, TILE_T));
+  a.tile = tile_rows(T);
   const int64_t padded = (T + a.tile - 1) / a.tile * a.tile;
   a.q.assign(padded * a.nbp * 32, (uint8_t)XQ_OFFSET);
   a.s.assign(padded * a.nbp * 16, 0.0f);

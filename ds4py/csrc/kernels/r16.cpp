@@ -128,22 +128,22 @@ void dequant_r16(const uint8_t* w, int64_t rows, int64_t n, Out* out) {
 }
 
 // Activations for R16 weights: per row and block the 32 int8 codes (as quantize_acts makes them), the correction
-// -12 * (their sum) (the weights are made unsigned, +12, for vpdpbusd) and the scale. Rows are stored by tiles of
-// TILE_T (the rows r16_dot takes at once; its tiles start at multiples of it): a tile's rows side by side in each
-// block, so one pointer walks a tile's blocks (with each row's own, eight pointers did not fit the registers).
+// -12 * (their sum) (the weights are made unsigned, +12, for vpdpbusd) and the scale. Rows are stored by tiles
+// (`tile_rows`), a tile's rows side by side in each block.
 struct Acts16 {
-  int64_t T = 0, nb = 0;
-  std::vector<int8_t> q;     // [tiles][nb][TILE_T][32]
-  std::vector<int32_t> c;    // [tiles][nb][TILE_T]
-  std::vector<float> d;      // [tiles][nb][TILE_T]
+  int64_t T = 0, nb = 0, tile = 1;
+  std::vector<int8_t> q;     // [tiles][nb][tile][32]
+  std::vector<int32_t> c;    // [tiles][nb][tile]
+  std::vector<float> d;      // [tiles][nb][tile]
   // (row t, block b)'s index in c / d; times 32 in q
-  int64_t at(int64_t t, int64_t b) const { return ((t / TILE_T) * nb + b) * TILE_T + t % TILE_T; }
+  int64_t at(int64_t t, int64_t b) const { return tiled(t, b, nb, tile); }
 };
 
 void quantize_acts16(const float* x, int64_t T, int64_t n, Acts16& a) {
   a.T = T;
   a.nb = n / 32;
-  const int64_t padded = (T + TILE_T - 1) / TILE_T * TILE_T;
+  a.tile = tile_rows(T);
+  const int64_t padded = (T + a.tile - 1) / a.tile * a.tile;
   a.q.assign(padded * a.nb * 32, 0);
   a.c.assign(padded * a.nb, 0);
   a.d.assign(padded * a.nb, 0.0f);
@@ -162,8 +162,7 @@ void quantize_acts16(const float* x, int64_t T, int64_t n, Acts16& a) {
 }
 
 #if DS4PY_AVX512
-// y[t * ystride + r] = dot(row r of the group at wg, activation row t0 + t) for r < 16, t < TT: the rows of one
-// tile (t0 a multiple of TILE_T, TT <= TILE_T, as every caller's loop over the rows makes them).
+// y[t * ystride + r] = dot(row r of the group at wg, activation row t0 + t) for r < 16, t < TT: rows of one tile.
 template <int TT>
 void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t ystride) {
   // KVALUES + 12: the e2m1 values (doubled, as ggml stores them) made unsigned
@@ -172,7 +171,7 @@ void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t y
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   __m512 acc[TT];
   for (int t = 0; t < TT; t++) acc[t] = _mm512_setzero_ps();
-  const int64_t i0 = a.at(t0, 0);  // the tile's rows, TILE_T per block
+  const int64_t i0 = a.at(t0, 0), tile = a.tile;  // the tile's rows, `tile` per block
   const int8_t* q0 = a.q.data() + i0 * 32;
   const int32_t* c0 = a.c.data() + i0;
   const float* d0 = a.d.data() + i0;
@@ -199,17 +198,17 @@ void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t y
     }
 #pragma GCC unroll 8
     for (int t = 0; t < TT; t++) {  // unrolled: the accumulators stay in registers
-      const int8_t* qc = q0 + (b * TILE_T + t) * 32;
+      const int8_t* qc = q0 + (b * tile + t) * 32;
       // each 4-byte group of codes broadcast straight from memory (one load; a copy to int32s went through
       // general registers and a transfer per group)
       auto group = [qc](int k) { return _mm512_broadcastd_epi32(_mm_loadu_si32(qc + 4 * k)); };
-      __m512i dot = _mm512_set1_epi32(c0[b * TILE_T + t]), dot2 = _mm512_setzero_si512();
+      __m512i dot = _mm512_set1_epi32(c0[b * tile + t]), dot2 = _mm512_setzero_si512();
       for (int v = 0; v < 4; v++) {
         dot = _mm512_dpbusd_epi32(dot, lo[v], group(v));       // elements 4v .. 4v + 3
         dot2 = _mm512_dpbusd_epi32(dot2, hi[v], group(4 + v));  // elements 16 + 4v ..
       }
       dot = _mm512_add_epi32(dot, dot2);
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_set1_ps(d0[b * TILE_T + t])), acc[t]);
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_set1_ps(d0[b * tile + t])), acc[t]);
     }
   }
   for (int t = 0; t < TT; t++) _mm512_storeu_ps(y + t * ystride, acc[t]);
@@ -222,11 +221,12 @@ void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t y
 // accumulators fit the 16 registers, where both halves of 8 rows at once spilled to the stack.
 constexpr int R16_AVX2_T = 4;
 
-// TS activation rows (codes q0, corrections c0, scales d0: a tile's, TILE_T apart per block) against the group's
+// TS activation rows (codes q0, corrections c0, scales d0: a tile's, `tile` apart per block) against the group's
 // halves h0 .. h0 + NH - 1 (rows 8 h .. 8 h + 7), over all the blocks in one pass -> y[t * ystride + 8 h + r]
 template <int TS, int NH>
 inline void r16_halves(const uint8_t* wg, const Acts16& a, const int8_t* q0, const int32_t* c0, const float* d0,
                        int h0, float* y, int64_t ystride) {
+  const int64_t tile = a.tile;
   const __m256i table =
       _mm256_broadcastsi128_si256(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
   const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -257,15 +257,15 @@ inline void r16_halves(const uint8_t* wg, const Acts16& a, const int8_t* q0, con
     }
 #pragma GCC unroll 4
     for (int t = 0; t < TS; t++) {
-      const int8_t* qc = q0 + (b * TILE_T + t) * 32;
+      const int8_t* qc = q0 + (b * tile + t) * 32;
       auto group = [qc](int k) {  // 4-byte group k of the codes, broadcast
         int32_t g;
         std::memcpy(&g, qc + 4 * k, 4);
         return _mm256_set1_epi32(g);
       };
-      const __m256 sd = _mm256_set1_ps(d0[b * TILE_T + t]);
+      const __m256 sd = _mm256_set1_ps(d0[b * tile + t]);
       for (int u = 0; u < NH; u++) {
-        __m256i dot = _mm256_set1_epi32(c0[b * TILE_T + t]);
+        __m256i dot = _mm256_set1_epi32(c0[b * tile + t]);
 #if defined(__AVXVNNI__)
         // AVX-VNNI (Alder Lake and later without AVX512): vpdpbusd on 32-byte vectors, the same exact int32 sums
         for (int k = 0; k < 4; k++) {
@@ -297,7 +297,7 @@ constexpr int R16_BOTH_MAX_T = 1;
 
 template <int TT>
 void r16_dot(const uint8_t* wg, const Acts16& a, int64_t t0, float* y, int64_t ystride) {
-  const int64_t i0 = a.at(t0, 0);  // the tile's rows, TILE_T per block
+  const int64_t i0 = a.at(t0, 0);  // the tile's rows, `tile` per block
   if constexpr (TT <= R16_BOTH_MAX_T) {
     r16_halves<TT, 2>(wg, a, a.q.data() + i0 * 32, a.c.data() + i0, a.d.data() + i0, 0, y, ystride);
     return;
