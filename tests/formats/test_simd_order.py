@@ -109,7 +109,7 @@ def test_mxfp4_rows16_products_are_the_defined_sums():
     w.raw.view(out, n // 32, 17)[:3, 0, 0] = torch.tensor([0, 1, 2], dtype=torch.uint8)  # subnormal scales
     packed = MXFP4Rows16.repack(w)
     wq, wd = ggml_blocks(Q.MXFP4, w.raw, n)
-    for T in (1, 4, 9, 20):
+    for T in (1, 4, 6, 9, 20):  # 6: one tile of 6 rows (AVX2: 4 rows, then 2)
         x = torch.randn(T, n, generator=gen)
         xq, xd = quantize_acts(x)
         acc = torch.zeros(T, out)
