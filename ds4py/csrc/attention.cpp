@@ -6,6 +6,7 @@
 #include <cstring>
 #include <vector>
 #include "bf16.h"
+#include "rotation.h"
 
 namespace {
 // a query's share of a prompt's call below this many multiply-adds goes with others to one thread
@@ -117,8 +118,7 @@ inline void rotate_store(float* row, int64_t hd, const float* rot, int64_t half,
   for (int64_t i = 0; i < half; i++) {
     const float a = row[first + 2 * i], b = row[first + 2 * i + 1];
     const float c = rot[2 * i], sn = conj ? -rot[2 * i + 1] : rot[2 * i + 1];
-    row[first + 2 * i] = a * c - b * sn;
-    row[first + 2 * i + 1] = a * sn + b * c;
+    rotate_pair(a, b, c, sn, row[first + 2 * i], row[first + 2 * i + 1]);
   }
   for (int64_t d = 0; d < hd; d++) {
     if (bf) ((uint16_t*)out)[d] = float_to_bf16(row[d]);

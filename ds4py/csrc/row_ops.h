@@ -1,3 +1,4 @@
+#include "rotation.h"
 
 namespace rowops {
 
@@ -70,8 +71,10 @@ extern "C" void ds4py_rope_rows(const void* x, int bf, int64_t T, int64_t per_t,
           const float b = load_float(x, row + first + 2 * j + 1, bf);
           const float c = rot[(t * half + j) * 2];
           const float s = conj ? -rot[(t * half + j) * 2 + 1] : rot[(t * half + j) * 2 + 1];
-          rowops::store(y, row + first + 2 * j, a * c - b * s, bf);
-          rowops::store(y, row + first + 2 * j + 1, a * s + b * c, bf);
+          float re, im;
+          rotate_pair(a, b, c, s, re, im);
+          rowops::store(y, row + first + 2 * j, re, bf);
+          rowops::store(y, row + first + 2 * j + 1, im, bf);
         }
       }
   });

@@ -206,3 +206,21 @@ def test_large_bf16_heads_give_a_token_the_same_bits_in_a_prompt_and_decoding(mo
         alone = attention_kernel.attend_one(q[r], keys[own - window + 1:own + 1], entries, top[r], sinks, hd**-0.5,
                                             rotation[r:r + 1])
         assert torch.equal(alone[0], prompt[r]), r
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_attend_one_rotates_as_the_rows_rotation(dtype):
+    """One key and sinks of -inf: each head's weight is exactly 1 and its output is the key, so the output's rotation
+    is the only rounding, and it is the rows' rotation (`rotate`: ds4py_rope_rows) bit for bit, for the rotation and
+    its inverse."""
+    gen = torch.Generator().manual_seed(3)
+    H, hd, half = 4, 32, 8
+    q = torch.randn(H, hd, generator=gen).to(dtype)
+    key = (torch.randn(1, hd, generator=gen) * 30).to(dtype)
+    sinks = torch.full((H,), float("-inf"))
+    angle = torch.rand(1, half, generator=gen) * 6
+    for rotation in (torch.polar(torch.ones_like(angle), angle), torch.polar(torch.ones_like(angle), angle).conj()):
+        ours = attention_kernel.attend_one(q, key, None, None, sinks, hd**-0.5, rotation)
+        if ours is None:
+            pytest.skip("the attention kernel could not be built here")
+        assert torch.equal(ours, rotate(key.expand(H, hd).reshape(1, H, hd), rotation))
