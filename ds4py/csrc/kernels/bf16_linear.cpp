@@ -277,7 +277,7 @@ extern "C" int ds4py_bf16_linear(const float* x, int64_t T, int64_t k, const uin
       const int64_t n16 = rows / 16;
       const int64_t grain = grain_for(16 * k,
                                       std::max<int64_t>(1, std::min<int64_t>(16, n16 / (4 * at::get_num_threads()))));
-      dynamic_for(n16, grain, grain, [&](int64_t b0, int64_t b1) {
+      dynamic_for(n16, grain, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; b++) bf16_rows16(w + b * 16 * wstride, wstride, k, xp.data(), kp, y + b * 16);
       });
       for (int64_t r = n16 * 16; r < rows; r++) bf16_dot<1, 1>(w + r * wstride, wstride, k, xp.data(), kp, y + r, 1);
@@ -288,7 +288,7 @@ extern "C" int ds4py_bf16_linear(const float* x, int64_t T, int64_t k, const uin
       const int64_t n8 = rows / 8;
       const int64_t grain = grain_for(8 * k,
                                       std::max<int64_t>(1, std::min<int64_t>(32, n8 / (4 * at::get_num_threads()))));
-      dynamic_for(n8, grain, grain, [&](int64_t b0, int64_t b1) {
+      dynamic_for(n8, grain, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; b++) bf16_rows8(w + b * 8 * wstride, wstride, k, xp.data(), kp, y + b * 8);
       });
       for (int64_t r = n8 * 8; r < rows; r++) bf16_dot<1, 1>(w + r * wstride, wstride, k, xp.data(), kp, y + r, 1);

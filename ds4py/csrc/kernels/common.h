@@ -50,13 +50,14 @@ constexpr int64_t PAR_MIN_WORK = 32768;
 inline int64_t grain_for(int64_t work, int64_t grain) {
   return std::max<int64_t>(grain, (PAR_MIN_WORK + std::max<int64_t>(work, 1) - 1) / std::max<int64_t>(work, 1));
 }
-// fn(i0, i1) over [0, n) in chunks of at least `chunk` items (about 16 a thread), each taken by whichever thread
-// is free next; split only where a share of `grain` items per thread remains (else one call, on this thread). A
-// static split waits at its end for the slower thread: on shared machines one core's memory reads lag the other's
-// for a while, and in a decoded token of the 3-layer flash-slice the two threads waited 4 and 8 ms of 59 (perf)
-// in libgomp. Results do not depend on the split (each item's values are computed alone).
+// fn(i0, i1) over [0, n) in chunks of at least `grain` items (about 16 a thread), each taken by whichever thread
+// is free next; split only where a share of `grain` items per thread remains (else one call, on this thread), as
+// at::parallel_for's grain. A static split waits at its end for the slower thread: on shared machines one core's
+// memory reads lag the other's for a while, and in a decoded token of the 3-layer flash-slice-few the two threads
+// waited 4 and 8 ms of 59 (perf) in libgomp. Results do not depend on the split (each item's values are computed
+// alone).
 template <typename Fn>
-void dynamic_for(int64_t n, int64_t chunk, int64_t grain, const Fn& fn) {
+void dynamic_for(int64_t n, int64_t grain, const Fn& fn) {
   if (n <= 0) return;
   grain = std::max<int64_t>(grain, 1);
   const int64_t nt = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
@@ -64,7 +65,7 @@ void dynamic_for(int64_t n, int64_t chunk, int64_t grain, const Fn& fn) {
     fn(0, n);
     return;
   }
-  chunk = std::max<int64_t>({chunk, 1, n / (16 * nt)});
+  const int64_t chunk = std::max<int64_t>(grain, n / (16 * nt));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
     for (int64_t i; (i = next.fetch_add(chunk, std::memory_order_relaxed)) < n;) fn(i, std::min(n, i + chunk));

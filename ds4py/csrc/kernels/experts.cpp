@@ -78,8 +78,7 @@ void experts_one_impl(const float* xf, int64_t n, int E, const int64_t* mats, co
   std::vector<int64_t> first(E + 1, 0);  // expert e's gate/up rows are [first[e], first[e + 1]) of all
   for (int e = 0; e < E; e++) first[e + 1] = first[e] + inter[e];
   std::vector<float> h(first[E]), up(first[E]);
-  const int64_t g1 = grain_for(32 * n, 2), g2 = grain_for(16 * first[E], 2);
-  dynamic_for(first[E] / 16, g1, g1, [&](int64_t u0, int64_t u1) {  // 16 gate + 16 up rows
+  dynamic_for(first[E] / 16, grain_for(32 * n, 2), [&](int64_t u0, int64_t u1) {  // 16 gate + 16 up rows
     for (int e = 0; e < E; e++) {
       const int64_t a = std::max(u0 * 16, first[e]), b = std::min(u1 * 16, first[e + 1]);
       for (int m = 0; m < 2; m++)
@@ -94,7 +93,7 @@ void experts_one_impl(const float* xf, int64_t n, int E, const int64_t* mats, co
     else quantize_acts(h.data() + first[e], 1, inter[e], ah[e]);
   }
   std::vector<float> y(D, 0.0f);
-  dynamic_for(D / 16, g2, g2, [&](int64_t u0, int64_t u1) {  // 16 rows of every W2
+  dynamic_for(D / 16, grain_for(16 * first[E], 2), [&](int64_t u0, int64_t u1) {  // 16 rows of every W2
     float part[16];
     for (int e = 0; e < E; e++)  // the experts in order for every row
       for (int64_t u = u0; u < u1; u++) {

@@ -265,9 +265,9 @@ void linear(const Acts* acts, int64_t rg, const uint8_t* w, int64_t rows, int64_
   const int64_t T = acts[0].T;
   int64_t grain = std::max<int64_t>(1, std::min<int64_t>(CHUNK, rg / (4 * at::get_num_threads())));
   grain = grain_for(acts[0].nb * 32 * T, grain);
-  auto run = [&](int64_t g0, int64_t r0, int64_t r1) {  // rows [g0 + r0, g0 + r1)
-    for (int64_t c0 = g0 + r0; c0 < g0 + r1; c0 += CHUNK) {
-      int64_t c1 = std::min(g0 + r1, c0 + CHUNK);
+  auto run = [&](int64_t r0, int64_t r1) {  // rows [r0, r1)
+    for (int64_t c0 = r0; c0 < r1; c0 += CHUNK) {
+      int64_t c1 = std::min(r1, c0 + CHUNK);
       for (int64_t t0 = 0; t0 < T; t0 += ROW_TILE_T) {
         int tt = (int)std::min<int64_t>(ROW_TILE_T, T - t0);
         for (int64_t r = c0; r < c1; r++)
@@ -276,11 +276,11 @@ void linear(const Acts* acts, int64_t rg, const uint8_t* w, int64_t rows, int64_
     }
   };
   if (T <= ROW_TILE_T) {  // one tile of activations (a decoded token): every group's rows in one round
-    dynamic_for(rows, grain, grain, [&](int64_t r0, int64_t r1) { run(0, r0, r1); });
+    dynamic_for(rows, grain, run);
     return;
   }
   for (int64_t g0 = 0; g0 < rows; g0 += rg)
-    dynamic_for(rg, grain, grain, [&](int64_t r0, int64_t r1) { run(g0, r0, r1); });
+    dynamic_for(rg, grain, [&](int64_t r0, int64_t r1) { run(g0 + r0, g0 + r1); });
 }
 
 }  // namespace
