@@ -46,6 +46,7 @@ def open_gguf(path: str | Path) -> WeightSource:
     loaders, readers, tensor_readers, nbytes, kinds, problems = {}, {}, {}, {}, {}, []
 
     def weight(t: TensorInfo, shape: tuple[int, ...]) -> Weight:
+        f.read_ahead(t)  # a weight kept on the map: read in the background, not fault by fault
         data = torch.from_numpy(f.data(t))
         qtype = t.qtype
         if qtype in FLOAT_VIEWS:  # F32, F16, BF16, I32: a view of the map, no copy

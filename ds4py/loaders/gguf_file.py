@@ -17,6 +17,7 @@ from ds4py.errors import ModelFormatError
 SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 NUMPY = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 STRING, ARRAY = 8, 9
+READ_AHEAD_STEP = 8 << 20  # bytes advised per madvise call (Linux reads ahead one window a call)
 
 
 @dataclass
@@ -98,3 +99,18 @@ class GGUFFile:
     def data(self, info: TensorInfo) -> np.ndarray:
         """The tensor's bytes as a uint8 view of the (copy-on-write) map: nothing is read until used."""
         return np.frombuffer(self.buf, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+
+    def read_ahead(self, info: TensorInfo) -> None:
+        """Ask the kernel to read the tensor's pages into the page cache in the background (MADV_WILLNEED).
+
+        A weight kept on the map is otherwise read page by page as it is first touched: the embedding's rows,
+        one per new token, each a random read of the disk. On this machine's cold cache those faults cost
+        4-34 ms a token (flash-slice-few tg32 17.3 tok/s cold, 21.0 warm). Linux reads ahead at most one
+        read-ahead window (read_ahead_kb, 8 MB here) per call, so the range is advised in such steps: 1 GB
+        took 0.2 s to advise and was cached 0.65 s later."""
+        if not hasattr(mmap, "MADV_WILLNEED") or info.nbytes == 0:
+            return
+        start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        end = info.offset + info.nbytes
+        for at in range(start, end, READ_AHEAD_STEP):
+            self.mm.madvise(mmap.MADV_WILLNEED, at, min(READ_AHEAD_STEP, end - at))
