@@ -14,7 +14,8 @@ llama.cpp: `llama-bench` from $LLAMA_BENCH, or PATH, or a local build of the ven
 transformers: DeepseekV4ForCausalLM with the same weights dequantized to bf16; skipped when those
 would not fit in half of this machine's memory. Its prefill computes the last position's logits only
 (`logits_to_keep=1`, as its `generate` does, and as ds4py and llama-bench do).
-Each engine runs in its own process so peak RSS is its own. With --rounds N, ds4py, llama.cpp and
+Each engine runs in its own process so peak RSS is its own, after the model file has been read once to warm the
+page cache (when it fits in half of the memory). With --rounds N, ds4py, llama.cpp and
 transformers (where it fits) run in turn N times and the table gives the medians (each ratio: the median of
 the rounds' ratios).
 """
@@ -193,6 +194,17 @@ def ensure_model(path: Path, preset: str, layers: int | None, experts: int | Non
     return path
 
 
+def warm_page_cache(path: Path) -> None:
+    """Read the model file once so that the engine about to run finds it in the page cache. Both engines map
+    the GGUF and fault the embedding's rows in as tokens first use them; from a cold cache each is a random
+    disk read (4-34 ms a row on the Zen 4 VM), and which engine paid for them depended on which ran first and
+    on what the previous run (transformers' bf16 copy) had evicted."""
+    buf = bytearray(16 << 20)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+
+
 def fmt(x, suffix: str = "") -> str:
     return f"{x:.2f}{suffix}" if isinstance(x, (int, float)) else "-"
 
@@ -251,8 +263,13 @@ def main() -> int:
         hf_p, hf_n = min(args.p, 512), min(args.n, 32)
         hf_fits = bf16_bytes(path) < mem / 2 and not args.depth
         rounds = []  # per round: ds4py, llama.cpp, transformers (each run in turn, so a round sees one speed)
+        warm = path.stat().st_size < mem / 2  # else neither engine can keep it cached anyway
         for _ in range(max(args.rounds, 1)):
+            if warm:
+                warm_page_cache(path)
             ours = run_ds4py(path, args.p, args.n, args.threads, args.repeats, args.depth)
+            if warm and llama:
+                warm_page_cache(path)
             theirs = run_llama(llama, path, args.p, args.n, args.threads, args.repeats, args.depth) if llama else {}
             if hf_fits:
                 hf = run_transformers(path, hf_p, hf_n, args.threads)
