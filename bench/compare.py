@@ -195,10 +195,11 @@ def ensure_model(path: Path, preset: str, layers: int | None, experts: int | Non
 
 
 def warm_page_cache(path: Path) -> None:
-    """Read the model file once so that the engine about to run finds it in the page cache. Both engines map
-    the GGUF and fault the embedding's rows in as tokens first use them; from a cold cache each is a random
-    disk read (4-34 ms a row on the Zen 4 VM), and which engine paid for them depended on which ran first and
-    on what the previous run (transformers' bf16 copy) had evicted."""
+    """Read the model file once so that the engine about to run finds it in the page cache, as a user's second
+    run would: the time to read it from disk is not what is compared. (llama.cpp maps it with MAP_POPULATE and
+    reads it all at load; ds4py advises its mapped weights WILLNEED. Before 77509a6 ds4py faulted the
+    embedding's rows in as tokens first used them, 4-34 ms a row from this VM's disk, and how much was cached
+    depended on the order of the runs and on what transformers' bf16 copy had evicted.)"""
     buf = bytearray(16 << 20)
     with open(path, "rb", buffering=0) as f:
         while f.readinto(buf):
