@@ -27,6 +27,9 @@ class CompressorState:
     pending_rows: torch.Tensor | None = None
     # decoding: the views (pending_rows[0, :p], pending_rows[1, :p]) for p = 0 .. ratio, made once with the rows
     pending_views: list | None = None
+    # a call of two or more tokens: (overlap_kv, overlap_gate, n_entries) before it, its projections kv and gate
+    # [pending + T, overlap * dim], ratio, dim, the position bias [ratio, overlap * dim] (ratio 4): `drop_last`'s
+    undo: tuple | None = None
 
     @property
     def n_pending(self) -> int:
@@ -57,6 +60,23 @@ class CompressorState:
         self.grow(new.shape[0], new.shape[1], new).copy_(new)
         return self.storage[: self.n_entries]
 
+    def drop_last(self) -> None:
+        """Forget the last token of the last call (of two or more tokens: the `undo` it left): the state is the one
+        the call's other tokens alone would have left. The call replaced the pending and overlap tensors (never
+        wrote them in place) and appended its entries, so the kept ones are slices of what it made."""
+        overlap_kv, overlap_gate, n_before, kv, gate, m, d, ape = self.undo
+        keep = kv.shape[0] - 1  # the pending rows before the call, then the kept tokens'
+        closed = keep // m      # windows the kept rows close
+        if ape is not None and closed < (keep + 1) // m:  # the dropped token closed a window: its first series goes
+            if closed:
+                self.overlap_kv = kv[(closed - 1) * m: closed * m, :d]
+                self.overlap_gate = gate[(closed - 1) * m: closed * m, :d] + ape[:, :d]
+            else:
+                self.overlap_kv, self.overlap_gate = overlap_kv, overlap_gate
+        self.n_entries = n_before + closed
+        self.buffer_kv, self.buffer_gate = kv[closed * m: keep], gate[closed * m: keep]
+        self.undo = None
+
     def copy(self) -> CompressorState:
         """Pending and overlap tensors are replaced, never written in place, so they can be shared, except the
         decoding window (written in place: the copy gets its own); the entry storage is appended to in place, so it
@@ -83,6 +103,17 @@ class LayerCache:
     # window_rows[s + 1:s + W]) for s = 0 .. W, the keys and the next window of a full window starting at row s
     window_at: tuple | None = None
     window_views: list | None = None
+    # a call of two or more tokens: (the keys it attended over [S, hd], window - 1): `drop_last`'s
+    last_keys: tuple | None = None
+
+    def drop_last(self) -> None:
+        """Forget the last token of the last call of two or more tokens (`Cache.drop_last`)."""
+        keys, keep = self.last_keys
+        self.window = keys[:-1][-keep:] if keep else keys[:0]
+        self.last_keys = None
+        for state in (self.compressor, self.indexer):
+            if state is not None:
+                state.drop_last()
 
     def window_in_rows(self) -> bool:
         """Whether `window` is a view of `window_rows` (inference-mode views keep no _base: their storage says)."""
@@ -94,6 +125,7 @@ class LayerCache:
 class Cache:
     layers: list[LayerCache]
     tokens: list[int] = field(default_factory=list)  # the ids processed so far, for prefix reuse
+    last_call: int = 0  # tokens fed by the last forward call (`drop_last` needs two or more)
 
     @property
     def length(self) -> int:
@@ -108,6 +140,17 @@ class Cache:
                 indexer=CompressorState() if ratio == 4 else None,
             ))
         return cls(layers)
+
+    def drop_last(self) -> None:
+        """Forget the last token fed, as if the last forward call had not had it: speculative decoding's rejected
+        guess. Only after a call of two or more tokens (those run the prompt path, which replaces the window and
+        pending tensors rather than writing them in place, so what the other tokens left is still there)."""
+        if self.last_call < 2:
+            raise ValueError("drop_last follows a forward call of two or more tokens only")
+        for layer in self.layers:
+            layer.drop_last()
+        self.tokens.pop()
+        self.last_call = 0
 
     def clone(self) -> Cache:
         """An independent copy: later calls on either cache do not affect the other."""

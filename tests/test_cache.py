@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import ds4py
@@ -59,3 +60,40 @@ def test_decoding_window_lives_in_one_buffer_and_clones_stay_apart():
     assert torch.allclose(out, model.logits(ids)[-1], atol=1e-5)
     assert torch.allclose(out_b, model.logits(ids[:36] + other)[-1], atol=1e-5)
     assert cache.layers[0].window_rows is not snapshot.layers[0].window_rows
+
+
+def test_drop_last_leaves_the_state_of_the_other_tokens():
+    """After a call of two or three tokens and `drop_last`, decoding goes on exactly as from a cache that was
+    never given the dropped token: at every offset of the ratio-4 and ratio-128 windows (the dropped token opening,
+    filling or closing one, its window's overlap series included), through the prompt path and the decode path."""
+    config = tiny_config()
+    model = ds4py.load(from_tensors(config, random_weights(config, seed=7)))
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, config.vocab_size, (300,), generator=g).tolist()
+    wrong = [(t + 1) % config.vocab_size for t in ids]
+    full = model.logits(ids)
+    cache = model.new_cache()
+    model.prefill(ids[:120], cache)
+    n, checked = 120, 0
+    while n < 290:
+        k = 1 + checked % 2  # calls of two and three tokens, their last a wrong guess
+        out = model.prefill(ids[n:n + k] + [wrong[n + k]], cache, all_logits=True)
+        assert (out[:k] - full[n:n + k]).abs().max().item() < 1e-4
+        cache.drop_last()
+        assert cache.tokens == ids[:n + k]
+        n += k
+        step = model.prefill([ids[n]], cache)  # then one token through the decode path
+        assert (step - full[n]).abs().max().item() < 1e-4, f"position {n}"
+        n += 1
+        checked += 1
+    assert checked > 60
+
+
+def test_drop_last_needs_a_call_of_two_tokens():
+    config = tiny_config()
+    model = ds4py.load(from_tensors(config, random_weights(config, seed=7)))
+    cache = model.new_cache()
+    model.prefill([1, 2, 3], cache)
+    model.prefill([4], cache)
+    with pytest.raises(ValueError, match="two or more tokens"):
+        cache.drop_last()

@@ -116,7 +116,7 @@ class WeightSizes:
 
     shared: int         # embeddings, output head, final norm and hyper-connection head
     layers: list[int]   # each layer's non-expert weights
-    mtp: int            # the multi-token-prediction block (loaded, not used yet)
+    mtp: int            # the multi-token-prediction block (speculative decoding)
     experts: int        # every layer's routed experts
     min_cache: int      # one token's routed experts in the largest layer: the smallest useful expert cache
 
@@ -220,7 +220,7 @@ def plan_layers(sizes: WeightSizes, budget: int, overhead: int, compute_size: in
     """stream-layers: the shared weights (embeddings, head) resident, room for the largest layer built
     from the file when it runs and the smallest useful expert cache; what the budget leaves keeps whole
     layers built once (in order, each that fits: the layers run in a cycle, so an LRU of them would miss
-    every time), the rest grows the expert cache. The unused MTP block is not loaded."""
+    every time), the rest grows the expert cache. The MTP block is not loaded (no speculative decoding)."""
     largest = max(sizes.layers, default=0)
     need = sizes.shared + largest + sizes.min_cache + overhead
     if budget < need:

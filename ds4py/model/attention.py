@@ -197,6 +197,7 @@ class Attention:
             return self.append_window(kv, cache)
         keys = kv if cache.window is None else torch.cat([cache.window, kv])  # [S, hd]
         cache.window = keys[-(self.window - 1):] if self.window > 1 else keys[:0]
+        cache.last_keys = (keys, self.window - 1)  # `LayerCache.drop_last`'s
         return keys
 
     def append_window(self, kv: torch.Tensor, cache: LayerCache) -> torch.Tensor:

@@ -156,6 +156,8 @@ class Compressor:
             if done is not None:
                 return done
         kv, gate = self.project(x, state)  # [pending + T, overlap * dim]
+        state.undo = (state.overlap_kv, state.overlap_gate, state.n_entries, kv, gate, self.ratio, self.dim,
+                      self.ape_as(gate.dtype) if self.overlap else None)  # `CompressorState.drop_last`'s
         first_position = state.n_entries * self.ratio
         usable = kv.shape[0] // self.ratio * self.ratio
         if usable == 0:  # (decoding, most tokens: nothing closes; no views to make)

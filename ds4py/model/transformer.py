@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 
-from ds4py.cache import Cache
+from ds4py.cache import Cache, LayerCache
 from ds4py.config import ModelConfig
 from ds4py.formats import BF16Matrix, Dense, Weight, kernels, stays_bf16
 from ds4py.formats.ggml import MXFP4Rows16
@@ -25,6 +25,7 @@ from ds4py.model.compressor import Compressor
 from ds4py.model.hyper_connection import HyperConnection, HyperHead
 from ds4py.model.indexer import Indexer
 from ds4py.model.moe import MoE, Router
+from ds4py.model.mtp import MTPBlock
 from ds4py.model.rope import Rotary
 
 
@@ -38,14 +39,24 @@ class Transformer:
     head: Weight         # [vocab, D]
     dtype: torch.dtype
     device: torch.device
-    mtp: dict[str, Weight] = field(default_factory=dict)  # loaded, not used yet
+    mtp: MTPBlock | None = None  # the multi-token-prediction block, for speculative decoding (`speculative`)
     read_ahead: ReadAhead | None = None  # streaming: reads the next layer's likely experts in the background
 
     def new_cache(self) -> Cache:
         return Cache.empty(self.config.compress_ratios[: self.config.num_hidden_layers])
 
+    def new_mtp_cache(self) -> LayerCache:
+        """The MTP block's cache (its layer's compress ratio, `compress_ratios[num_hidden_layers]`)."""
+        c = self.config
+        return Cache.empty([c.compress_ratios[c.num_hidden_layers]]).layers[0]
+
     def forward(self, token_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
         """token_ids [T] following the cache's tokens -> final hidden states [T, D]."""
+        return self.final_hidden(self.forward_streams(token_ids, cache))
+
+    def forward_streams(self, token_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """`forward` before the hc head: the residual streams [T, hc, D] after the last block (the MTP block's
+        input)."""
         start = cache.length
         positions = torch.arange(start, start + token_ids.shape[0], device=self.device)
         tokens, token_ids = token_ids.tolist(), token_ids.to(self.device)  # (the list from the host's copy)
@@ -55,7 +66,16 @@ class Transformer:
         for layer, layer_cache in enumerate(cache.layers):
             streams, pending = self.blocks[layer](streams, positions, token_ids, layer_cache, pending)
         cache.tokens.extend(tokens)
-        return self.final_hidden(complete(streams, pending))
+        cache.last_call = len(tokens)
+        return complete(streams, pending)
+
+    def mtp_forward(self, streams: torch.Tensor, next_ids: torch.Tensor, start: int, cache: LayerCache) -> torch.Tensor:
+        """The MTP block over main streams [T, hc, D] at positions start .. start + T - 1 and the ids [T] of the
+        tokens after them -> its normed hidden states [T, D] (`logits` gives its guesses at the tokens after
+        those)."""
+        positions = torch.arange(start, start + next_ids.shape[0], device=self.device)
+        next_ids = next_ids.to(self.device)
+        return self.mtp(streams, self.embed[next_ids], next_ids, positions, cache)
 
     def decode_batch(self, token_ids: torch.Tensor, caches: list[Cache]) -> torch.Tensor:
         """One next token for each of B sequences (token_ids [B], one cache each) -> hidden [B, D]."""
@@ -69,6 +89,7 @@ class Transformer:
                                                                [c.layers[layer] for c in caches], pending)
         for c, t in zip(caches, tokens):
             c.tokens.append(t)
+            c.last_call = 1
         return self.final_hidden(complete(streams, pending))
 
     def streams(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -171,8 +192,10 @@ def build_hyper(c: ModelConfig, r: Reader, prefix: str) -> HyperConnection:
     )
 
 
-def build_block(c: ModelConfig, r: Reader, layer: int, rotaries: Rotaries) -> Block:
-    p = f"layers.{layer}."
+def build_block(c: ModelConfig, r: Reader, layer: int, rotaries: Rotaries, prefix: str | None = None) -> Block:
+    """Layer `layer`'s block, its weights named `prefix` + ... (default `layers.{layer}.`; the MTP block's are
+    `mtp.{j}.` at layer num_hidden_layers + j)."""
+    p = prefix if prefix is not None else f"layers.{layer}."
     ratio = c.compress_ratios[layer]
     attn = Attention(
         wq_a=r.weight(p + "attn.wq_a.weight"), q_norm=r.f32(p + "attn.q_norm.weight"),
@@ -214,6 +237,19 @@ def build_block(c: ModelConfig, r: Reader, layer: int, rotaries: Rotaries) -> Bl
     )
 
 
+def build_mtp(c: ModelConfig, r: Reader, rotaries: Rotaries) -> MTPBlock:
+    """The first MTP block (`mtp.0.`; V4 Flash has one), at layer num_hidden_layers."""
+    p = "mtp.0."
+    return MTPBlock(
+        block=build_block(c, r, c.num_hidden_layers, rotaries, p),
+        e_proj=r.weight(p + "e_proj.weight"), h_proj=r.weight(p + "h_proj.weight"),
+        enorm=r.f32(p + "enorm.weight"), hnorm=r.f32(p + "hnorm.weight"), norm=r.f32(p + "norm.weight"),
+        hc_head=HyperHead(fn=r.f32(p + "hc_head_fn"), base=r.f32(p + "hc_head_base"),
+                          scale=r.f32(p + "hc_head_scale"), hc_eps=c.hc_eps, norm_eps=c.rms_norm_eps),
+        eps=c.rms_norm_eps,
+    )
+
+
 def build_transformer(
     source: WeightSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
     progress=None, expert_cache: ExpertCache | None = None, keep_layers: Collection[int] | None = None,
@@ -222,9 +258,9 @@ def build_transformer(
     """Read every weight of `source` and assemble the network. `progress(name)` is called per tensor.
     With `expert_cache`, routed experts are not read now but streamed through the cache. With
     `keep_layers` (the stream-layers memory mode), only those layers are built now; the others are
-    built from the source each time they run and dropped after (`StreamedBlocks`), and the unused MTP
-    block is not loaded. With `read_ahead` (a `ds4py.memory.read_ahead` predictor) and an expert cache,
-    the next layer's likely experts are read into the cache in the background."""
+    built from the source each time they run and dropped after (`StreamedBlocks`), and the MTP block
+    is not loaded (no speculative decoding). With `read_ahead` (a `ds4py.memory.read_ahead` predictor)
+    and an expert cache, the next layer's likely experts are read into the cache in the background."""
     c = source.config
     device = torch.device(device)
     r = Reader(source, source.get, device, dtype, expected_shapes(c), expert_cache, progress)
@@ -246,14 +282,15 @@ def build_transformer(
 
     if keep_layers is None:
         blocks = [hooked(build_block(c, r, i, rotaries), i, True) for i in range(c.num_hidden_layers)]
-        mtp = {name: r.weight(name) for name in source.names() if name.startswith("mtp.")}
+        has_mtp = "mtp.0.e_proj.weight" in source.names() and c.num_hidden_layers < len(c.compress_ratios)
+        mtp = build_mtp(c, r, rotaries) if has_mtp else None
     else:
         def build(layer: int, read: Callable[[str], Weight]) -> Block:
             block = build_block(c, replace(r, read=read, progress=None), layer, rotaries)
             return hooked(block, layer, layer in keep_layers)
 
         blocks = StreamedBlocks(c.num_hidden_layers, build, source.read, keep_layers)
-        mtp = {}
+        mtp = None
 
     def embedding() -> torch.Tensor:
         e = source.get("embed.weight")
