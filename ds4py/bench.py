@@ -66,6 +66,61 @@ def measure(model, prompt_tokens: int, gen_tokens: int, depth: int, repeats: int
     return out
 
 
+def measure_speculative(model, gen_tokens: int, depth: int, repeats: int) -> dict:
+    """Median decode speed with the MTP block's guesses (`ds4py.speculative`) after a prompt of `depth` + 1 tokens,
+    the first token (the prompt's) not timed; the acceptance, and the mean time of the two-token calls that check a
+    guess and of the MTP block's calls that make one."""
+    from ds4py.speculative import SpeculativeStats, speculative_greedy
+
+    tps, stats = [], SpeculativeStats()
+    for r in range(repeats + 1):  # the first run warms up (the two-token calls' plans), not counted
+        run = SpeculativeStats()
+        steps = speculative_greedy(model, random_ids(depth + 1, model.config.vocab_size, seed=20 + r),
+                                   gen_tokens + 1, set(), run)
+        next(steps)
+        t0 = time.perf_counter()
+        n = sum(1 for _ in steps)
+        if r:
+            tps.append(n / (time.perf_counter() - t0))
+            for k in ("steps", "accepted", "main_seconds", "mtp_seconds"):
+                setattr(stats, k, getattr(stats, k) + getattr(run, k))
+    steps = max(stats.steps, 1)
+    t = model.transformer
+    head = []
+    for rows in (1, 2):  # the output head alone, to tell its share of each call from the layers'
+        h = torch.randn(rows, model.config.hidden_size, generator=torch.Generator().manual_seed(rows)).to(t.dtype)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            t.logits(h)
+            times.append(time.perf_counter() - t0)
+        head.append(statistics.median(times))
+    return {"spec_tg_tps": statistics.median(tps), "spec_tg_all": tps, "spec_acceptance": stats.acceptance,
+            "spec_check_seconds": stats.main_seconds / steps, "spec_guess_seconds": stats.mtp_seconds / steps,
+            "head_seconds": head}
+
+
+def speculative_costs(one: float, check: float, guess: float) -> str:
+    """The acceptance above which guessing pays (a step, one two-token call and one guess, yields 1 + acceptance
+    tokens against one token a plain call) and the speed-up at 0.8 acceptance (DeepSeek reports 85-90% for V3's
+    second token)."""
+    return (f"one-token call {one * 1e3:.1f} ms, two-token check {check * 1e3:.1f} ms ({check / one:.2f}x), MTP guess "
+            f"{guess * 1e3:.1f} ms ({guess / one:.2f}x): pays above acceptance {(check + guess) / one - 1:.2f}, "
+            f"{1.8 * one / (check + guess):.2f}x plain decoding at 0.8")
+
+
+def speculative_summary(r: dict, layers: int, real_layers: int = 43) -> str:
+    """The measured costs, then the same with the layers' share (each call less the output head's, timed alone)
+    scaled to V4 Flash's 43 layers: a few-layer model's calls are mostly its head."""
+    one, check, guess = 1 / r["tg_tps"], r["spec_check_seconds"], r["spec_guess_seconds"]
+    h1, h2 = r["head_seconds"]
+    k = real_layers / layers
+    scaled = speculative_costs(h1 + k * (one - h1), h2 + k * (check - h2), guess)  # the guess: one block + head
+    return (f"speculative @ d{r['depth']}: {r['spec_tg_tps']:.2f} t/s at acceptance {r['spec_acceptance']:.2f}; "
+            f"{speculative_costs(one, check, guess)}\n  head alone {h1 * 1e3:.1f} ms (1 row), {h2 * 1e3:.1f} ms "
+            f"(2 rows); the layers scaled to {real_layers}: {scaled}")
+
+
 def model_facts(model) -> dict:
     t = model.transformer
     kinds, nbytes = {}, 0
@@ -95,6 +150,9 @@ def bench_main(args) -> int:
     load_s = time.perf_counter() - t0
     depths = [int(d) for d in str(args.depths).split(",") if d != ""]
     rows = [measure(model, args.prompt_tokens, args.gen_tokens, d, args.repeats) for d in depths]
+    if getattr(args, "speculative", False) and args.gen_tokens:
+        for r in rows:
+            r.update(measure_speculative(model, args.gen_tokens, r["depth"], args.repeats))
     tokens = sum(r.get("pp_tokens", 0) + r.get("tg_tokens", 0) for r in rows) * args.repeats
     streamed = {}
     if model.layer_stream is not None:  # before model_facts, which builds every layer once more
@@ -123,8 +181,14 @@ def bench_main(args) -> int:
         if "tg_tps" in r:
             print(f"| {name} | ds4py-{args.device}-{args.dtype} | {facts['threads']} | tg{r['tg_tokens']}{at} | "
                   f"{r['tg_tps']:.2f} |")
+        if "spec_tg_tps" in r:
+            print(f"| {name} | ds4py-{args.device}-{args.dtype} mtp | {facts['threads']} | tg{r['tg_tokens']}{at} | "
+                  f"{r['spec_tg_tps']:.2f} |")
     print(f"\npeak RSS {facts['peak_rss_bytes'] / 2**30:.2f} GiB, load {load_s:.1f} s, "
           f"{facts['memory_mode']}, weights {facts['weight_kinds']}, CPU kernels {facts['cpu_kernels']}")
+    for r in rows:
+        if "spec_tg_tps" in r:
+            print(speculative_summary(r, model.config.num_hidden_layers))
     if "expert_cache" in facts:
         c = facts["expert_cache"]
         print(f"expert cache: hit rate {c['hit_rate']:.3f}, {c['bytes_read'] / 2**20:.0f} MiB read, "

@@ -97,12 +97,15 @@ def cmd_run(args) -> int:
         prompt_ids = tokenizer.encode(args.prompt, add_bos=True)
     if not args.chat and not args.think:
         sys.stdout.write(args.prompt)
-    result = generate_text(model, tokenizer, prompt_ids, sampling_params(args))
+    result = generate_text(model, tokenizer, prompt_ids, sampling_params(args), speculative=args.speculative)
     for delta in result:
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
     print(result.stats.summary(), file=sys.stderr)
+    if result.speculative_stats is not None:
+        st = result.speculative_stats
+        print(f"speculative: {st.accepted} of {st.steps} MTP guesses accepted ({st.acceptance:.2f})", file=sys.stderr)
     return 0
 
 
@@ -160,7 +163,7 @@ def cmd_convert(args) -> int:
     from ds4py.convert import convert
 
     convert(args.src, args.out, type=args.type, experts=args.experts, force=args.force,
-            shard_size=args.shard_size, progress=True)
+            shard_size=args.shard_size, progress=True, mtp=args.mtp)
     return 0
 
 
@@ -180,7 +183,7 @@ def cmd_make_model(args) -> int:
     from ds4py.synthetic import make_model
 
     make_model(args.out, preset=args.preset, layers=args.layers, fmt=args.format, seed=args.seed, force=args.force,
-               routed_experts=args.routed_experts)
+               routed_experts=args.routed_experts, mtp=args.mtp)
     return 0
 
 
@@ -199,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the V4 chat format")
     p.add_argument("--think", action="store_true", help="chat with thinking mode on")
+    p.add_argument("--speculative", action="store_true",
+                   help="greedy decoding checking the model's MTP guesses two tokens a pass (the same tokens; needs "
+                        "--temp 0 and a model with its MTP block)")
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_run)
 
@@ -233,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "~155 GB); q8_0 ~ +130 GB; bf16 ~ +390 GB")
     p.add_argument("--shard-size", default=None, help="split the output into shards of this size, e.g. 50G")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--mtp", action="store_true",
+                   help="keep the MTP block (mtp.0.*, for ds4py's --speculative; llama.cpp does not load such a file)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("inspect", help="list and validate a GGUF's or checkpoint's metadata and tensors")
@@ -258,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routed-experts", type=int, default=None,
                    help="routed experts per MoE layer (default: the preset's; flash-slice 256), same shape and "
                         "as many active per token")
+    p.add_argument("--mtp", action="store_true",
+                   help="with an MTP block (flash-slice: a random one) kept in the GGUF, for --speculative")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_make_model)
 
@@ -269,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--speculative", action="store_true",
+                   help="also decode with the MTP block's guesses: tok/s, acceptance, and each call's cost")
     p.set_defaults(func=cmd_bench)
     return parser
 

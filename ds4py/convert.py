@@ -37,7 +37,7 @@ from ds4py.loaders.gguf_names import ARCH, config_to_metadata, to_gguf_name
 from ds4py.loaders.names import expected_shapes, storage
 
 ASSETS = Path(__file__).parent / "assets"
-EXPERT = re.compile(r"^layers\.(\d+)\.ffn\.experts\.w([123])$")
+EXPERT = re.compile(r"^(?:layers|mtp)\.(\d+)\.ffn\.experts\.w([123])$")  # the MTP block's too (`mtp`)
 TYPES = {"q8_0": Q.Q8_0, "bf16": Q.BF16, "f16": Q.F16, "f32": Q.F32, "mxfp4": Q.MXFP4}
 
 
@@ -94,13 +94,15 @@ def choose_type(name: str, kind: str, shape: tuple[int, ...], type_: str, expert
     return Q.F32 if type_ in ("auto", "q8_0") else TYPES[type_]
 
 
-def plan(source: WeightSource, type_: str, experts: str) -> list[Planned]:
+def plan(source: WeightSource, type_: str, experts: str, mtp: bool = False) -> list[Planned]:
     """Tensors in llama.cpp's order: hash tables, then each layer's experts (gate, down, up), then the rest
-    sorted by their source names."""
-    shapes = expected_shapes(source.config, mtp=False)
+    sorted by their source names. With `mtp`, the MTP block too (its experts after the layers'), under its
+    official names `mtp.0.*` (antirez/ds4's style)."""
+    shapes = expected_shapes(source.config, mtp=mtp)
     names = [n for n in source.names() if n in shapes]
     hashed = [n for n in names if n.endswith("tid2eid")]
-    experts_ = sorted((n for n in names if EXPERT.match(n)), key=lambda n: tuple(map(int, EXPERT.match(n).groups())))
+    experts_ = sorted((n for n in names if EXPERT.match(n)),
+                      key=lambda n: (n.startswith("mtp."), *map(int, EXPERT.match(n).groups())))
     rest = sorted(n for n in names if n not in hashed and n not in experts_)
     kinds = {n: source.metadata.get("tensor_kinds", {}).get(n) or source.get(n).kind for n in names}
     unquantized = all(k in (*FLOAT_KINDS, "i32") for k in kinds.values())
@@ -237,7 +239,10 @@ def chat_template(model_dir: Path) -> str:
 
 
 def convert(src: str | Path, out: str | Path, type: str = "auto", experts: str = "mxfp4", force: bool = False,
-            shard_size: str | int | None = None, progress: bool = True) -> Path:
+            shard_size: str | int | None = None, progress: bool = True, mtp: bool = False) -> Path:
+    """The official checkpoint (or a GGUF to requantize) at `src` -> a GGUF at `out`. Without `mtp` the MTP block is
+    left out, as llama.cpp's conversion leaves it out by default (llama.cpp refuses a file holding tensors it does
+    not load); with it, it is kept for ds4py's speculative decoding."""
     from ds4py.loaders.open import open_weights
 
     src, out = Path(src), Path(out)
@@ -248,7 +253,9 @@ def convert(src: str | Path, out: str | Path, type: str = "auto", experts: str =
     source = open_weights(src)
     if source.kind == "gguf" and src.resolve() == out.resolve():
         raise Ds4pyError(f"{out} is the source GGUF: write the requantized file under another name")
-    tensors = plan(source, type, experts)
+    tensors = plan(source, type, experts, mtp)
+    if mtp and not any(p.name.startswith("mtp.") for p in tensors):
+        raise Ds4pyError(f"{src} has no MTP block (mtp.0.*) to keep: convert without --mtp")
     total = sum(p.nbytes for p in tensors)
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free

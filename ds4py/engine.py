@@ -125,9 +125,16 @@ class Model:
 
     def generate(
         self, prompt_ids: list[int], max_new_tokens: int = 32, temperature: float = 0.0, seed: int | None = None,
-        stop_token_ids: set[int] | None = None,
+        stop_token_ids: set[int] | None = None, speculative: bool = False,
     ) -> list[int]:
-        """The new token ids (greedy at temperature 0), stopping after an end-of-sequence token."""
+        """The new token ids (greedy at temperature 0), stopping after an end-of-sequence token. `speculative`:
+        greedy decoding with the MTP block's guesses checked two tokens a call (`ds4py.speculative`)."""
+        if speculative:
+            if temperature > 0:
+                raise Ds4pyError("speculative decoding is greedy only: use temperature 0, or decode without it")
+            from ds4py.speculative import speculative_greedy
+
+            return [s.token for s in speculative_greedy(self, prompt_ids, max_new_tokens, stop_token_ids)]
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
 
         def choose(logits: torch.Tensor, _ids: list[int]) -> int:

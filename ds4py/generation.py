@@ -11,6 +11,7 @@ import torch
 
 from ds4py.cache import Cache
 from ds4py.engine import Model
+from ds4py.errors import Ds4pyError
 from ds4py.sampling import Sampler, SamplingParams, StopMatcher, TokenInfo
 from ds4py.tokenizer import StreamDecoder, Tokenizer
 
@@ -132,10 +133,22 @@ class Decoding:
 
 
 class TextGeneration:
-    """Iterate for text deltas; `tokens` and `stats` fill in as it runs."""
+    """Iterate for text deltas; `tokens` and `stats` fill in as it runs. `speculative`: greedy decoding with the MTP
+    block's guesses (`ds4py.speculative`; its counts in `speculative_stats`), the same tokens as without."""
 
     def __init__(self, model: Model, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
-                 cache: Cache | None = None):
+                 cache: Cache | None = None, speculative: bool = False):
+        self.speculative_stats = None
+        if speculative:
+            from ds4py.speculative import SpeculativeStats
+
+            if params.temperature > 0 or params.repetition_penalty != 1.0:
+                raise Ds4pyError("speculative decoding is greedy only: use temperature 0 and no repetition penalty, "
+                                 "or decode without it")
+            if cache is not None and cache.length:
+                raise Ds4pyError("speculative decoding starts from an empty cache (its MTP block reads the whole "
+                                 "prompt): give no cache")
+            self.speculative_stats = SpeculativeStats()
         self.decoding = Decoding(model, tokenizer, prompt_ids, params, cache)
 
     @property
@@ -147,6 +160,9 @@ class TextGeneration:
         return self.decoding.stats
 
     def __iter__(self) -> Iterator[str]:
+        if self.speculative_stats is not None:
+            yield from self.speculative()
+            return
         d = self.decoding
         while not d.prefill_step():
             pass
@@ -156,6 +172,27 @@ class TextGeneration:
                 yield delta.text
 
 
+    def speculative(self) -> Iterator[str]:
+        """The greedy tokens from `speculative_greedy`, each through `Decoding.choose` (whose greedy choice from the
+        same logits is the same token) for its text, end-of-sequence and stop strings."""
+        from ds4py.speculative import speculative_greedy
+
+        d = self.decoding
+        t0 = time.perf_counter()
+        steps = speculative_greedy(d.model, d.prompt_ids, d.params.max_tokens, set(), self.speculative_stats)
+        for i, step in enumerate(steps):
+            if i == 0:
+                d.stats.prompt_seconds = time.perf_counter() - t0
+                d._t_decode = time.perf_counter()
+            d.feed(step.logits)
+            delta = d.choose()
+            if delta.text:
+                yield delta.text
+            if d.finished:
+                steps.close()
+                return
+
+
 def generate_text(model: Model, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
-                  cache: Cache | None = None) -> TextGeneration:
-    return TextGeneration(model, tokenizer, list(prompt_ids), params, cache)
+                  cache: Cache | None = None, speculative: bool = False) -> TextGeneration:
+    return TextGeneration(model, tokenizer, list(prompt_ids), params, cache, speculative)

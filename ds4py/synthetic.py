@@ -35,13 +35,14 @@ FP4_BYTE_TO_CODE = (
 ).to(torch.uint8)
 
 
-def flash_slice_config(layers: int = 3) -> ModelConfig:
+def flash_slice_config(layers: int = 3, mtp: bool = False) -> ModelConfig:
+    """`mtp`: with V4 Flash's MTP block after the layers (a sliding-window block, as V4 Flash's layer 43)."""
     if layers < 1:
         raise Ds4pyError("--layers must be at least 1")
     ratios = [0, 4, 128] if layers == 3 else REAL_PATTERN[:layers]
     return ModelConfig(
-        num_hidden_layers=layers, compress_ratios=ratios, num_hash_layers=min(3, max(layers - 2, 1)),
-        num_nextn_predict_layers=0, max_position_embeddings=1048576,
+        num_hidden_layers=layers, compress_ratios=ratios + [0] * mtp, num_hash_layers=min(3, max(layers - 2, 1)),
+        num_nextn_predict_layers=int(mtp), max_position_embeddings=1048576,
     )
 
 
@@ -123,10 +124,12 @@ def write_official(config: ModelConfig, out_dir: Path, seed: int = 0, shard_byte
 
 
 def make_model(out: str, preset: str = "tiny", layers: int | None = None, fmt: str = "gguf", seed: int = 0,
-               force: bool = False, routed_experts: int | None = None) -> Path:
+               force: bool = False, routed_experts: int | None = None, mtp: bool = False) -> Path:
     """Write the preset's random model to `out`. `routed_experts` replaces the preset's number of routed experts
     (of the same shape; as many active per token): a flash-slice with fewer of them keeps V4 Flash's per-token
-    work at a fraction of its size (the benchmark's model for engines that hold every weight in bf16)."""
+    work at a fraction of its size (the benchmark's model for engines that hold every weight in bf16). `mtp`: a
+    GGUF keeps the MTP block (which the official layout always has, and the tiny preset has in both); a flash-slice
+    gets one (random, so its guesses are almost never right: it measures speculative decoding's costs)."""
     out_path = Path(out)
     if out_path.exists() and not force:
         raise Ds4pyError(f"{out_path} already exists: choose another path or pass --force")
@@ -135,7 +138,7 @@ def make_model(out: str, preset: str = "tiny", layers: int | None = None, fmt: s
         config = tiny_config(num_hidden_layers=layers or 4, vocab_size=V4_VOCAB,
                              compress_ratios=([0, 4, 128, 4] * 8)[: (layers or 4)] + [0])
     elif preset == "flash-slice":
-        config = flash_slice_config(layers or 3)
+        config = flash_slice_config(layers or 3, mtp)
     else:
         raise Ds4pyError(f"unknown preset {preset!r}: use tiny or flash-slice")
     if routed_experts is not None:
@@ -154,5 +157,5 @@ def make_model(out: str, preset: str = "tiny", layers: int | None = None, fmt: s
 
     with tempfile.TemporaryDirectory(dir=out_path.parent if out_path.parent.exists() else None) as tmp:
         write_official(config, Path(tmp) / "official", seed)
-        convert(Path(tmp) / "official", out_path, force=force, progress=True)
+        convert(Path(tmp) / "official", out_path, force=force, progress=True, mtp=mtp)
     return out_path

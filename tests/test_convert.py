@@ -140,3 +140,24 @@ def test_unquantized_source_is_laid_out_like_the_official(tmp_path):
     assert (a.get("layers.1.attn.wq_b.weight").dequantize() - w).abs().max() <= w.abs().max() / 127
     with pytest.raises(Ds4pyError, match="source GGUF"):
         convert(bf16, bf16, force=True, progress=False)
+
+
+def test_mtp_block_is_kept_on_request(official, gguf_path, tmp_path):
+    """Left out by default (as llama.cpp converts); with `mtp`, written under its official names and read back: the
+    MXFP4 experts bit-exact, e_proj within Q8_0's step, and speculative decoding on the GGUF (its kernels' two-token
+    and one-token paths) gives the GGUF's own greedy tokens."""
+    assert ds4py.load(gguf_path).transformer.mtp is None
+    path = convert(official, tmp_path / "mtp.gguf", progress=False, mtp=True)
+    ck, gg = open_weights(official), open_weights(path)
+    assert torch.equal(gg.get("mtp.0.ffn.experts.w2").dequantize(), ck.get("mtp.0.ffn.experts.w2").dequantize())
+    w_ck, w_gg = ck.get("mtp.0.e_proj.weight").dequantize(), gg.get("mtp.0.e_proj.weight").dequantize()
+    assert (w_gg - w_ck).abs().max() <= w_ck.abs().max() / 127
+    model = ds4py.load(path)
+    assert model.transformer.mtp is not None
+    prompt = IDS[:200]
+    assert model.generate(prompt, 40, stop_token_ids=set(), speculative=True) == model.generate(
+        prompt, 40, stop_token_ids=set())
+    no_mtp = save_official({k: v for k, v in random_weights(CONFIG, seed=3).items() if not k.startswith("mtp.")},
+                           CONFIG, tmp_path / "no-mtp", 150_000)
+    with pytest.raises(Ds4pyError, match="no MTP block"):
+        convert(no_mtp, tmp_path / "x.gguf", progress=False, mtp=True)
