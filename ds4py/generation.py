@@ -145,6 +145,9 @@ class TextGeneration:
             if params.temperature > 0 or params.repetition_penalty != 1.0:
                 raise Ds4pyError("speculative decoding is greedy only: use temperature 0 and no repetition penalty, "
                                  "or decode without it")
+            if model.transformer.mtp is None:
+                raise Ds4pyError("speculative decoding needs the model's MTP block (mtp.0.*), which this model does "
+                                 "not have or this memory mode does not load: decode without it")
             if cache is not None and cache.length:
                 raise Ds4pyError("speculative decoding starts from an empty cache (its MTP block reads the whole "
                                  "prompt): give no cache")

@@ -48,7 +48,9 @@ def speculative_greedy(model: Model, prompt_ids: list[int], max_new_tokens: int,
                          "or this memory mode does not load: decode without it")
     if not prompt_ids:
         raise Ds4pyError("nothing to prefill: the prompt is empty")
-    model.check_fits(len(prompt_ids) + max_new_tokens + 1)  # + 1: the last step's guess
+    # as plain decoding's: a step feeds a token and its guess only while one more token is wanted, so the cache holds
+    # at most the prompt and all but the last new token
+    model.check_fits(len(prompt_ids) + max_new_tokens)
     stats = stats if stats is not None else SpeculativeStats()
     stop = stop_token_ids if stop_token_ids is not None else set(model.config.eos_token_ids)
     guess = guess or (lambda h: greedy(t.logits(h)[0]))

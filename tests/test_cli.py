@@ -143,3 +143,25 @@ def test_make_model_routed_experts(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--routed-experts 1" in err and "routes each token to 2 experts" in err
     assert not (tmp_path / "bad.gguf").exists()
+
+
+def test_run_speculative_prints_the_greedy_text(tiny, tmp_path, capsys):
+    """`make-model --mtp` keeps the MTP block; `run --speculative` prints what plain greedy `run` prints, and says
+    how many guesses were accepted; a model without the block, or sampling, is refused with what to do."""
+    path, _, _ = tiny
+    mtp = str(tmp_path / "tiny-mtp.gguf")
+    assert main(["make-model", mtp, "--preset", "tiny", "--seed", "3", "--mtp"]) == 0
+    capsys.readouterr()
+    args = ["run", mtp, "-p", "Once upon a time", "-n", "24", "--temp", "0"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--speculative"]) == 0
+    out, err = capsys.readouterr()
+    assert out == plain
+    assert re.search(r"speculative: \d+ of \d+ MTP guesses accepted", err)
+    assert main(args[:-2] + ["--temp", "0.8", "--speculative"]) == 1
+    assert "greedy only" in capsys.readouterr().err
+    assert main(["run", path, "-p", "x", "-n", "4", "--speculative"]) == 1
+    assert "MTP block" in capsys.readouterr().err
+    assert main(["bench", mtp, "-p", "0", "-n", "4", "--repeats", "1", "--speculative"]) == 0
+    assert re.search(r"pays above acceptance [\d.-]+", capsys.readouterr().out)

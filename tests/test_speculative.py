@@ -78,6 +78,17 @@ def test_stops_where_greedy_stops(model):
         assert run(model, prompt, n, lambda i, right: right)[0] == plain[:n]
 
 
+def test_fills_the_context_as_greedy_does(model):
+    prompt = ids_of(40, 8)
+    plain = model.generate(prompt, 25, stop_token_ids=set())
+    ctx, model.ctx = model.ctx, len(prompt) + 25  # as plain decoding needs: the guesses need no more
+    try:
+        out, ref, _ = run(model, prompt, 25, lambda i, right: right)
+    finally:
+        model.ctx = ctx
+    assert out == ref == plain
+
+
 def test_errors_say_what_to_do(model):
     with pytest.raises(Ds4pyError, match="greedy only"):
         model.generate([1, 2, 3], 4, temperature=0.7, speculative=True)
