@@ -70,12 +70,12 @@ def measure_speculative(model, gen_tokens: int, depth: int, repeats: int) -> dic
     """Median decode speed with the MTP block's guesses (`ds4py.speculative`) after a prompt of `depth` + 1 tokens,
     the first token (the prompt's) not timed; the acceptance, and the mean time of the two-token calls that check a
     guess and of the MTP block's calls that make one."""
-    from ds4py.speculative import SpeculativeStats, speculative_greedy
+    from ds4py.speculative import SpeculativeStats, speculative_decode
 
     tps, stats = [], SpeculativeStats()
     for r in range(repeats + 1):  # the first run warms up (the two-token calls' plans), not counted
         run = SpeculativeStats()
-        steps = speculative_greedy(model, random_ids(depth + 1, model.config.vocab_size, seed=20 + r),
+        steps = speculative_decode(model, random_ids(depth + 1, model.config.vocab_size, seed=20 + r),
                                    gen_tokens + 1, set(), run)
         next(steps)
         t0 = time.perf_counter()

@@ -203,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the V4 chat format")
     p.add_argument("--think", action="store_true", help="chat with thinking mode on")
     p.add_argument("--speculative", action="store_true",
-                   help="greedy decoding checking the model's MTP guesses two tokens a pass (the same tokens; needs "
-                        "--temp 0 and a model with its MTP block)")
+                   help="check the model's MTP guesses two tokens a pass (greedy: the same tokens; sampled: the same "
+                        "distribution); needs a model with its MTP block")
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_run)
 

@@ -128,13 +128,16 @@ class Model:
         stop_token_ids: set[int] | None = None, speculative: bool = False,
     ) -> list[int]:
         """The new token ids (greedy at temperature 0), stopping after an end-of-sequence token. `speculative`:
-        greedy decoding with the MTP block's guesses checked two tokens a call (`ds4py.speculative`)."""
+        the MTP block's guesses checked two tokens a call (`ds4py.speculative`: greedy, the same tokens; sampled, the
+        same distribution, other draws)."""
         if speculative:
-            if temperature > 0:
-                raise Ds4pyError("speculative decoding is greedy only: use temperature 0, or decode without it")
-            from ds4py.speculative import speculative_greedy
+            from ds4py.sampling import Sampler, SamplingParams
+            from ds4py.speculative import speculative_decode
 
-            return [s.token for s in speculative_greedy(self, prompt_ids, max_new_tokens, stop_token_ids)]
+            sampler = Sampler(SamplingParams(temperature=temperature, seed=seed), self.config.vocab_size,
+                              len(prompt_ids))
+            return [s.token for s in speculative_decode(self, prompt_ids, max_new_tokens, stop_token_ids,
+                                                        sampler=sampler)]
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
 
         def choose(logits: torch.Tensor, _ids: list[int]) -> int:

@@ -103,7 +103,11 @@ class Decoding:
     def choose(self) -> Delta:
         """Sample the next token from the current logits and release its text; the caller feeds the
         token back (`feed`) unless the sequence finished. Split so a scheduler can feed many at once."""
-        token, info = self.sampler.sample(self.logits, self.prompt_ids + self.tokens)
+        return self.take(*self.sampler.sample(self.logits, self.prompt_ids + self.tokens))
+
+    def take(self, token: int, info: TokenInfo) -> Delta:
+        """`choose` for a token chosen elsewhere (speculative decoding's): append it, release its text, finish on
+        an end-of-sequence token, a stop string or max_tokens."""
         self.tokens.append(token)
         self.stats.generated_tokens += 1
         text, stopped = "", False
@@ -133,8 +137,9 @@ class Decoding:
 
 
 class TextGeneration:
-    """Iterate for text deltas; `tokens` and `stats` fill in as it runs. `speculative`: greedy decoding with the MTP
-    block's guesses (`ds4py.speculative`; its counts in `speculative_stats`), the same tokens as without."""
+    """Iterate for text deltas; `tokens` and `stats` fill in as it runs. `speculative`: with the MTP block's guesses
+    (`ds4py.speculative`; its counts in `speculative_stats`): greedy, the same tokens as without; sampled, the same
+    distribution."""
 
     def __init__(self, model: Model, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
                  cache: Cache | None = None, speculative: bool = False):
@@ -142,9 +147,6 @@ class TextGeneration:
         if speculative:
             from ds4py.speculative import SpeculativeStats
 
-            if params.temperature > 0 or params.repetition_penalty != 1.0:
-                raise Ds4pyError("speculative decoding is greedy only: use temperature 0 and no repetition penalty, "
-                                 "or decode without it")
             if model.transformer.mtp is None:
                 raise Ds4pyError("speculative decoding needs the model's MTP block (mtp.0.*), which this model does "
                                  "not have or this memory mode does not load: decode without it")
@@ -176,19 +178,20 @@ class TextGeneration:
 
 
     def speculative(self) -> Iterator[str]:
-        """The greedy tokens from `speculative_greedy`, each through `Decoding.choose` (whose greedy choice from the
-        same logits is the same token) for its text, end-of-sequence and stop strings."""
-        from ds4py.speculative import speculative_greedy
+        """The tokens `speculative_decode` chooses with this generation's sampler, each through `Decoding.take` for
+        its text, end-of-sequence and stop strings."""
+        from ds4py.speculative import speculative_decode
 
         d = self.decoding
         t0 = time.perf_counter()
-        steps = speculative_greedy(d.model, d.prompt_ids, d.params.max_tokens, set(), self.speculative_stats)
+        steps = speculative_decode(d.model, d.prompt_ids, d.params.max_tokens, set(), self.speculative_stats,
+                                   d.sampler)
         for i, step in enumerate(steps):
             if i == 0:
                 d.stats.prompt_seconds = time.perf_counter() - t0
                 d._t_decode = time.perf_counter()
             d.feed(step.logits)
-            delta = d.choose()
+            delta = d.take(step.token, d.sampler.info(step.logits, step.token))
             if delta.text:
                 yield delta.text
             if d.finished:

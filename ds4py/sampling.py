@@ -103,21 +103,31 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, previous: list[int]) -> tuple[int, TokenInfo]:
         """logits [vocab] float32; previous: every id so far (prompt then output)."""
-        p = self.params
-        raw = logits.float().cpu()
-        work = apply_penalties(raw.clone(), p, previous, self.n_prompt)
-        if p.temperature <= 0:
-            token = greedy(work)
+        if self.params.temperature <= 0:
+            token = greedy(self.penalized(logits, previous))
         else:
-            work = filter_logits(work, p)
-            probs = torch.softmax(work / p.temperature, dim=-1)
-            token = draw(probs, self.generator)
-        logp = torch.log_softmax(raw, dim=-1)
+            token = draw(self.probs(logits, previous), self.generator)
+        return token, self.info(logits, token)
+
+    def probs(self, logits: torch.Tensor, previous: list[int]) -> torch.Tensor:
+        """The distribution [vocab] a sampled token is drawn from (temperature > 0): penalties, filters,
+        temperature."""
+        work = filter_logits(self.penalized(logits, previous), self.params)
+        return torch.softmax(work / self.params.temperature, dim=-1)
+
+    def penalized(self, logits: torch.Tensor, previous: list[int]) -> torch.Tensor:
+        """A float32 CPU copy of logits [vocab] with the penalties applied (the caller's logits are kept)."""
+        return apply_penalties(logits.float().cpu().clone(), self.params, previous, self.n_prompt)
+
+    def info(self, logits: torch.Tensor, token: int) -> TokenInfo:
+        """`token`'s log-probability (and the top alternatives asked for) under the model's logits [vocab]."""
+        p = self.params
+        logp = torch.log_softmax(logits.float().cpu(), dim=-1)
         top = []
         if p.logprobs:
             vals, ids = torch.topk(logp, min(p.logprobs, logp.shape[-1]))
             top = list(zip(ids.tolist(), vals.tolist(), strict=True))
-        return token, TokenInfo(token, float(logp[token]), top)
+        return TokenInfo(token, float(logp[token]), top)
 
 
 class StopMatcher:

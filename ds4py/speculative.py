@@ -1,5 +1,5 @@
-"""Greedy speculative decoding with the model's own MTP block as the drafter (DeepSeek V3/V4's multi-token
-prediction used for decoding).
+"""Speculative decoding with the model's own MTP block as the drafter (DeepSeek V3/V4's multi-token prediction
+used for decoding), greedy or sampled.
 
 Each step feeds the last chosen token g and the MTP block's guess d at the token after it in one call of two
 tokens, so every weight is read once for both:
@@ -7,8 +7,12 @@ tokens, so every weight is read once for both:
   token for free (two tokens for one pass of the main model);
 - otherwise d is dropped from the cache (`Cache.drop_last`: nothing is recomputed) and a is the step's one token.
 The MTP block then reads the main model's streams at the positions just confirmed, with the tokens after them,
-and guesses the next d. The tokens are the main model's greedy choices whatever the guesses are: the same as
-plain greedy decoding, up to the float rounding between a two-token call and a one-token call."""
+and guesses the next d. Greedy, the tokens are the main model's choices whatever the guesses are: plain greedy
+decoding's, up to the float rounding between a two-token call and a one-token call. Sampled (Leviathan et al.,
+"Fast Inference from Transformers via Speculative Decoding", 2023), d is drawn from the sampler's distribution q
+over the MTP block's logits and kept with probability min(1, p(d) / q(d)) under the main model's p (the same
+penalties, filters and temperature); else the token is drawn from max(0, p - q), normalised. Each token then has
+plain sampling's distribution, though a seed gives other tokens than plain sampling's (the draws differ)."""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import torch
 
 from ds4py.engine import Model, Step
 from ds4py.errors import Ds4pyError
-from ds4py.sampling import greedy
+from ds4py.sampling import Sampler, SamplingParams, draw
 
 
 @dataclass
@@ -36,12 +40,12 @@ class SpeculativeStats:
 
 
 @torch.inference_mode()
-def speculative_greedy(model: Model, prompt_ids: list[int], max_new_tokens: int,
+def speculative_decode(model: Model, prompt_ids: list[int], max_new_tokens: int,
                        stop_token_ids: set[int] | None = None, stats: SpeculativeStats | None = None,
-                       guess=None) -> Iterator[Step]:
-    """Yield the greedy continuation of `prompt_ids` token by token, as `Model.stream` with greedy choices.
-    `guess(mtp_hidden [1, D]) -> token` replaces the MTP head's argmax (tests use it to force acceptances and
-    rejections)."""
+                       sampler: Sampler | None = None, draft_logits=None) -> Iterator[Step]:
+    """Yield the continuation of `prompt_ids` token by token, as `Model.stream`, each token chosen by `sampler`'s
+    rules (default: greedy). `draft_logits(mtp_hidden [1, D], ids) -> logits [vocab]` replaces the MTP head's logits
+    for the guess at the token after `ids` (tests use it to force acceptances and rejections)."""
     t = model.transformer
     if t.mtp is None:
         raise Ds4pyError("speculative decoding needs the model's MTP block (mtp.0.*), which this model does not have "
@@ -53,29 +57,49 @@ def speculative_greedy(model: Model, prompt_ids: list[int], max_new_tokens: int,
     model.check_fits(len(prompt_ids) + max_new_tokens)
     stats = stats if stats is not None else SpeculativeStats()
     stop = stop_token_ids if stop_token_ids is not None else set(model.config.eos_token_ids)
-    guess = guess or (lambda h: greedy(t.logits(h)[0]))
+    sampler = sampler or Sampler(SamplingParams(), model.config.vocab_size, len(prompt_ids))
+    sampled = sampler.params.temperature > 0
+    draft_logits = draft_logits or (lambda h, _ids: t.logits(h)[0])
     cache, mtp_cache = model.new_cache(), t.new_mtp_cache()
+
+    def guess(hidden: torch.Tensor, ids: list[int]) -> tuple[int, torch.Tensor | None]:
+        """The guess at the token after `ids` -> (it, the distribution q it was drawn from when sampling)."""
+        logits = draft_logits(hidden, ids)
+        if not sampled:
+            return sampler.sample(logits, ids)[0], None
+        q = sampler.probs(logits, ids)
+        return draw(q, sampler.generator), q
+
+    def check(logits: torch.Tensor, ids: list[int], draft: int, q: torch.Tensor | None) -> int:
+        """The token after `ids` given the main model's logits and the guess: the guess itself if kept."""
+        if not sampled:
+            return sampler.sample(logits, ids)[0]
+        p = sampler.probs(logits, ids)
+        ratio = float(p[draft]) / float(q[draft])
+        if ratio >= 1 or float(torch.rand((), generator=sampler.generator, dtype=torch.float64)) < ratio:
+            return draft
+        residual = (p - q).clamp_(min=0)  # `draw` normalises
+        return draw(residual if float(residual.sum()) > 0 else p, sampler.generator)  # (p ~ q within rounding: p)
 
     # the prompt, in chunks; the MTP block follows one position behind (a position's next token must be known)
     carry = None  # [1, hc, D] the streams of the last position the MTP block has not read
-    ids = torch.tensor(prompt_ids, dtype=torch.long)
+    ids_t = torch.tensor(prompt_ids, dtype=torch.long)
     for start in range(0, len(prompt_ids), model.prefill_chunk):
-        chunk = ids[start:start + model.prefill_chunk]
+        chunk = ids_t[start:start + model.prefill_chunk]
         streams = t.forward_streams(chunk, cache)
         if carry is not None:
-            streams_in = torch.cat([carry, streams[:-1]])
-            t.mtp_forward(streams_in, chunk, start - 1, mtp_cache)
+            t.mtp_forward(torch.cat([carry, streams[:-1]]), chunk, start - 1, mtp_cache)
         elif streams.shape[0] > 1:
             t.mtp_forward(streams[:-1], chunk[1:], start, mtp_cache)
         carry = streams[-1:]
+    ids = list(prompt_ids)
     logits = t.logits(t.final_hidden(carry))[0]
-    token = greedy(logits)
+    token = sampler.sample(logits, ids)[0]
+    ids.append(token)
     yield Step(token, logits)
-    produced = 1
-    if token in stop or produced >= max_new_tokens:
+    if token in stop or len(ids) - len(prompt_ids) >= max_new_tokens:
         return
-    last = torch.tensor([token])
-    draft = guess(t.mtp_forward(carry, last, cache.length - 1, mtp_cache))
+    draft, q = guess(t.mtp_forward(carry, torch.tensor([token]), cache.length - 1, mtp_cache), ids)
 
     while True:
         n = cache.length  # the position of `token`
@@ -84,25 +108,26 @@ def speculative_greedy(model: Model, prompt_ids: list[int], max_new_tokens: int,
         logits2 = t.logits(t.final_hidden(streams))                     # [2, vocab]
         stats.main_seconds += time.perf_counter() - t0
         stats.steps += 1
-        nxt = greedy(logits2[0])
+        nxt = check(logits2[0], ids, draft, q)
         if nxt == draft:
             stats.accepted += 1
-            after = greedy(logits2[1])
-            for tok, lg in ((draft, logits2[0]), (after, logits2[1])):
-                yield Step(tok, lg)
-                produced += 1
-                if tok in stop or produced >= max_new_tokens:
-                    return
-            confirmed, token = [draft, after], after
+            confirmed = [draft]
+            ids.append(draft)
+            yield Step(draft, logits2[0])
+            if draft in stop or len(ids) - len(prompt_ids) >= max_new_tokens:
+                return
+            after = sampler.sample(logits2[1], ids)[0]
+            confirmed.append(after)
         else:
             cache.drop_last()
-            yield Step(nxt, logits2[0])
-            produced += 1
-            if nxt in stop or produced >= max_new_tokens:
-                return
-            confirmed, token = [nxt], nxt
+            confirmed, after = [nxt], nxt
+            logits2 = logits2[:1]
+        ids.append(after)
+        yield Step(after, logits2[-1])
+        if after in stop or len(ids) - len(prompt_ids) >= max_new_tokens:
+            return
+        token = after
         t0 = time.perf_counter()  # the MTP block reads the confirmed positions, with the tokens after them
         hidden = t.mtp_forward(streams[:len(confirmed)], torch.tensor(confirmed), n, mtp_cache)[-1:]
-        draft = guess(hidden)
+        draft, q = guess(hidden, ids)
         stats.mtp_seconds += time.perf_counter() - t0
-

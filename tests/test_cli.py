@@ -147,7 +147,8 @@ def test_make_model_routed_experts(tmp_path, capsys):
 
 def test_run_speculative_prints_the_greedy_text(tiny, tmp_path, capsys):
     """`make-model --mtp` keeps the MTP block; `run --speculative` prints what plain greedy `run` prints, and says
-    how many guesses were accepted; a model without the block, or sampling, is refused with what to do."""
+    how many guesses were accepted; sampled, a seed repeats its text; a model without the block is refused with what
+    to do."""
     path, _, _ = tiny
     mtp = str(tmp_path / "tiny-mtp.gguf")
     assert main(["make-model", mtp, "--preset", "tiny", "--seed", "3", "--mtp"]) == 0
@@ -159,8 +160,11 @@ def test_run_speculative_prints_the_greedy_text(tiny, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == plain
     assert re.search(r"speculative: \d+ of \d+ MTP guesses accepted", err)
-    assert main(args[:-2] + ["--temp", "0.8", "--speculative"]) == 1
-    assert "greedy only" in capsys.readouterr().err
+    sampled = args[:-2] + ["--temp", "0.8", "--top-k", "20", "--seed", "5", "--speculative"]
+    assert main(sampled) == 0
+    first = capsys.readouterr().out
+    assert main(sampled) == 0
+    assert capsys.readouterr().out == first
     assert main(["run", path, "-p", "x", "-n", "4", "--speculative"]) == 1
     assert "MTP block" in capsys.readouterr().err
     assert main(["bench", mtp, "-p", "0", "-n", "4", "--repeats", "1", "--speculative"]) == 0

@@ -1,6 +1,6 @@
-"""Speculative greedy decoding gives plain greedy decoding's tokens whatever the guesses: the MTP block's own,
+"""Speculative decoding, greedy, gives plain greedy decoding's tokens whatever the guesses: the MTP block's own,
 always right, always wrong or mixed, across the compressors' window boundaries, stopping where plain decoding
-stops."""
+stops; sampled, it draws each token from plain sampling's distribution (a chi-square test against the exact one)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from ds4py.config import tiny_config
 from ds4py.errors import Ds4pyError
 from ds4py.loaders.memory import from_tensors
 from ds4py.model.init import random_weights
-from ds4py.speculative import SpeculativeStats, speculative_greedy
+from ds4py.sampling import Sampler, SamplingParams
+from ds4py.speculative import SpeculativeStats, speculative_decode
 
 CONFIG = tiny_config()
 
@@ -32,10 +33,12 @@ def run(model, prompt, n, rule=None, stop=frozenset()):
     plain = model.generate(prompt, n, stop_token_ids=set(stop))
     guess = None
     if rule is not None:
-        def guess(_hidden):
+        def guess(_hidden, _ids):
             i = len(out)  # the guess is at the token after the last one yielded
-            return rule(i, plain[i] if i < len(plain) else 0)
-    for step in speculative_greedy(model, prompt, n, set(stop), stats, guess):
+            logits = torch.zeros(CONFIG.vocab_size)
+            logits[rule(i, plain[i] if i < len(plain) else 0)] = 100.0
+            return logits
+    for step in speculative_decode(model, prompt, n, set(stop), stats, draft_logits=guess):
         out.append(step.token)
     return out, plain, stats
 
@@ -90,9 +93,62 @@ def test_fills_the_context_as_greedy_does(model):
 
 
 def test_errors_say_what_to_do(model):
-    with pytest.raises(Ds4pyError, match="greedy only"):
-        model.generate([1, 2, 3], 4, temperature=0.7, speculative=True)
     config = tiny_config(num_nextn_predict_layers=0)
     plain = ds4py.load(from_tensors(config, random_weights(config, seed=1, mtp=False)))
     with pytest.raises(Ds4pyError, match="MTP block"):
         plain.generate([1, 2, 3], 4, speculative=True)
+
+
+def chi_square_ok(counts: dict, expected: dict, n: int) -> tuple[bool, float, float]:
+    """Pearson's test of `counts` (of n draws) against probabilities `expected`, cells under 5 expected draws pooled;
+    the critical value at p = 1e-4 by Wilson and Hilferty's approximation."""
+    cells = [k for k, p in expected.items() if p * n >= 5]
+    rest = 1 - sum(expected[k] for k in cells)
+    stat = sum((counts.get(k, 0) - expected[k] * n) ** 2 / (expected[k] * n) for k in cells)
+    observed_rest = n - sum(counts.get(k, 0) for k in cells)
+    df = len(cells) - 1
+    if rest * n >= 5:
+        stat += (observed_rest - rest * n) ** 2 / (rest * n)
+        df += 1
+    else:
+        assert observed_rest <= max(5, 3 * rest * n), "draws outside the distribution's support"
+    z = 3.719  # the standard normal's 1 - 1e-4 quantile
+    critical = df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+    return stat < critical, stat, critical
+
+
+def test_sampled_tokens_have_plain_sampling_distribution(model):
+    """The first three tokens of 2000 seeded runs: the pairs (t1, t2) and the third token t3 against their exact
+    distributions under top-k 6 at temperature 1, with guesses drawn from a noisy copy of the main model's own
+    distribution (about half kept: both the kept guesses and the draws from max(0, p - q) are exercised). A rule
+    that keeps every guess, or draws a rejected token from p instead of p - q, fails."""
+    params = SamplingParams(temperature=1.0, top_k=6)
+    prompt = ids_of(30, 11)
+
+    def dist(ids):
+        probs = Sampler(params, CONFIG.vocab_size, len(prompt)).probs(model.logits(ids)[-1], ids)
+        return {i: float(probs[i]) for i in torch.nonzero(probs).flatten().tolist()}
+
+    pairs, thirds = {}, {}
+    p1 = dist(prompt)
+    for a, pa in p1.items():
+        p2 = dist(prompt + [a])
+        for b, pb in p2.items():
+            pairs[a, b] = pa * pb
+            for c, pc in dist(prompt + [a, b]).items():
+                thirds[c] = thirds.get(c, 0.0) + pa * pb * pc
+
+    def noisy(_hidden, ids):
+        g = torch.Generator().manual_seed(len(ids) * 1000 + ids[-1])
+        return model.logits(ids)[-1] + torch.randn(CONFIG.vocab_size, generator=g) * 0.5
+
+    n, seen_pairs, seen_thirds, stats = 2000, {}, {}, SpeculativeStats()
+    for seed in range(n):
+        sampler = Sampler(SamplingParams(temperature=1.0, top_k=6, seed=seed), CONFIG.vocab_size, len(prompt))
+        a, b, c = (s.token for s in speculative_decode(model, prompt, 3, set(), stats, sampler, noisy))
+        seen_pairs[a, b] = seen_pairs.get((a, b), 0) + 1
+        seen_thirds[c] = seen_thirds.get(c, 0) + 1
+    assert 0.2 < stats.acceptance < 0.8, stats
+    for seen, exact in ((seen_pairs, pairs), (seen_thirds, thirds)):
+        ok, stat, critical = chi_square_ok(seen, exact, n)
+        assert ok, (stat, critical)
