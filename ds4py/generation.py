@@ -149,7 +149,7 @@ class TextGeneration:
 
             if model.transformer.mtp is None:
                 raise Ds4pyError("speculative decoding needs the model's MTP block (mtp.0.*), which this model does "
-                                 "not have or this memory mode does not load: decode without it")
+                                 "not have (a GGUF keeps it when converted with --mtp): decode without it")
             if cache is not None and cache.length:
                 raise Ds4pyError("speculative decoding starts from an empty cache (its MTP block reads the whole "
                                  "prompt): give no cache")

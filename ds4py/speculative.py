@@ -49,7 +49,7 @@ def speculative_decode(model: Model, prompt_ids: list[int], max_new_tokens: int,
     t = model.transformer
     if t.mtp is None:
         raise Ds4pyError("speculative decoding needs the model's MTP block (mtp.0.*), which this model does not have "
-                         "or this memory mode does not load: decode without it")
+                         "(a GGUF keeps it when converted with --mtp): decode without it")
     if not prompt_ids:
         raise Ds4pyError("nothing to prefill: the prompt is empty")
     # as plain decoding's: a step feeds a token and its guess only while one more token is wanted, so the cache holds

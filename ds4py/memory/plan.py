@@ -220,7 +220,8 @@ def plan_layers(sizes: WeightSizes, budget: int, overhead: int, compute_size: in
     """stream-layers: the shared weights (embeddings, head) resident, room for the largest layer built
     from the file when it runs and the smallest useful expert cache; what the budget leaves keeps whole
     layers built once (in order, each that fits: the layers run in a cycle, so an LRU of them would miss
-    every time), the rest grows the expert cache. The MTP block is not loaded (no speculative decoding)."""
+    every time), the rest grows the expert cache. The MTP block is built from the file when it runs, as a
+    streamed layer (`StreamedMTP`)."""
     largest = max(sizes.layers, default=0)
     need = sizes.shared + largest + sizes.min_cache + overhead
     if budget < need:

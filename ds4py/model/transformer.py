@@ -39,7 +39,7 @@ class Transformer:
     head: Weight         # [vocab, D]
     dtype: torch.dtype
     device: torch.device
-    mtp: MTPBlock | None = None  # the multi-token-prediction block, for speculative decoding (`speculative`)
+    mtp: MTPBlock | StreamedMTP | None = None  # the multi-token-prediction block, for speculative decoding
     read_ahead: ReadAhead | None = None  # streaming: reads the next layer's likely experts in the background
 
     def new_cache(self) -> Cache:
@@ -250,6 +250,17 @@ def build_mtp(c: ModelConfig, r: Reader, rotaries: Rotaries) -> MTPBlock:
     )
 
 
+@dataclass
+class StreamedMTP:
+    """The MTP block under stream-layers: built from the file each time it runs and dropped after, as a streamed
+    layer is (it is a sliding-window block, no larger than the largest layer the plan leaves room for)."""
+
+    build: Callable[[], MTPBlock]
+
+    def __call__(self, *args) -> torch.Tensor:
+        return self.build()(*args)
+
+
 def build_transformer(
     source: WeightSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
     progress=None, expert_cache: ExpertCache | None = None, keep_layers: Collection[int] | None = None,
@@ -258,8 +269,8 @@ def build_transformer(
     """Read every weight of `source` and assemble the network. `progress(name)` is called per tensor.
     With `expert_cache`, routed experts are not read now but streamed through the cache. With
     `keep_layers` (the stream-layers memory mode), only those layers are built now; the others are
-    built from the source each time they run and dropped after (`StreamedBlocks`), and the MTP block
-    is not loaded (no speculative decoding). With `read_ahead` (a `ds4py.memory.read_ahead` predictor)
+    built from the source each time they run and dropped after (`StreamedBlocks`), the MTP block
+    likewise (`StreamedMTP`). With `read_ahead` (a `ds4py.memory.read_ahead` predictor)
     and an expert cache, the next layer's likely experts are read into the cache in the background."""
     c = source.config
     device = torch.device(device)
@@ -291,6 +302,8 @@ def build_transformer(
 
         blocks = StreamedBlocks(c.num_hidden_layers, build, source.read, keep_layers)
         mtp = None
+        if "mtp.0.e_proj.weight" in source.names() and c.num_hidden_layers < len(c.compress_ratios):
+            mtp = StreamedMTP(lambda: build_mtp(c, replace(r, read=blocks.counted, progress=None), rotaries))
 
     def embedding() -> torch.Tensor:
         e = source.get("embed.weight")

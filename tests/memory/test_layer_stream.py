@@ -51,7 +51,6 @@ def test_stream_layers_logits_equal_resident(resident, extra_layers):
     assert plan.mode == "stream-layers"
     kept = len(plan.kept_layers)
     assert (kept == 0) if extra_layers == 0 else (0 < kept < CONFIG.num_hidden_layers)
-    assert model.transformer.mtp is None  # the MTP block is not loaded
     for ours, theirs in zip(run(model), resident):
         assert torch.equal(ours, theirs)
     forward_steps = 3 + 5 + 2 + 1  # logits in 3 chunks; prefill + 4 decode steps; two prefills; one batch step
@@ -59,3 +58,18 @@ def test_stream_layers_logits_equal_resident(resident, extra_layers):
     assert stats.misses == forward_steps * (CONFIG.num_hidden_layers - kept)
     assert stats.hits == forward_steps * kept
     assert stats.bytes_read > 0
+
+
+def test_stream_layers_speculative_decoding_equals_resident():
+    """The MTP block is built from the file for each guess and dropped, as a streamed layer: speculative decoding
+    under stream-layers gives the resident model's tokens, each step building the streamed layers once more."""
+    from ds4py.model.transformer import StreamedMTP
+    from ds4py.speculative import SpeculativeStats, speculative_decode
+
+    resident = ds4py.load(from_tensors(CONFIG, WEIGHTS))
+    model = ds4py.load(streaming_source(CONFIG, WEIGHTS), memory_budget=floor_budget())
+    assert model.memory_plan.mode == "stream-layers" and isinstance(model.transformer.mtp, StreamedMTP)
+    plain = resident.generate(IDS[:90], 20, stop_token_ids=set())
+    stats = SpeculativeStats()
+    assert [s.token for s in speculative_decode(model, IDS[:90], 20, set(), stats)] == plain
+    assert stats.steps > 0
