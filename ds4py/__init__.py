@@ -9,7 +9,7 @@ DTYPES = {"float32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16"
 
 
 def load(path, device: str = "cpu", dtype: str = "float32", ctx: int | None = None, progress: bool = False,
-         memory_budget: int | str | None = None, read_ahead: str | bool | None = None):
+         memory_budget: int | str | None = None, read_ahead: str | bool | None = None, mtp: str | None = None):
     """Load a model: an official checkpoint directory, a transformers-layout directory or a
     deepseek4 GGUF file (or an already opened WeightSource). Returns a `ds4py.engine.Model`.
 
@@ -19,7 +19,8 @@ def load(path, device: str = "cpu", dtype: str = "float32", ctx: int | None = No
     `read_ahead` (streaming modes): which prediction of the next layer's experts to read in the
     background ("gate", "previous", "hash"; True or "on" for gate), or False/"off"; when not given,
     the DS4PY_READ_AHEAD environment variable, else off: it cuts cache misses but has not yet been
-    shown to save time (`ds4py.memory.read_ahead`)."""
+    shown to save time (`ds4py.memory.read_ahead`). `mtp`: a file holding the MTP block for speculative decoding
+    (llama.cpp's mtp-*.gguf; the published GGUFs leave the block out), used in place of the model's own."""
     import torch
 
     from ds4py.engine import Model
@@ -38,6 +39,10 @@ def load(path, device: str = "cpu", dtype: str = "float32", ctx: int | None = No
         from ds4py.loaders.open import open_weights
 
         source = open_weights(path)
+    if mtp:
+        from ds4py.loaders.mtp_file import attach_mtp
+
+        source = attach_mtp(source, mtp)
     from ds4py.memory.expert_cache import ExpertCache
     from ds4py.memory.heap import retain_freed_memory
     from ds4py.memory.plan import parse_size, plan_memory

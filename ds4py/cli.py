@@ -25,6 +25,8 @@ def add_model_arguments(p: argparse.ArgumentParser, optional_model: bool = True)
                    help="RAM the weights may use, e.g. 8G; when the model is larger, routed experts are read from "
                         "the file on demand into a cache of what is left, and when even the other weights do not "
                         "fit, layers are read as they run (default: the memory available now)")
+    p.add_argument("--mtp-file", default=None,
+                   help="the MTP block for --speculative from a file of its own (llama.cpp's mtp-*.gguf)")
     p.add_argument("--read-ahead", default=None, choices=["on", "off", "gate", "previous", "hash"],
                    help="when streaming, read the next layer's likely experts in the background: gate (layer "
                         "L+1's router on layer L's hidden state; on), previous (its last choices) or hash (hash "
@@ -67,7 +69,7 @@ def load_model(args, path: str):
 
     model = ds4py.load(path, device=args.device, dtype=args.dtype, ctx=args.ctx,
                        progress=sys.stderr.isatty(), memory_budget=args.memory_budget,
-                       read_ahead=getattr(args, "read_ahead", None))
+                       read_ahead=getattr(args, "read_ahead", None), mtp=getattr(args, "mtp_file", None))
     ahead = model.transformer.read_ahead
     note = f", read-ahead {ahead.predictor}" if ahead is not None else ""
     print(f"ds4py: {path}: {model.memory_plan.describe()}{note}", file=sys.stderr)

@@ -167,5 +167,9 @@ def test_run_speculative_prints_the_greedy_text(tiny, tmp_path, capsys):
     assert capsys.readouterr().out == first
     assert main(["run", path, "-p", "x", "-n", "4", "--speculative"]) == 1
     assert "MTP block" in capsys.readouterr().err
+    # the same weights but the block, which another file gives (the same seed: the same model)
+    assert main(["run", path, "-p", "Once upon a time", "-n", "24", "--temp", "0", "--mtp-file", mtp,
+                 "--speculative"]) == 0
+    assert capsys.readouterr().out == plain
     assert main(["bench", mtp, "-p", "0", "-n", "4", "--repeats", "1", "--speculative"]) == 0
     assert re.search(r"pays above acceptance [\d.-]+", capsys.readouterr().out)

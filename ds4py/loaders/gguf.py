@@ -41,6 +41,12 @@ def open_gguf(path: str | Path) -> WeightSource:
         vocab = int(embd.shape[0])
     config = metadata_to_config(md, vocab, str(path))
     names = from_gguf_names(list(tensors), config)
+    # llama.cpp's MTP file: no main layer, and the root hc head is the MTP block's
+    mtp_only = config.num_nextn_predict_layers > 0 and "blk.0.attn_norm.weight" not in tensors
+    if mtp_only:
+        for part in ("fn", "base", "scale"):
+            if f"hc_head_{part}" in names:
+                names[f"mtp.0.hc_head_{part}"] = names.pop(f"hc_head_{part}")
     has_mtp = any(n.startswith("mtp.") for n in names)
     shapes = expected_shapes(config, mtp=has_mtp)
     loaders, readers, tensor_readers, nbytes, kinds, problems = {}, {}, {}, {}, {}, []
@@ -73,13 +79,15 @@ def open_gguf(path: str | Path) -> WeightSource:
         tensor_readers[name] = tensor_reader(path, t, shapes[name])
         if ".ffn.experts." in name and name.startswith("layers."):
             readers[name] = expert_reader(path, t, shapes[name])
-    missing = [n for n in shapes if n not in loaders and not n.startswith("mtp.")]
+    missing = [n for n in shapes if n not in loaders and n.startswith("mtp.0.") == mtp_only
+               and (mtp_only or not n.startswith("mtp."))]
     if missing:
         problems.append(f"missing {len(missing)} tensor(s), first {missing[0]} ({names_hint(missing[0])})")
     if problems:
-        raise ModelFormatError(f"{path}: not a complete deepseek4 GGUF: {'; '.join(problems[:3])}")
+        what = "an MTP file" if mtp_only else "a complete deepseek4 GGUF"
+        raise ModelFormatError(f"{path}: not {what}: {'; '.join(problems[:3])}")
     return WeightSource(path=path, config=config, loaders=loaders,
-                        metadata={**md, "tensor_nbytes": nbytes, "tensor_kinds": kinds},
+                        metadata={**md, "tensor_nbytes": nbytes, "tensor_kinds": kinds, "mtp_only": mtp_only},
                         kind="gguf", expert_readers=readers, tensor_readers=tensor_readers)
 
 

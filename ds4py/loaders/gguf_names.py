@@ -6,6 +6,9 @@ GGUF it wrote for a tiny checkpoint:
   routing bias is `blk.N.exp_probs_b.bias`; experts are stacked `ffn_{gate,down,up}_exps` [E, out, in];
 - llama.cpp's MTP export puts the MTP block at `blk.{n_layer + j}` with `nextn.eh_proj` = [e_proj | h_proj]
   along the input axis; antirez/ds4's writers keep `mtp.{j}.*` under the official names: both are read.
+  llama.cpp writes it as a file of its own (`convert_hf_to_gguf.py --mtp`, "mtp-*.gguf"): block_count counts the
+  MTP block, `nextn_predict_layers` says how many, no main layer is there, and the root `output_hc_*` are the MTP
+  block's hc head (`attach_mtp` adds such a file to a main one).
 - GGUF lists dimensions innermost first; the reader reverses them into torch order.
 """
 
@@ -194,7 +197,10 @@ def metadata_to_config(md: dict, vocab_size: int, path: str) -> ModelConfig:
                 "beta_fast": float(get("rope.scaling.yarn_beta_fast", 32.0)),
                 "beta_slow": float(get("rope.scaling.yarn_beta_slow", 1.0))}
     clamp = get("swiglu_clamp_exp", [10.0])
-    n_layers = int(need("block_count"))
+    # llama.cpp counts the MTP blocks in block_count where it writes nextn_predict_layers (its MTP files; ds4py writes
+    # neither the key nor the blocks in the count)
+    nextn = get("nextn_predict_layers", None)
+    n_layers = int(need("block_count")) - int(nextn or 0)
     ratios = [int(r) for r in need("attention.compress_ratios")]
     return ModelConfig(
         vocab_size=vocab_size,
@@ -228,7 +234,7 @@ def metadata_to_config(md: dict, vocab_size: int, path: str) -> ModelConfig:
         hc_sinkhorn_iters=int(need("hyper_connection.sinkhorn_iterations")),
         hc_eps=f32_to_decimal(need("hyper_connection.epsilon")),
         rms_norm_eps=f32_to_decimal(need("attention.layer_norm_rms_epsilon")),
-        num_nextn_predict_layers=int(get("nextn_predict_layers", max(len(ratios) - n_layers, 0))),
+        num_nextn_predict_layers=int(nextn if nextn is not None else max(len(ratios) - n_layers, 0)),
         bos_token_id=md.get("tokenizer.ggml.bos_token_id", 0),
         eos_token_id=md.get("tokenizer.ggml.eos_token_id", 1),
     )
