@@ -25,6 +25,7 @@ class Report:
     metadata: dict
     tensors: list[TensorRow]
     problems: list[str] = field(default_factory=list)
+    holds: str = "a complete DeepSeek V4 model"  # what the file is, once read
 
     @property
     def total_bytes(self) -> int:
@@ -62,9 +63,14 @@ def inspect_path(path: str | Path) -> Report:
         rows = [TensorRow(n, files.dtype(n), files.shape(n), files.nbytes(n)) for n in files.names()]
         report = Report(p, "checkpoint", md, rows)
     try:
-        open_weights(p)
+        source = open_weights(p)
     except Ds4pyError as e:
         report.problems.append(str(e))
+        return report
+    if source.metadata.get("mtp_only"):
+        report.holds = "DeepSeek V4's MTP block alone (llama.cpp's MTP file: give it with --mtp-file)"
+    elif any(n.startswith("mtp.0.") for n in source.names()):
+        report.holds += ", with its MTP block (for --speculative)"
     return report
 
 
@@ -84,5 +90,5 @@ def inspect_main(args) -> int:
     if report.problems:
         print("\nINVALID: " + "\n".join(report.problems), file=out)
         return 1
-    print("\nOK: a complete DeepSeek V4 model", file=out)
+    print(f"\nOK: {report.holds}", file=out)
     return 0

@@ -108,3 +108,16 @@ def test_wrong_mtp_file_is_refused(files, tmp_path):
     official = save_official(random_weights(other, seed=1), other, tmp_path / "other", 150_000)
     with pytest.raises(ModelFormatError, match="hidden_size 96 against 64"):
         ds4py.load(main, mtp=str(convert(official, tmp_path / "other.gguf", progress=False, mtp=True)))
+
+
+def test_inspect_says_what_holds_the_block(files, capsys):
+    from ds4py.cli import main as cli
+
+    main, full, sidecar = files
+    said = {}
+    for name, path in (("sidecar", sidecar), ("full", full), ("main", main)):
+        assert cli(["inspect", str(path)]) == 0
+        said[name] = capsys.readouterr().out.strip().splitlines()[-1]
+    assert said["sidecar"].startswith("OK: DeepSeek V4's MTP block alone")
+    assert said["full"] == "OK: a complete DeepSeek V4 model, with its MTP block (for --speculative)"
+    assert said["main"] == "OK: a complete DeepSeek V4 model"
