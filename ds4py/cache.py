@@ -126,6 +126,17 @@ class Cache:
     layers: list[LayerCache]
     tokens: list[int] = field(default_factory=list)  # the ids processed so far, for prefix reuse
     last_call: int = 0  # tokens fed by the last forward call (`drop_last` needs two or more)
+    # speculative decoding's MTP block (`ds4py.speculative`): its cache, the positions it has read, and the main
+    # model's streams [length - mtp_length, hc, D] at the positions after those (their next tokens not yet known to it)
+    mtp: LayerCache | None = None
+    mtp_length: int = 0
+    mtp_lag: torch.Tensor | None = None
+
+    @property
+    def mtp_in_step(self) -> bool:
+        """Whether the MTP block's state follows the main model's (every position read or in `mtp_lag`)."""
+        lag = 0 if self.mtp_lag is None else self.mtp_lag.shape[0]
+        return self.mtp is not None and self.mtp_length + lag == self.length
 
     @property
     def length(self) -> int:
@@ -154,22 +165,24 @@ class Cache:
 
     def clone(self) -> Cache:
         """An independent copy: later calls on either cache do not affect the other."""
-        layers = [
-            LayerCache(
+        def copied(layer: LayerCache) -> LayerCache:
+            return LayerCache(
                 # a prompt's window is replaced on every call, never written in place; a decoding one is a view of
                 # rows the original goes on writing
                 window=layer.window.clone() if layer.window_in_rows() else layer.window,
                 compressor=layer.compressor.copy() if layer.compressor else None,
                 indexer=layer.indexer.copy() if layer.indexer else None,
             )
-            for layer in self.layers
-        ]
-        return Cache(layers, list(self.tokens))
+
+        out = Cache([copied(layer) for layer in self.layers], list(self.tokens))
+        if self.mtp is not None:  # (the lag is replaced, never written in place)
+            out.mtp, out.mtp_length, out.mtp_lag = copied(self.mtp), self.mtp_length, self.mtp_lag
+        return out
 
     @property
     def nbytes(self) -> int:
-        total = 0
-        for layer in self.layers:
+        total = 0 if self.mtp_lag is None else self.mtp_lag.numel() * self.mtp_lag.element_size()
+        for layer in self.layers + ([self.mtp] if self.mtp is not None else []):
             tensors = [layer.window_rows if layer.window_in_rows() else layer.window]
             for st in (layer.compressor, layer.indexer):
                 if st is not None:

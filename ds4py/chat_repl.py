@@ -16,7 +16,7 @@ DIM, RESET = "\033[2m", "\033[0m"
 
 
 def chat_loop(model: Model, tokenizer: Tokenizer, params: SamplingParams, thinking: bool = False,
-              system: str | None = None) -> int:
+              system: str | None = None, speculative: bool = False) -> int:
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
     cache = None
     tty = sys.stdout.isatty()
@@ -38,7 +38,7 @@ def chat_loop(model: Model, tokenizer: Tokenizer, params: SamplingParams, thinki
         prompt_ids = tokenizer.encode(encode_chat(messages, thinking=thinking))
         if cache is None or cache.tokens != prompt_ids[: cache.length] or cache.length >= len(prompt_ids):
             cache = model.new_cache()
-        run = generate_text(model, tokenizer, prompt_ids, params, cache=cache)
+        run = generate_text(model, tokenizer, prompt_ids, params, cache=cache, speculative=speculative)
         text, in_thought = "", thinking
         if in_thought and tty:
             sys.stdout.write(DIM)

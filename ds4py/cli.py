@@ -115,7 +115,8 @@ def cmd_chat(args) -> int:
     from ds4py.chat_repl import chat_loop
 
     model, tokenizer = load_model_and_tokenizer(args)
-    return chat_loop(model, tokenizer, sampling_params(args), thinking=args.think, system=args.system)
+    return chat_loop(model, tokenizer, sampling_params(args), thinking=args.think, system=args.system,
+                     speculative=args.speculative)
 
 
 def cmd_perplexity(args) -> int:
@@ -214,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(p)
     p.add_argument("--think", action="store_true", help="thinking mode (reasoning shown dimmed)")
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--speculative", action="store_true",
+                   help="check the model's MTP guesses two tokens a pass, as run --speculative")
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_chat, max_tokens=512)
 

@@ -150,9 +150,9 @@ class TextGeneration:
             if model.transformer.mtp is None:
                 raise Ds4pyError("speculative decoding needs the model's MTP block (mtp.0.*), which this model does "
                                  "not have (a GGUF keeps it when converted with --mtp): decode without it")
-            if cache is not None and cache.length:
-                raise Ds4pyError("speculative decoding starts from an empty cache (its MTP block reads the whole "
-                                 "prompt): give no cache")
+            if cache is not None and cache.length and not cache.mtp_in_step:
+                raise Ds4pyError("this cache was filled without speculative decoding, so its MTP block has not read "
+                                 "it: start from a new cache, or decode without speculative decoding")
             self.speculative_stats = SpeculativeStats()
         self.decoding = Decoding(model, tokenizer, prompt_ids, params, cache)
 
@@ -185,7 +185,7 @@ class TextGeneration:
         d = self.decoding
         t0 = time.perf_counter()
         steps = speculative_decode(d.model, d.prompt_ids, d.params.max_tokens, set(), self.speculative_stats,
-                                   d.sampler)
+                                   d.sampler, cache=d.cache)
         for i, step in enumerate(steps):
             if i == 0:
                 d.stats.prompt_seconds = time.perf_counter() - t0

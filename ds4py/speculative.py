@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ds4py.cache import Cache
 from ds4py.engine import Model, Step
 from ds4py.errors import Ds4pyError
 from ds4py.sampling import Sampler, SamplingParams, draw
@@ -42,10 +43,13 @@ class SpeculativeStats:
 @torch.inference_mode()
 def speculative_decode(model: Model, prompt_ids: list[int], max_new_tokens: int,
                        stop_token_ids: set[int] | None = None, stats: SpeculativeStats | None = None,
-                       sampler: Sampler | None = None, draft_logits=None) -> Iterator[Step]:
+                       sampler: Sampler | None = None, draft_logits=None, cache: Cache | None = None
+                       ) -> Iterator[Step]:
     """Yield the continuation of `prompt_ids` token by token, as `Model.stream`, each token chosen by `sampler`'s
-    rules (default: greedy). `draft_logits(mtp_hidden [1, D], ids) -> logits [vocab]` replaces the MTP head's logits
-    for the guess at the token after `ids` (tests use it to force acceptances and rejections)."""
+    rules (default: greedy). `cache` may hold a prefix of the prompt that speculative decoding left (the MTP block's
+    state with it: a previous turn's); it is extended in place. `draft_logits(mtp_hidden [1, D], ids) -> logits
+    [vocab]` replaces the MTP head's logits for the guess at the token after `ids` (tests use it to force
+    acceptances and rejections)."""
     t = model.transformer
     if t.mtp is None:
         raise Ds4pyError("speculative decoding needs the model's MTP block (mtp.0.*), which this model does not have "
@@ -60,7 +64,27 @@ def speculative_decode(model: Model, prompt_ids: list[int], max_new_tokens: int,
     sampler = sampler or Sampler(SamplingParams(), model.config.vocab_size, len(prompt_ids))
     sampled = sampler.params.temperature > 0
     draft_logits = draft_logits or (lambda h, _ids: t.logits(h)[0])
-    cache, mtp_cache = model.new_cache(), t.new_mtp_cache()
+    cache = cache if cache is not None else model.new_cache()
+    if cache.tokens != list(prompt_ids[: cache.length]):
+        raise ValueError("the cache does not hold a prefix of this prompt")
+    if cache.length >= len(prompt_ids):
+        raise ValueError("the cache already holds the whole prompt; keep at least one token to feed")
+    if not cache.length:
+        cache.mtp, cache.mtp_length, cache.mtp_lag = t.new_mtp_cache(), 0, None
+    elif not cache.mtp_in_step:
+        raise Ds4pyError("this cache was filled without speculative decoding, so its MTP block has not read it: "
+                         "start from a new cache, or decode without speculative decoding")
+    mtp_cache = cache.mtp
+
+    def mtp_read(streams: torch.Tensor | None, next_ids: list[int]) -> torch.Tensor:
+        """The MTP block over the lagging streams, then `streams` [k, hc, D] (positions after them), with the tokens
+        after each -> its hidden states; nothing lags after."""
+        rows = [r for r in (cache.mtp_lag, streams) if r is not None]
+        x = torch.cat(rows) if len(rows) > 1 else rows[0]
+        hidden = t.mtp_forward(x, torch.tensor(next_ids), cache.mtp_length, mtp_cache)
+        cache.mtp_length += x.shape[0]
+        cache.mtp_lag = None
+        return hidden
 
     def guess(hidden: torch.Tensor, ids: list[int]) -> tuple[int, torch.Tensor | None]:
         """The guess at the token after `ids` -> (it, the distribution q it was drawn from when sampling)."""
@@ -81,28 +105,22 @@ def speculative_decode(model: Model, prompt_ids: list[int], max_new_tokens: int,
         residual = (p - q).clamp_(min=0)  # `draw` normalises
         return draw(residual if float(residual.sum()) > 0 else p, sampler.generator)  # (p ~ q within rounding: p)
 
-    # the prompt, in chunks; the MTP block follows one position behind (a position's next token must be known)
-    carry = None  # [1, hc, D] the streams of the last position the MTP block has not read
-    ids_t = torch.tensor(prompt_ids, dtype=torch.long)
-    for start in range(0, len(prompt_ids), model.prefill_chunk):
-        chunk = ids_t[start:start + model.prefill_chunk]
-        streams = t.forward_streams(chunk, cache)
-        if carry is not None:
-            t.mtp_forward(torch.cat([carry, streams[:-1]]), chunk, start - 1, mtp_cache)
-        elif streams.shape[0] > 1:
-            t.mtp_forward(streams[:-1], chunk[1:], start, mtp_cache)
-        carry = streams[-1:]
+    # the prompt's rest, in chunks; the MTP block follows one position behind (a position's next token must be known)
     ids = list(prompt_ids)
-    logits = t.logits(t.final_hidden(carry))[0]
+    for start in range(cache.length, len(ids), model.prefill_chunk):
+        streams = t.forward_streams(torch.tensor(ids[start:start + model.prefill_chunk]), cache)
+        if streams.shape[0] > 1 or cache.mtp_lag is not None:
+            mtp_read(streams[:-1] if streams.shape[0] > 1 else None, ids[cache.mtp_length + 1: cache.length])
+        cache.mtp_lag = streams[-1:].clone()
+    logits = t.logits(t.final_hidden(cache.mtp_lag))[0]
     token = sampler.sample(logits, ids)[0]
     ids.append(token)
     yield Step(token, logits)
     if token in stop or len(ids) - len(prompt_ids) >= max_new_tokens:
         return
-    draft, q = guess(t.mtp_forward(carry, torch.tensor([token]), cache.length - 1, mtp_cache), ids)
+    draft, q = guess(mtp_read(None, [token]), ids)
 
     while True:
-        n = cache.length  # the position of `token`
         t0 = time.perf_counter()
         streams = t.forward_streams(torch.tensor([token, draft]), cache)  # [2, hc, D]
         logits2 = t.logits(t.final_hidden(streams))                     # [2, vocab]
@@ -113,6 +131,7 @@ def speculative_decode(model: Model, prompt_ids: list[int], max_new_tokens: int,
             stats.accepted += 1
             confirmed = [draft]
             ids.append(draft)
+            cache.mtp_lag = streams.clone()  # positions n, n + 1: read with the tokens after them, once known
             yield Step(draft, logits2[0])
             if draft in stop or len(ids) - len(prompt_ids) >= max_new_tokens:
                 return
@@ -120,6 +139,7 @@ def speculative_decode(model: Model, prompt_ids: list[int], max_new_tokens: int,
             confirmed.append(after)
         else:
             cache.drop_last()
+            cache.mtp_lag = streams[:1].clone()
             confirmed, after = [nxt], nxt
             logits2 = logits2[:1]
         ids.append(after)
@@ -128,6 +148,5 @@ def speculative_decode(model: Model, prompt_ids: list[int], max_new_tokens: int,
             return
         token = after
         t0 = time.perf_counter()  # the MTP block reads the confirmed positions, with the tokens after them
-        hidden = t.mtp_forward(streams[:len(confirmed)], torch.tensor(confirmed), n, mtp_cache)[-1:]
-        draft, q = guess(hidden, ids)
+        draft, q = guess(mtp_read(None, confirmed)[-1:], ids)
         stats.mtp_seconds += time.perf_counter() - t0

@@ -173,3 +173,27 @@ def test_run_speculative_prints_the_greedy_text(tiny, tmp_path, capsys):
     assert capsys.readouterr().out == plain
     assert main(["bench", mtp, "-p", "0", "-n", "4", "--repeats", "1", "--speculative"]) == 0
     assert re.search(r"pays above acceptance [\d.-]+", capsys.readouterr().out)
+
+
+def test_chat_speculative_turns_reuse_the_cache(tmp_path, capsys, monkeypatch):
+    """`chat --speculative` answers each turn as plain greedy chat does, the second turn continuing the first's
+    cache (with its MTP block's state)."""
+    import builtins
+
+    mtp = str(tmp_path / "tiny-mtp.gguf")
+    assert main(["make-model", mtp, "--preset", "tiny", "--seed", "4", "--mtp"]) == 0
+    capsys.readouterr()
+    answers = {}
+    for flag in ([], ["--speculative"]):
+        lines = iter(["Hello there", "And then?"])
+
+        def fake_input(_prompt="", lines=lines):
+            try:
+                return next(lines)
+            except StopIteration:
+                raise EOFError from None
+
+        monkeypatch.setattr(builtins, "input", fake_input)
+        assert main(["chat", mtp, "-n", "10", "--temp", "0"] + flag) == 0
+        answers[bool(flag)] = capsys.readouterr().out
+    assert answers[True] == answers[False] and answers[True].count("\n") >= 2

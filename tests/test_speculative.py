@@ -152,3 +152,47 @@ def test_sampled_tokens_have_plain_sampling_distribution(model):
     for seen, exact in ((seen_pairs, pairs), (seen_thirds, thirds)):
         ok, stat, critical = chi_square_ok(seen, exact, n)
         assert ok, (stat, critical)
+
+
+@pytest.mark.parametrize("pattern", ["right", "wrong", "mixed"])
+def test_a_later_turn_continues_from_the_cache(model, pattern):
+    """A cache left by speculative decoding (its MTP block's state with it) continues a longer prompt as a fresh
+    speculative run over that whole prompt does (the same tokens, the same MTP logits at every guess, so its state
+    came along): after a turn that ran out, after one whose reader stopped early (the generator closed mid-step),
+    and from a clone; a cache filled by plain decoding is refused."""
+    rules = {"right": lambda i, right: right, "wrong": lambda i, right: (right + 1) % CONFIG.vocab_size,
+             "mixed": lambda i, right: right if i % 3 else (right + 3) % CONFIG.vocab_size}
+    first = ids_of(70, 12)
+    cache = model.new_cache()
+    out1 = [s.token for s in speculative_decode(model, first, 9, set(), cache=cache)]
+    assert out1 == model.generate(first, 9, stop_token_ids=set())
+    second = first + out1 + ids_of(20, 13)
+    steps = speculative_decode(model, second, 30, set(), cache=cache)
+    out2 = [next(steps).token for _ in range(7)]  # the reader stops after 7 tokens
+    steps.close()
+    third = second + out2 + ids_of(5, 14)
+    plain = model.generate(third, 25, stop_token_ids=set())
+
+    def continued(c):
+        out, seen = [], []
+
+        def guess(hidden, _ids):
+            seen.append(model.transformer.logits(hidden)[0])  # the MTP block's own logits
+            logits = torch.zeros(CONFIG.vocab_size)
+            logits[rules[pattern](len(out), plain[len(out)] if len(out) < len(plain) else 0)] = 100.0
+            return logits
+
+        for s in speculative_decode(model, third, 25, set(), draft_logits=guess, cache=c):
+            out.append(s.token)
+        return out, torch.stack(seen)
+
+    fork = cache.clone()
+    fresh_tokens, fresh_mtp = continued(None)
+    for c in (cache, fork):
+        tokens, mtp = continued(c)
+        assert tokens == fresh_tokens == plain
+        assert (mtp - fresh_mtp).abs().max().item() < 1e-4
+    filled = model.new_cache()
+    model.prefill(first, filled)
+    with pytest.raises(Ds4pyError, match="filled without speculative decoding"):
+        next(speculative_decode(model, first + [1, 2], 4, set(), cache=filled))
