@@ -178,25 +178,39 @@ class TextGeneration:
 
 
     def speculative(self) -> Iterator[str]:
-        """The tokens `speculative_decode` chooses with this generation's sampler, each through `Decoding.take` for
-        its text, end-of-sequence and stop strings."""
-        from ds4py.speculative import speculative_decode
-
-        d = self.decoding
-        t0 = time.perf_counter()
-        steps = speculative_decode(d.model, d.prompt_ids, d.params.max_tokens, set(), self.speculative_stats,
-                                   d.sampler, cache=d.cache)
-        for i, step in enumerate(steps):
-            if i == 0:
-                d.stats.prompt_seconds = time.perf_counter() - t0
-                d._t_decode = time.perf_counter()
-            d.feed(step.logits)
-            delta = d.take(step.token, d.sampler.info(step.logits, step.token))
+        steps = SpeculativeSteps(self.decoding, self.speculative_stats)
+        while not self.decoding.finished:
+            delta = steps.next()
             if delta.text:
                 yield delta.text
-            if d.finished:
-                steps.close()
-                return
+
+
+class SpeculativeSteps:
+    """A Decoding's tokens as `speculative_decode` chooses them with its sampler and cache, one a call, each through
+    `Decoding.take` for its text, end-of-sequence and stop strings (`TextGeneration`'s and the server's)."""
+
+    def __init__(self, decoding: Decoding, stats=None):
+        from ds4py.speculative import speculative_decode
+
+        d = self.decoding = decoding
+        self.steps = speculative_decode(d.model, d.prompt_ids, d.params.max_tokens, set(), stats, d.sampler,
+                                        cache=d.cache)
+        self.started = False
+
+    def next(self) -> Delta:
+        """The next token's delta; the first call feeds the prompt (its time is the prompt's)."""
+        d = self.decoding
+        t0 = time.perf_counter()
+        step = next(self.steps)
+        if not self.started:
+            self.started = True
+            d.stats.prompt_seconds += time.perf_counter() - t0
+            d._t_decode = time.perf_counter()
+        d.feed(step.logits)
+        delta = d.take(step.token, d.sampler.info(step.logits, step.token))
+        if d.finished:
+            self.steps.close()
+        return delta
 
 
 def generate_text(model: Model, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,

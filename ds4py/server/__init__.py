@@ -33,6 +33,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model (default: all cores; leave one for clients on this machine)")
     p.add_argument("--template", default="v4", choices=["v4", "flash-0731"], help="chat template variant")
+    p.add_argument("--speculative", action="store_true",
+                   help="decode each request with the model's MTP guesses (the same greedy tokens, or sampling's "
+                        "distribution), one request at a time instead of batched; needs the MTP block")
 
 
 def build_state(args, model=None, tokenizer=None, log=sys.stderr):
@@ -49,8 +52,15 @@ def build_state(args, model=None, tokenizer=None, log=sys.stderr):
     if tokenizer is None:
         tokenizer = load_tokenizer(path, model.source.metadata if model.source else {}, model.config)
     budget = parse_size(args.prefix_cache) or 0
+    speculative = getattr(args, "speculative", False)
+    if speculative and getattr(getattr(model, "transformer", None), "mtp", None) is None:
+        from ds4py.errors import Ds4pyError
+
+        raise Ds4pyError(f"--speculative needs the model's MTP block, which {path} does not have: give --mtp-file "
+                         "(llama.cpp's mtp-*.gguf), a GGUF converted with --mtp, or serve without --speculative")
     scheduler = Scheduler(model, tokenizer, parallel=args.parallel, max_queue=args.queue,
-                          prefix_cache=PrefixCache(max_bytes=budget, max_entries=16 if budget else 0))
+                          prefix_cache=PrefixCache(max_bytes=budget, max_entries=16 if budget else 0),
+                          speculative=speculative)
     name = args.alias or Path(path).name
     return ServerState(model, tokenizer, scheduler, model_name=name, model_path=str(path), api_key=args.api_key,
                        default_max_tokens=args.max_tokens, template_variant=args.template, log=log)

@@ -3,7 +3,12 @@ gives every active request one step: a prefill chunk for those still reading the
 token for all the others, decoded together in one batched step (each weight read once for all). A long
 prompt or a long answer never holds the others up for more than a step. Requests beyond `parallel` wait in a bounded
 queue; beyond that, `submit` refuses (the HTTP layer answers 503). A cancelled request (its client went
-away) leaves at the next round, freeing its slot."""
+away) leaves at the next round, freeing its slot.
+
+With `speculative` (`ds4py serve --speculative`), each request decodes with its MTP block's guesses instead
+(`ds4py.speculative`): a round gives each one token, a two-token call every other round where guesses are kept;
+requests are not batched together then, and its prompt is read in one go at its first round. The prefix cache
+keeps their caches with the MTP block's state, so later turns continue from them."""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ds4py.engine import Model
-from ds4py.generation import Decoding, Delta, GenerationStats
+from ds4py.generation import Decoding, Delta, GenerationStats, SpeculativeSteps
 from ds4py.sampling import SamplingParams
 from ds4py.server.prefix_cache import PrefixCache
 from ds4py.tokenizer import Tokenizer
@@ -39,6 +44,7 @@ class Job:
     emit: Callable[[Event], None]   # called on the engine thread; must be thread-safe and quick
     cancelled: threading.Event = field(default_factory=threading.Event)
     decoding: Decoding | None = None
+    steps: SpeculativeSteps | None = None  # speculative decoding's tokens
 
 
 @dataclass
@@ -57,8 +63,9 @@ class Counters:
 
 class Scheduler:
     def __init__(self, model: Model, tokenizer: Tokenizer, parallel: int = 4, max_queue: int = 64,
-                 prefix_cache: PrefixCache | None = None, prefill_chunk: int | None = None):
+                 prefix_cache: PrefixCache | None = None, prefill_chunk: int | None = None, speculative: bool = False):
         self.model, self.tokenizer = model, tokenizer
+        self.speculative = speculative
         self.parallel, self.max_queue = parallel, max_queue
         self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache()
         # the model's chunk (None), as `ds4py run` and `Model.logits` feed a prompt, so the server's answer to a
@@ -109,6 +116,8 @@ class Scheduler:
                 if job.cancelled.is_set():
                     self._leave(job)
                     self.counters.cancelled += 1
+                elif job.steps is not None:
+                    self._guarded(self._speculative_step, job)
                 elif job.decoding is not None and job.decoding.prefilled:
                     decoding.append(job)
                 else:
@@ -141,6 +150,15 @@ class Scheduler:
     def _prefill_step(self, job: Job) -> None:
         """Start a job (from the longest cached prefix) or feed it the next chunk of its prompt."""
         d = job.decoding
+        if d is None and self.speculative:  # from a cached prefix that speculative decoding left, with a token to feed
+            found = self.prefix_cache.lookup(job.prompt_ids[:-1])
+            cache = found[0] if found and found[0].mtp_in_step else None
+            job.decoding = Decoding(self.model, self.tokenizer, job.prompt_ids, job.params, cache)
+            job.steps = SpeculativeSteps(job.decoding)
+            self._speculative_step(job)
+            if not job.decoding.finished:
+                self.prefix_cache.store(job.decoding.cache)
+            return
         if d is None:
             found = self.prefix_cache.lookup(job.prompt_ids)
             cache, logits = found if found else (None, None)
@@ -173,9 +191,14 @@ class Scheduler:
             for job in going:
                 self._fail(job, e)
 
+    def _speculative_step(self, job: Job) -> None:
+        self._emit(job, job.steps.next())
+
     def _choose(self, job: Job) -> None:
+        self._emit(job, job.decoding.choose())
+
+    def _emit(self, job: Job, delta: Delta) -> None:
         d = job.decoding
-        delta = d.choose()
         job.emit(Event("delta", delta=delta))
         if d.finished:
             self._leave(job)

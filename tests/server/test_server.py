@@ -17,6 +17,7 @@ import pytest
 
 import ds4py
 from ds4py.chat import encode_chat
+from ds4py.errors import Ds4pyError
 from ds4py.server import build_state
 from ds4py.synthetic import make_model
 from ds4py.tokenizer import Tokenizer, load_tokenizer
@@ -434,3 +435,37 @@ def test_serves_the_bundled_nano_model():
         second = c.chat.completions.create(model="nano", messages=messages, max_tokens=30, temperature=0)
         assert "Melville" in second.choices[0].message.content
         assert second.usage.prompt_tokens_details.cached_tokens > 0  # the first turn's state was reused
+
+
+# --- speculative decoding ------------------------------------------------------------------------------
+def test_speculative_server_answers_as_greedy_and_reuses_the_prefix(tmp_path):
+    """`serve --speculative` on a model with its MTP block: concurrent greedy requests get plain greedy's answers,
+    a second turn continues the first's cached state (with the MTP block's), sampling with a seed repeats; a model
+    without the block is refused at start with what to do."""
+    import concurrent.futures
+
+    path = tmp_path / "tiny-mtp.gguf"
+    make_model(str(path), preset="tiny", seed=5, mtp=True)
+    model = ds4py.load(str(path), ctx=512)
+    tokenizer = load_tokenizer(str(path), model.source.metadata, model.config)
+    tiny = (str(path), model, tokenizer)
+    state = build_state(serve_args(model=str(path), speculative=True), model=model, tokenizer=tokenizer)
+    with LiveServer(state) as live:
+        c = client(live)
+        asks = [[{"role": "user", "content": f"Tell me about the number {i}."}] for i in range(3)]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda m: c.chat.completions.create(
+                model="tiny", messages=m, max_tokens=10, temperature=0).choices[0].message.content, asks))
+        assert answers == [greedy_text(tiny, m, 10)[1] for m in asks]
+        turn2 = asks[0] + [{"role": "assistant", "content": answers[0]}, {"role": "user", "content": "More?"}]
+        a2 = c.chat.completions.create(model="tiny", messages=turn2, max_tokens=10, temperature=0)
+        assert a2.choices[0].message.content == greedy_text(tiny, turn2, 10)[1]
+        assert a2.usage.prompt_tokens_details.cached_tokens >= len(greedy_text(tiny, asks[0], 1)[0])
+        kw = dict(model="tiny", messages=asks[1], max_tokens=8, temperature=0.9, seed=3)
+        assert c.chat.completions.create(**kw).choices[0].message.content == \
+            c.chat.completions.create(**kw).choices[0].message.content
+    no_mtp = tmp_path / "tiny.gguf"
+    make_model(str(no_mtp), preset="tiny", seed=5)
+    m = ds4py.load(str(no_mtp))
+    with pytest.raises(Ds4pyError, match="--speculative needs the model's MTP block"):
+        build_state(serve_args(model=str(no_mtp), speculative=True), model=m, tokenizer=tokenizer)
