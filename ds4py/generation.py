@@ -176,7 +176,6 @@ class TextGeneration:
             if delta.text:
                 yield delta.text
 
-
     def speculative(self) -> Iterator[str]:
         steps = SpeculativeSteps(self.decoding, self.speculative_stats)
         while not self.decoding.finished:
