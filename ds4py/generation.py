@@ -188,22 +188,25 @@ class SpeculativeSteps:
     """A Decoding's tokens as `speculative_decode` chooses them with its sampler and cache, one a call, each through
     `Decoding.take` for its text, end-of-sequence and stop strings (`TextGeneration`'s and the server's)."""
 
-    def __init__(self, decoding: Decoding, stats=None):
+    def __init__(self, decoding: Decoding, stats=None, chunks: bool = False):
         from ds4py.speculative import speculative_decode
 
         d = self.decoding = decoding
         self.steps = speculative_decode(d.model, d.prompt_ids, d.params.max_tokens, set(), stats, d.sampler,
-                                        cache=d.cache)
+                                        cache=d.cache, chunks=chunks)
         self.started = False
 
-    def next(self) -> Delta:
-        """The next token's delta; the first call feeds the prompt (its time is the prompt's)."""
+    def next(self) -> Delta | None:
+        """The next token's delta; the first call feeds the prompt (its time is the prompt's), or with `chunks` one
+        chunk of it a call (None until the last)."""
         d = self.decoding
         t0 = time.perf_counter()
         step = next(self.steps)
         if not self.started:
-            self.started = True
             d.stats.prompt_seconds += time.perf_counter() - t0
+            if step is None:
+                return None
+            self.started = True
             d._t_decode = time.perf_counter()
         d.feed(step.logits)
         delta = d.take(step.token, d.sampler.info(step.logits, step.token))

@@ -43,13 +43,13 @@ class SpeculativeStats:
 @torch.inference_mode()
 def speculative_decode(model: Model, prompt_ids: list[int], max_new_tokens: int,
                        stop_token_ids: set[int] | None = None, stats: SpeculativeStats | None = None,
-                       sampler: Sampler | None = None, draft_logits=None, cache: Cache | None = None
-                       ) -> Iterator[Step]:
+                       sampler: Sampler | None = None, draft_logits=None, cache: Cache | None = None,
+                       chunks: bool = False) -> Iterator[Step | None]:
     """Yield the continuation of `prompt_ids` token by token, as `Model.stream`, each token chosen by `sampler`'s
     rules (default: greedy). `cache` may hold a prefix of the prompt that speculative decoding left (the MTP block's
     state with it: a previous turn's); it is extended in place. `draft_logits(mtp_hidden [1, D], ids) -> logits
     [vocab]` replaces the MTP head's logits for the guess at the token after `ids` (tests use it to force
-    acceptances and rejections)."""
+    acceptances and rejections). `chunks`: yield None after each prompt chunk but the last (a scheduler's turn)."""
     t = model.transformer
     if t.mtp is None:
         raise Ds4pyError("speculative decoding needs the model's MTP block (mtp.0.*), which this model does not have "
@@ -112,6 +112,8 @@ def speculative_decode(model: Model, prompt_ids: list[int], max_new_tokens: int,
         if streams.shape[0] > 1 or cache.mtp_lag is not None:
             mtp_read(streams[:-1] if streams.shape[0] > 1 else None, ids[cache.mtp_length + 1: cache.length])
         cache.mtp_lag = streams[-1:].clone()
+        if chunks and cache.length < len(ids):
+            yield None
     logits = t.logits(t.final_hidden(cache.mtp_lag))[0]
     token = sampler.sample(logits, ids)[0]
     ids.append(token)

@@ -196,3 +196,15 @@ def test_a_later_turn_continues_from_the_cache(model, pattern):
     model.prefill(first, filled)
     with pytest.raises(Ds4pyError, match="filled without speculative decoding"):
         next(speculative_decode(model, first + [1, 2], 4, set(), cache=filled))
+
+
+def test_chunks_yield_between_prompt_chunks(model):
+    """With `chunks` (the server's turns), None comes after each prompt chunk but the last, then the same tokens."""
+    prompt = ids_of(150, 15)
+    model.prefill_chunk = 64
+    try:
+        out = list(speculative_decode(model, prompt, 6, set(), chunks=True))
+    finally:
+        model.prefill_chunk = 10_000
+    assert out[:2] == [None, None] and None not in out[2:]
+    assert [s.token for s in out[2:]] == model.generate(prompt, 6, stop_token_ids=set())

@@ -6,9 +6,9 @@ queue; beyond that, `submit` refuses (the HTTP layer answers 503). A cancelled r
 away) leaves at the next round, freeing its slot.
 
 With `speculative` (`ds4py serve --speculative`), each request decodes with its MTP block's guesses instead
-(`ds4py.speculative`): a round gives each one token, a two-token call every other round where guesses are kept;
-requests are not batched together then, and its prompt is read in one go at its first round. The prefix cache
-keeps their caches with the MTP block's state, so later turns continue from them."""
+(`ds4py.speculative`): a round gives each a prompt chunk or one token, a two-token call every other round where
+guesses are kept; requests are not batched together then. The prefix cache keeps their caches with the MTP block's
+state, so later turns continue from them."""
 
 from __future__ import annotations
 
@@ -153,11 +153,10 @@ class Scheduler:
         if d is None and self.speculative:  # from a cached prefix that speculative decoding left, with a token to feed
             found = self.prefix_cache.lookup(job.prompt_ids[:-1])
             cache = found[0] if found and found[0].mtp_in_step else None
-            job.decoding = Decoding(self.model, self.tokenizer, job.prompt_ids, job.params, cache)
-            job.steps = SpeculativeSteps(job.decoding)
+            job.decoding = Decoding(self.model, self.tokenizer, job.prompt_ids, job.params, cache,
+                                    prefill_chunk=self.prefill_chunk)
+            job.steps = SpeculativeSteps(job.decoding, chunks=True)
             self._speculative_step(job)
-            if not job.decoding.finished:
-                self.prefix_cache.store(job.decoding.cache)
             return
         if d is None:
             found = self.prefix_cache.lookup(job.prompt_ids)
@@ -192,7 +191,14 @@ class Scheduler:
                 self._fail(job, e)
 
     def _speculative_step(self, job: Job) -> None:
-        self._emit(job, job.steps.next())
+        """A chunk of the prompt (None: no token yet) or one token."""
+        first = not job.steps.started
+        delta = job.steps.next()
+        if delta is None:
+            return
+        if first and not job.decoding.finished:
+            self.prefix_cache.store(job.decoding.cache)  # the prompt's state (the MTP block's with it)
+        self._emit(job, delta)
 
     def _choose(self, job: Job) -> None:
         self._emit(job, job.decoding.choose())

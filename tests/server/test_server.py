@@ -439,14 +439,15 @@ def test_serves_the_bundled_nano_model():
 
 # --- speculative decoding ------------------------------------------------------------------------------
 def test_speculative_server_answers_as_greedy_and_reuses_the_prefix(tmp_path):
-    """`serve --speculative` on a model with its MTP block: concurrent greedy requests get plain greedy's answers,
-    a second turn continues the first's cached state (with the MTP block's), sampling with a seed repeats; a model
-    without the block is refused at start with what to do."""
+    """`serve --speculative` on a model with its MTP block: concurrent greedy requests (their prompts read a chunk a
+    round) get plain greedy's answers, a second turn continues the first's cached state (with the MTP block's),
+    sampling with a seed repeats; a model without the block is refused at start with what to do."""
     import concurrent.futures
 
     path = tmp_path / "tiny-mtp.gguf"
     make_model(str(path), preset="tiny", seed=5, mtp=True)
     model = ds4py.load(str(path), ctx=512)
+    model.prefill_chunk = 8  # prompts read a chunk a round, between the other requests' tokens
     tokenizer = load_tokenizer(str(path), model.source.metadata, model.config)
     tiny = (str(path), model, tokenizer)
     state = build_state(serve_args(model=str(path), speculative=True), model=model, tokenizer=tokenizer)
