@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU path's checks, for a machine with a CUDA device, in one short run (~5 min): the environment, the Triton
-# kernels' tests on the device, a tiny model's logits on the device against the CPU's, the kernels' bandwidth at
-# V4 Flash's shapes against a copy, and the tiny model's tokens/s on the device and on the CPU.
+# kernels' tests on the device, a tiny model's logits on the device against the CPU's, speculative decoding's tokens
+# there, the kernels' bandwidth at V4 Flash's shapes against a copy, and the tiny model's tokens/s on the device and
+# on the CPU.
 #   bash bench/gpu_check.sh [OUT_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,15 @@ for dtype in ("float32", "bfloat16"):
           "argmax agree:", float((a.argmax(-1) == b.argmax(-1)).float().mean()),
           "| decode:", float((da - db).abs().max() / da.abs().max()),
           "argmax agree:", float((da.argmax(-1) == db.argmax(-1)).float().mean()))
+EOF
+# speculative decoding on the device: the MTP block's two-token checks and drop_last give plain greedy's tokens
+[ -f "$out/tiny-mtp.gguf" ] || timeout 300 "$PY" -m ds4py.cli make-model "$out/tiny-mtp.gguf" --preset tiny --mtp >/dev/null
+timeout 300 "$PY" - "$out/tiny-mtp.gguf" <<'EOF'
+import sys, torch, ds4py
+m = ds4py.load(sys.argv[1], device="cuda")
+ids = torch.randint(0, 129280, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+plain = m.generate(ids, 32, stop_token_ids=set())
+print("speculative on cuda, plain greedy's tokens:", m.generate(ids, 32, stop_token_ids=set(), speculative=True) == plain)
 EOF
 timeout 300 "$PY" bench/gpu_kernels.py --repeats 30
 for dev in cuda cpu; do
