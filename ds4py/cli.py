@@ -97,9 +97,10 @@ def cmd_run(args) -> int:
         prompt_ids = tokenizer.encode(text)
     else:
         prompt_ids = tokenizer.encode(args.prompt, add_bos=True)
+    # (made before the prompt is echoed: a prompt over the context or a model without the MTP block is an error)
+    result = generate_text(model, tokenizer, prompt_ids, sampling_params(args), speculative=args.speculative)
     if not args.chat and not args.think:
         sys.stdout.write(args.prompt)
-    result = generate_text(model, tokenizer, prompt_ids, sampling_params(args), speculative=args.speculative)
     for delta in result:
         sys.stdout.write(delta)
         sys.stdout.flush()

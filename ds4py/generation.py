@@ -145,11 +145,10 @@ class TextGeneration:
                  cache: Cache | None = None, speculative: bool = False):
         self.speculative_stats = None
         if speculative:
-            from ds4py.speculative import SpeculativeStats
+            from ds4py.speculative import NO_MTP_BLOCK, SpeculativeStats
 
             if model.transformer.mtp is None:
-                raise Ds4pyError("speculative decoding needs the model's MTP block (mtp.0.*), which this model does "
-                                 "not have (a GGUF keeps it when converted with --mtp): decode without it")
+                raise Ds4pyError(NO_MTP_BLOCK)
             if cache is not None and cache.length and not cache.mtp_in_step:
                 raise Ds4pyError("this cache was filled without speculative decoding, so its MTP block has not read "
                                  "it: start from a new cache, or decode without speculative decoding")

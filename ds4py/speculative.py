@@ -27,6 +27,9 @@ from ds4py.engine import Model, Step
 from ds4py.errors import Ds4pyError
 from ds4py.sampling import Sampler, SamplingParams, draw
 
+NO_MTP_BLOCK = ("speculative decoding needs the model's MTP block (mtp.0.*), which this model does not have: give "
+                "--mtp-file (llama.cpp's mtp-*.gguf) or a GGUF converted with --mtp, or decode without it")
+
 
 @dataclass
 class SpeculativeStats:
@@ -52,8 +55,7 @@ def speculative_decode(model: Model, prompt_ids: list[int], max_new_tokens: int,
     acceptances and rejections). `chunks`: yield None after each prompt chunk but the last (a scheduler's turn)."""
     t = model.transformer
     if t.mtp is None:
-        raise Ds4pyError("speculative decoding needs the model's MTP block (mtp.0.*), which this model does not have "
-                         "(a GGUF keeps it when converted with --mtp): decode without it")
+        raise Ds4pyError(NO_MTP_BLOCK)
     if not prompt_ids:
         raise Ds4pyError("nothing to prefill: the prompt is empty")
     # as plain decoding's: a step feeds a token and its guess only while one more token is wanted, so the cache holds

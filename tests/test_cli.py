@@ -166,7 +166,8 @@ def test_run_speculative_prints_the_greedy_text(tiny, tmp_path, capsys):
     assert main(sampled) == 0
     assert capsys.readouterr().out == first
     assert main(["run", path, "-p", "x", "-n", "4", "--speculative"]) == 1
-    assert "MTP block" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "MTP block" in err and "--mtp-file" in err and out == ""  # refused before the prompt is echoed
     # the same weights but the block, which another file gives (the same seed: the same model)
     assert main(["run", path, "-p", "Once upon a time", "-n", "24", "--temp", "0", "--mtp-file", mtp,
                  "--speculative"]) == 0
