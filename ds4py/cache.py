@@ -27,8 +27,9 @@ class CompressorState:
     pending_rows: torch.Tensor | None = None
     # decoding: the views (pending_rows[0, :p], pending_rows[1, :p]) for p = 0 .. ratio, made once with the rows
     pending_views: list | None = None
-    # a call of two or more tokens: (overlap_kv, overlap_gate, n_entries) before it, its projections kv and gate
-    # [pending + T, overlap * dim], ratio, dim, the position bias [ratio, overlap * dim] (ratio 4): `drop_last`'s
+    # a call of two or more tokens: (overlap_kv, overlap_gate before it where its other tokens close no window, else
+    # None, n_entries before it), its projections kv and gate [pending + T, overlap * dim], ratio, dim, the position
+    # bias [ratio, overlap * dim] (ratio 4): `drop_last`'s
     undo: tuple | None = None
 
     @property
@@ -82,6 +83,7 @@ class CompressorState:
         decoding window (written in place: the copy gets its own); the entry storage is appended to in place, so it
         is copied."""
         out = copy.copy(self)
+        out.undo = None  # (a copy has no last call to forget: `Cache.clone` starts its count again)
         if self.storage is not None:
             out.storage = self.storage[: self.n_entries].clone()
         if self.pending_rows is not None:  # written in place: the copy's pending rows become its own

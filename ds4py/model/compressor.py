@@ -156,8 +156,11 @@ class Compressor:
             if done is not None:
                 return done
         kv, gate = self.project(x, state)  # [pending + T, overlap * dim]
-        state.undo = (state.overlap_kv, state.overlap_gate, state.n_entries, kv, gate, self.ratio, self.dim,
-                      self.ape_as(gate.dtype) if self.overlap else None)  # `CompressorState.drop_last`'s
+        # `CompressorState.drop_last`'s; the overlap from before only where the call's other tokens close no window
+        # (else it would keep the previous chunk's projections alive, which its overlap is a view of)
+        before = (state.overlap_kv, state.overlap_gate) if (kv.shape[0] - 1) // self.ratio == 0 else (None, None)
+        state.undo = (*before, state.n_entries, kv, gate, self.ratio, self.dim,
+                      self.ape_as(gate.dtype) if self.overlap else None)
         first_position = state.n_entries * self.ratio
         usable = kv.shape[0] // self.ratio * self.ratio
         if usable == 0:  # (decoding, most tokens: nothing closes; no views to make)
