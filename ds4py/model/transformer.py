@@ -291,9 +291,9 @@ def build_transformer(
                 ahead.routers[layer] = block.ffn.router
         return block
 
+    has_mtp = "mtp.0.e_proj.weight" in source.loaders and c.num_hidden_layers < len(c.compress_ratios)
     if keep_layers is None:
         blocks = [hooked(build_block(c, r, i, rotaries), i, True) for i in range(c.num_hidden_layers)]
-        has_mtp = "mtp.0.e_proj.weight" in source.names() and c.num_hidden_layers < len(c.compress_ratios)
         mtp = build_mtp(c, r, rotaries) if has_mtp else None
     else:
         def build(layer: int, read: Callable[[str], Weight]) -> Block:
@@ -302,7 +302,7 @@ def build_transformer(
 
         blocks = StreamedBlocks(c.num_hidden_layers, build, source.read, keep_layers)
         mtp = None
-        if "mtp.0.e_proj.weight" in source.names() and c.num_hidden_layers < len(c.compress_ratios):
+        if has_mtp:
             mtp = StreamedMTP(lambda: build_mtp(c, replace(r, read=blocks.counted, progress=None), rotaries))
 
     def embedding() -> torch.Tensor:
