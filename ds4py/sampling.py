@@ -103,11 +103,14 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, previous: list[int]) -> tuple[int, TokenInfo]:
         """logits [vocab] float32; previous: every id so far (prompt then output)."""
-        if self.params.temperature <= 0:
-            token = greedy(self.penalized(logits, previous))
-        else:
-            token = draw(self.probs(logits, previous), self.generator)
+        token = self.pick(logits, previous)
         return token, self.info(logits, token)
+
+    def pick(self, logits: torch.Tensor, previous: list[int]) -> int:
+        """`sample`'s token alone (its draw the same), without the log-probabilities."""
+        if self.params.temperature <= 0:
+            return greedy(self.penalized(logits, previous))
+        return draw(self.probs(logits, previous), self.generator)
 
     def probs(self, logits: torch.Tensor, previous: list[int]) -> torch.Tensor:
         """The distribution [vocab] a sampled token is drawn from (temperature > 0): penalties, filters,

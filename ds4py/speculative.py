@@ -92,14 +92,14 @@ def speculative_decode(model: Model, prompt_ids: list[int], max_new_tokens: int,
         """The guess at the token after `ids` -> (it, the distribution q it was drawn from when sampling)."""
         logits = draft_logits(hidden, ids)
         if not sampled:
-            return sampler.sample(logits, ids)[0], None
+            return sampler.pick(logits, ids), None
         q = sampler.probs(logits, ids)
         return draw(q, sampler.generator), q
 
     def check(logits: torch.Tensor, ids: list[int], draft: int, q: torch.Tensor | None) -> int:
         """The token after `ids` given the main model's logits and the guess: the guess itself if kept."""
         if not sampled:
-            return sampler.sample(logits, ids)[0]
+            return sampler.pick(logits, ids)
         p = sampler.probs(logits, ids)
         ratio = float(p[draft]) / float(q[draft])
         if ratio >= 1 or float(torch.rand((), generator=sampler.generator, dtype=torch.float64)) < ratio:
@@ -117,7 +117,7 @@ def speculative_decode(model: Model, prompt_ids: list[int], max_new_tokens: int,
         if chunks and cache.length < len(ids):
             yield None
     logits = t.logits(t.final_hidden(cache.mtp_lag))[0]
-    token = sampler.sample(logits, ids)[0]
+    token = sampler.pick(logits, ids)
     ids.append(token)
     yield Step(token, logits)
     if token in stop or len(ids) - len(prompt_ids) >= max_new_tokens:
@@ -135,11 +135,11 @@ def speculative_decode(model: Model, prompt_ids: list[int], max_new_tokens: int,
             stats.accepted += 1
             confirmed = [draft]
             ids.append(draft)
-            cache.mtp_lag = streams.clone()  # positions n, n + 1: read with the tokens after them, once known
+            cache.mtp_lag = streams.clone()  # both positions: read with the tokens after them, once known
             yield Step(draft, logits2[0])
             if draft in stop or len(ids) - len(prompt_ids) >= max_new_tokens:
                 return
-            after = sampler.sample(logits2[1], ids)[0]
+            after = sampler.pick(logits2[1], ids)
             confirmed.append(after)
         else:
             cache.drop_last()
