@@ -127,9 +127,10 @@ def make_model(out: str, preset: str = "tiny", layers: int | None = None, fmt: s
                force: bool = False, routed_experts: int | None = None, mtp: bool = False) -> Path:
     """Write the preset's random model to `out`. `routed_experts` replaces the preset's number of routed experts
     (of the same shape; as many active per token): a flash-slice with fewer of them keeps V4 Flash's per-token
-    work at a fraction of its size (the benchmark's model for engines that hold every weight in bf16). `mtp`: a
-    GGUF keeps the MTP block (which the official layout always has, and the tiny preset has in both); a flash-slice
-    gets one (random, so its guesses are almost never right: it measures speculative decoding's costs)."""
+    work at a fraction of its size (the benchmark's model for engines that hold every weight in bf16). `mtp`: the
+    GGUF keeps the MTP block (the tiny preset's official layout always has one, and the GGUF leaves it out without
+    `mtp`), and a flash-slice gets one (random, so its guesses are almost never right: it measures speculative
+    decoding's costs)."""
     out_path = Path(out)
     if out_path.exists() and not force:
         raise Ds4pyError(f"{out_path} already exists: choose another path or pass --force")
